@@ -1,0 +1,1 @@
+"""deploy: the `twin` CLI, model registry operations, scheduled retraining."""

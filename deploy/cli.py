@@ -1,0 +1,73 @@
+"""The `twin` command line: a thin shell over the stage functions.
+
+Each stage registers its commands from `deploy/commands/<stage>.py`; this module only
+assembles them and turns expected failures into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from deploy.commands import bot as bot_commands
+from deploy.commands import dataset as dataset_commands
+from deploy.commands import demo as demo_commands
+from deploy.commands import ingest as ingest_commands
+from deploy.commands import models as models_commands
+from deploy.commands import training as training_commands
+from pipeline.errors import TwinError
+
+app = typer.Typer(
+    name="twin",
+    help="qq-twin: your QQ chat history → a fine-tuned digital twin → a QQ bot.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """qq-twin: your QQ chat history → a fine-tuned digital twin → a QQ bot."""
+
+
+for module in (
+    ingest_commands,
+    dataset_commands,
+    training_commands,
+    bot_commands,
+    models_commands,
+    demo_commands,
+):
+    module.register(app)
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `twin` console script."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="twin", standalone_mode=False)
+    except TwinError as exc:
+        print(f"twin: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except click.exceptions.Abort:
+        print("twin: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("twin: interrupted", file=sys.stderr)
+        return 130
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

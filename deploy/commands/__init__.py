@@ -1,0 +1,1 @@
+"""`twin` subcommands, one module per stage."""

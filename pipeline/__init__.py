@@ -1,0 +1,1 @@
+"""pipeline: QQ NT databases → normalised messages → training datasets."""

@@ -1,0 +1,289 @@
+"""The one chat format shared by the dataset builder and the live bot.
+
+How message elements render as text (placeholders), how turns are labelled, the
+system prompt, how a conversation becomes a `messages` list, how replies split into
+bubbles, and how a chat template is rendered with thinking disabled. The model must
+see live chats exactly as it saw its training data, so nothing else re-implements
+any of this. Pure functions, standard library plus jinja2 only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+# Placeholders for element kinds that carry no text of their own (ARCHITECTURE.md).
+IMAGE = "[图片]"
+ANIMATED_STICKER = "[动画表情]"
+VOICE = "[语音]"
+VIDEO = "[视频]"
+FILE = "[文件]"
+FORWARD = "[聊天记录]"
+CARD = "[卡片]"
+UNKNOWN_FACE = "[表情]"
+
+PLACEHOLDERS = (IMAGE, ANIMATED_STICKER, VOICE, VIDEO, FILE, FORWARD, CARD, UNKNOWN_FACE)
+
+# QQ system face ids → names, for bodies (or OneBot segments) that carry only the id.
+FACE_NAMES: dict[int, str] = {
+    0: "惊讶", 1: "撇嘴", 2: "色", 3: "发呆", 4: "得意", 5: "流泪", 6: "害羞", 7: "闭嘴",
+    8: "睡", 9: "大哭", 10: "尴尬", 11: "发怒", 12: "调皮", 13: "呲牙", 14: "微笑", 15: "难过",
+    16: "酷", 18: "抓狂", 19: "吐", 20: "偷笑", 21: "可爱", 22: "白眼", 23: "傲慢", 24: "饥饿",
+    25: "困", 26: "惊恐", 27: "流汗", 28: "憨笑", 29: "悠闲", 30: "奋斗", 31: "咒骂", 32: "疑问",
+    33: "嘘", 34: "晕", 35: "折磨", 36: "衰", 37: "骷髅", 38: "敲打", 39: "再见", 41: "发抖",
+    42: "爱情", 43: "跳跳", 46: "猪头", 49: "拥抱", 53: "蛋糕", 54: "闪电", 55: "炸弹", 56: "刀",
+    57: "足球", 59: "便便", 60: "咖啡", 61: "饭", 63: "玫瑰", 64: "凋谢", 66: "爱心", 67: "心碎",
+    69: "礼物", 74: "太阳", 75: "月亮", 76: "赞", 77: "踩", 78: "握手", 79: "胜利", 85: "飞吻",
+    86: "怄火", 89: "西瓜", 96: "冷汗", 97: "擦汗", 98: "抠鼻", 99: "鼓掌", 100: "糗大了",
+    101: "坏笑", 102: "左哼哼", 103: "右哼哼", 104: "哈欠", 105: "鄙视", 106: "委屈",
+    107: "快哭了", 108: "阴险", 109: "左亲亲", 110: "吓", 111: "可怜", 112: "菜刀", 113: "啤酒",
+    114: "篮球", 115: "乒乓", 116: "示爱", 117: "瓢虫", 118: "抱拳", 119: "勾引", 120: "拳头",
+    121: "差劲", 122: "爱你", 123: "NO", 124: "OK", 125: "转圈", 126: "磕头", 127: "回头",
+    128: "跳绳", 129: "挥手", 130: "激动", 131: "街舞", 132: "献吻", 133: "左太极",
+    134: "右太极", 136: "双喜", 137: "鞭炮", 138: "灯笼", 140: "K歌", 144: "喝彩", 145: "祈祷",
+    146: "爆筋", 147: "棒棒糖", 148: "喝奶", 151: "飞机", 158: "钞票", 168: "药", 169: "手枪",
+    171: "茶", 172: "眨眼睛", 173: "泪奔", 174: "无奈", 175: "卖萌", 176: "小纠结", 177: "喷血",
+    178: "斜眼笑", 179: "doge", 180: "惊喜", 181: "骚扰", 182: "笑哭", 183: "我最美",
+    184: "河蟹", 185: "羊驼", 187: "幽灵", 188: "蛋", 190: "菊花", 192: "红包", 193: "大笑",
+    194: "不开心", 197: "冷漠", 198: "呃", 199: "好棒", 200: "拜托", 201: "点赞", 202: "无聊",
+    203: "托脸", 204: "吃", 205: "送花", 206: "害怕", 207: "花痴", 208: "小样儿", 210: "飙泪",
+    211: "我不看", 212: "托腮", 214: "啵啵", 215: "糊脸", 216: "拍头", 217: "扯一扯",
+    218: "舔一舔", 219: "蹭一蹭", 220: "拽炸天", 221: "顶呱呱", 222: "抱抱", 223: "暴击",
+    224: "开枪", 225: "撩一撩", 226: "拍桌", 227: "拍手", 228: "恭喜", 229: "干杯", 230: "嘲讽",
+    231: "哼", 232: "佛系", 233: "掐一掐", 234: "惊呆", 235: "颤抖", 236: "啃头", 237: "偷看",
+    238: "扇脸", 239: "原谅", 240: "喷脸", 241: "生日快乐", 242: "头撞击", 243: "甩头",
+    244: "扔狗", 245: "加油必胜", 246: "加油抱抱", 247: "口罩护体", 260: "搬砖中",
+    261: "忙到飞起", 262: "脑阔疼", 263: "沧桑", 264: "捂脸", 265: "辣眼睛", 266: "哦哟",
+    267: "头秃", 268: "问号脸", 269: "暗中观察", 270: "emm", 271: "吃瓜", 272: "呵呵哒",
+    273: "我酸了", 274: "太南了", 277: "汪汪", 278: "汗", 281: "无眼笑", 282: "敬礼",
+    283: "狂笑", 284: "面无表情", 285: "摸鱼", 286: "魔鬼笑", 287: "哦", 288: "请", 289: "睁眼",
+    290: "敲开心", 291: "震惊", 292: "让我康康", 293: "摸锦鲤", 294: "期待", 295: "拿到红包",
+    297: "拜谢", 298: "元宝", 299: "牛啊", 300: "胖三斤", 301: "好闪", 302: "左拜年",
+    303: "右拜年", 305: "右亲亲", 306: "牛气冲天", 307: "喵喵", 311: "打call", 312: "变形",
+    314: "仔细分析", 317: "菜汪", 318: "崇拜", 319: "比心", 320: "庆祝", 323: "嫌弃",
+    324: "吃糖", 325: "惊吓", 326: "生气", 332: "举牌牌", 333: "烟花", 334: "虎虎生威",
+    336: "豹富", 337: "花朵脸", 338: "我想开了", 339: "舔屏", 341: "打招呼", 342: "酸Q",
+    343: "我方了", 344: "大怨种", 345: "红包多多", 346: "你真棒棒", 347: "大展宏兔", 349: "坚强",
+    350: "贴贴", 351: "敲敲", 352: "咦", 353: "拜托", 354: "尊嘟假嘟", 355: "耶", 356: "666",
+    357: "裂开", 392: "龙年快乐", 393: "新年中龙", 394: "新年大龙", 395: "略略略",
+}
+
+ElementKind = Literal[
+    "text", "face", "sticker", "image", "voice", "video", "file", "at", "reply", "forward", "card"
+]
+
+
+@dataclass(slots=True, frozen=True)
+class Element:
+    """One message element, as decoded from a stored body or a live OneBot segment.
+
+    `text` holds what the element itself says, when it says anything: the text, the
+    @-name, the face text (`/微笑`), the sticker text (`[贴贴]`), an image summary
+    (`[动画表情]`) or a voice transcript. `ref` holds an id: face id, @ target, quoted id.
+    """
+
+    kind: ElementKind
+    text: str = ""
+    ref: str = ""
+
+
+def face_placeholder(face_id: int | str | None, face_text: str = "") -> str:
+    """`/微笑` or id 14 → `[微笑]`; unknown ids → `[表情]`."""
+    name = face_text.strip().lstrip("/").strip("[]")
+    if not name and face_id not in (None, ""):
+        try:
+            name = FACE_NAMES.get(int(face_id), "")
+        except (TypeError, ValueError):
+            name = ""
+    return f"[{name}]" if name else UNKNOWN_FACE
+
+
+def sticker_placeholder(text: str) -> str:
+    """A market sticker renders as its own text, always bracketed: `贴贴` → `[贴贴]`."""
+    name = text.strip().strip("[]")
+    return f"[{name}]" if name else ANIMATED_STICKER
+
+
+def at_placeholder(name: str, target: str = "") -> str:
+    """An @-mention renders as `@name` (falling back to the target's number)."""
+    name = name.strip().lstrip("@") or target
+    return f"@{name}"
+
+
+def render_element(element: Element) -> str:
+    """The text a person would read for one element (replies add nothing)."""
+    kind = element.kind
+    if kind == "text":
+        return element.text
+    if kind == "at":
+        return at_placeholder(element.text, element.ref)
+    if kind == "face":
+        return face_placeholder(element.ref, element.text)
+    if kind == "sticker":
+        return sticker_placeholder(element.text)
+    if kind == "image":
+        return ANIMATED_STICKER if element.text.strip() == ANIMATED_STICKER else IMAGE
+    if kind == "voice":
+        return element.text.strip() or VOICE
+    if kind == "video":
+        return VIDEO
+    if kind == "file":
+        return FILE
+    if kind == "forward":
+        return FORWARD
+    if kind == "card":
+        return CARD
+    return ""  # reply: the quoted text belongs to the quoted message
+
+
+def element_kind_label(element: Element) -> str:
+    """The `kinds` entry for an element; an animated-sticker image counts as a sticker."""
+    if element.kind == "image" and element.text.strip() == ANIMATED_STICKER:
+        return "sticker"
+    return element.kind
+
+
+def render_elements(elements: Iterable[Element]) -> tuple[str, list[str], str | None]:
+    """Concatenate elements in order → (text, kinds present in first-seen order, reply ref)."""
+    parts: list[str] = []
+    kinds: list[str] = []
+    reply_ref: str | None = None
+    for element in elements:
+        parts.append(render_element(element))
+        label = element_kind_label(element)
+        if label not in kinds:
+            kinds.append(label)
+        if element.kind == "reply" and reply_ref is None and element.ref:
+            reply_ref = element.ref
+    return "".join(parts).strip(), kinds, reply_ref
+
+
+def is_placeholder_only(text: str) -> bool:
+    """True when the text is nothing but media placeholders (e.g. a lone `[图片]`)."""
+    rest = text
+    for placeholder in PLACEHOLDERS:
+        rest = rest.replace(placeholder, "")
+    return not rest.strip()
+
+
+# ---------------------------------------------------------------- prompts and turns
+
+DEFAULT_PERSONA = "我"
+
+SYSTEM_PROMPT_TEMPLATE = (
+    "你是{persona}，正在QQ上和朋友聊天。像{persona}平时那样说话：用自己的口头禅、表情和语气，"
+    "回复简短自然，可以分几条发；不想回的时候就什么都不说。"
+)
+
+# Passed to every chat template: Qwen3 and its kin must not emit a thinking block.
+CHAT_TEMPLATE_KWARGS: dict[str, object] = {"enable_thinking": False}
+
+SPEAKER_SEPARATOR = "："
+
+
+def system_prompt(persona: str = DEFAULT_PERSONA) -> str:
+    """The system prompt used for every training sample and every live reply."""
+    return SYSTEM_PROMPT_TEMPLATE.format(persona=persona.strip() or DEFAULT_PERSONA)
+
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(slots=True)
+class Turn:
+    """One speaker's burst of messages, joined by newlines."""
+
+    role: Role
+    text: str
+    speaker: str = ""  # display name of the speaker in group chats ("" for the owner / c2c)
+    time: int = 0
+
+
+def join_burst(texts: Sequence[str]) -> str:
+    """Consecutive messages of one sender become one turn, one message per line."""
+    return "\n".join(t for t in (s.strip() for s in texts) if t)
+
+
+def label_turn(turn: Turn, chat_type: str) -> str:
+    """The text of a turn as the model sees it: group speakers are named (`小王：...`)."""
+    if turn.role == "user" and chat_type == "group" and turn.speaker:
+        return "\n".join(f"{turn.speaker}{SPEAKER_SEPARATOR}{line}" for line in turn.text.split("\n"))
+    return turn.text
+
+
+def to_messages(
+    turns: Sequence[Turn], chat_type: str, system: str | None = None
+) -> list[dict[str, str]]:
+    """Turns → an OpenAI-style `messages` list; adjacent same-role turns merge into one."""
+    messages: list[dict[str, str]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    for turn in turns:
+        content = label_turn(turn, chat_type)
+        if messages and messages[-1]["role"] == turn.role and turn.role != "system":
+            messages[-1]["content"] = f"{messages[-1]['content']}\n{content}" if content else messages[-1]["content"]
+        else:
+            messages.append({"role": turn.role, "content": content})
+    return messages
+
+
+# ---------------------------------------------------------------- model output
+
+_THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
+
+
+def strip_think(text: str) -> str:
+    """Remove any `<think>…</think>` block (closed or not) a reasoning model produced."""
+    return _THINK_RE.sub("", text).strip()
+
+
+def split_bubbles(text: str, max_bubbles: int = 4) -> list[str]:
+    """A reply splits into chat bubbles at newlines, the inverse of `join_burst`.
+
+    Lines beyond `max_bubbles` stay together in the last bubble. Empty text → no bubbles
+    (the twin read the message and chose not to answer).
+    """
+    lines = [line.strip() for line in strip_think(text).split("\n") if line.strip()]
+    if len(lines) <= max_bubbles:
+        return lines
+    return [*lines[: max_bubbles - 1], "\n".join(lines[max_bubbles - 1 :])]
+
+
+# ---------------------------------------------------------------- chat templates
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[dict[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    """Render a HF/GGUF Jinja chat template the way transformers does, thinking disabled."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
+    return env.from_string(template).render(
+        messages=list(messages),
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        **CHAT_TEMPLATE_KWARGS,
+    )
+
+
+def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None, **_: object) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)

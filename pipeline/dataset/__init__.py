@@ -1,0 +1,1 @@
+"""Messages → conversations → cleaned, redacted training samples."""

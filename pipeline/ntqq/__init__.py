@@ -1,0 +1,1 @@
+"""Reading QQ NT databases: decrypt, decode message bodies, extract records."""

@@ -1,0 +1,1 @@
+"""trainer: LoRA/QLoRA fine-tuning, evaluation, merge and GGUF export."""
