@@ -28,7 +28,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """qq-twin: your QQ chat history → a fine-tuned digital twin → a QQ bot."""

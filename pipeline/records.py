@@ -14,7 +14,17 @@ from pipeline.files import atomic_path
 ChatType = Literal["c2c", "group"]
 
 ELEMENT_KINDS = (
-    "text", "face", "sticker", "image", "voice", "video", "file", "at", "reply", "forward", "card",
+    "text",
+    "face",
+    "sticker",
+    "image",
+    "voice",
+    "video",
+    "file",
+    "at",
+    "reply",
+    "forward",
+    "card",
 )
 
 
@@ -86,8 +96,8 @@ def iter_messages(
                 except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
                     if not skip_bad:
                         raise InputError(
-                            path, f"line {number}: not a message record ({exc}); "
-                            "use --skip-bad to skip such lines"
+                            path,
+                            f"line {number}: not a message record ({exc}); use --skip-bad to skip such lines",
                         ) from None
                     if bad_lines is not None:
                         bad_lines.append(number)
