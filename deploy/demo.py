@@ -1,0 +1,307 @@
+"""`twin demo`: the whole path offline on CPU, from an encrypted QQ database to a twin
+answering a simulated QQ client, with the base model's answers beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.files import private_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_SELF_ID = 10000
+DEMO_SUPERUSER = 10001
+
+
+@dataclass(slots=True)
+class DemoSettings:
+    """Knobs of the demo; the defaults finish in well under 20 minutes on 2 cores."""
+
+    out_dir: Path = Path("demo-output")
+    messages: int = 3000
+    seed: int = 0
+    train_steps: int = 120
+    probe_messages: int = 16
+    shown: int = 8
+    n_threads: int = 2
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One probe message with the owner's real reply, the twin's and the base model's."""
+
+    prompt: str
+    owner: str
+    twin: str = ""
+    base: str = ""
+
+
+@dataclass(slots=True)
+class DemoResult:
+    artefacts: dict[str, Path] = field(default_factory=dict)
+    exchanges: list[Exchange] = field(default_factory=list)
+    style: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Stages:
+    """Times each stage and prints a header for it."""
+
+    def __init__(self, console: Console, result: DemoResult) -> None:
+        self.console = console
+        self.result = result
+        self.number = 0
+
+    @contextlib.contextmanager
+    def stage(self, title: str) -> Iterator[None]:
+        self.number += 1
+        self.console.rule(f"[bold]{self.number}. {title}")
+        start = time.perf_counter()
+        yield
+        took = time.perf_counter() - start
+        self.result.seconds[title] = took
+        self.console.print(f"[green]✓[/] {title} [dim]({took:.1f} s)[/]")
+
+
+def run_demo(settings: DemoSettings | None = None, console: Console | None = None) -> DemoResult:
+    """Run every stage for real and return what was made and what the twin said."""
+    settings = settings or DemoSettings()
+    console = console or Console(stderr=False)
+    result = DemoResult()
+    stages = _Stages(console, result)
+    out = private_dir(settings.out_dir.resolve())
+    art = result.artefacts
+
+    from pipeline.ntqq.extract import extract_messages
+
+    from pipeline.ntqq import sampledb
+
+    with stages.stage("twin sample-db: a synthetic encrypted QQ NT database"):
+        art["database"] = sampledb.write_sample_db(
+            out / "qq", key=sampledb.SAMPLE_KEY, messages=settings.messages, seed=settings.seed
+        )
+        console.print(f"  {art['database']} (key {sampledb.SAMPLE_KEY!r}, {settings.messages} messages)")
+
+    with stages.stage("twin extract: decrypt and decode every message"):
+        art["messages"] = out / "messages.jsonl"
+        art["extract_report"] = out / "extract-report.json"
+        report = extract_messages(
+            art["database"], art["messages"], key=sampledb.SAMPLE_KEY, report=art["extract_report"]
+        )
+        console.print(f"  {_summary(report)}")
+
+    from pipeline.dataset.build import build_dataset
+    from pipeline.dataset.settings import DatasetSettings
+
+    with stages.stage("twin build-dataset: conversations → cleaned, redacted samples"):
+        art["dataset"] = out / "dataset"
+        dataset_report = build_dataset(
+            art["messages"], art["dataset"], DatasetSettings(persona=sampledb.OWNER_NAME, seed=settings.seed)
+        )
+        console.print(f"  {_summary(dataset_report)}")
+
+    from trainer.config import TrainSettings
+    from trainer.train import train
+
+    with stages.stage("twin train: LoRA on SmolLM2-135M-Instruct (CPU)"):
+        art["run"] = out / "runs" / "demo"
+        train_result = train(
+            TrainSettings(
+                base_model="smollm2",
+                data=art["dataset"],
+                output_dir=art["run"],
+                max_steps=settings.train_steps,
+                seed=settings.seed,
+            )
+        )
+        console.print(f"  {_summary(train_result)}")
+
+    from trainer.export import export
+
+    from pipeline import registry
+
+    with stages.stage("twin export: merge, convert to GGUF, quantise Q8_0"):
+        art["registry"] = out / "models"
+        version = "v1"
+        export(art["run"], art["registry"] / version, quants=("Q8_0",))
+        registry.set_current(private_dir(art["registry"]), version)
+        art["model"] = registry.resolve_model(art["registry"]).gguf
+        console.print(f"  {art['model']}")
+
+    exchanges = _probe_exchanges(art["dataset"], settings.probe_messages)
+
+    with stages.stage("twin serve: the bot answers a simulated QQ client over OneBot v11"):
+        art["bot_db"] = out / "data" / "bot.db"
+        art["bot_log"] = out / "bot.log"
+        asyncio.run(_ask_the_bot(art, exchanges, settings, console))
+
+    with stages.stage("the base model answers the same messages"):
+        _ask_the_base(exchanges, sampledb.OWNER_NAME, settings)
+
+    result.exchanges = exchanges
+    result.style = _style_table(exchanges, sampledb)
+    _print_results(console, result, settings)
+    return result
+
+
+# ---------------------------------------------------------------- probes
+
+
+def _probe_exchanges(dataset_dir: Path, count: int) -> list[Exchange]:
+    """Friends' last messages from held-out private conversations, with the owner's real replies."""
+    import json
+
+    exchanges: list[Exchange] = []
+    with (dataset_dir / "val.jsonl").open(encoding="utf-8") as handle:
+        for line in handle:
+            messages = json.loads(line)["messages"]
+            if len(messages) < 3 or messages[-2]["role"] != "user" or not messages[-1]["content"]:
+                continue
+            prompt = messages[-2]["content"]
+            if "：" in prompt.split("\n", 1)[0]:  # a group turn, labelled with a speaker name
+                continue
+            exchanges.append(Exchange(prompt=prompt, owner=messages[-1]["content"]))
+            if len(exchanges) == count:
+                break
+    return exchanges
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _ask_the_bot(
+    art: dict[str, Path], exchanges: list[Exchange], settings: DemoSettings, console: Console
+) -> None:
+    from deploy.onebot_client import OneBotClient
+
+    port = _free_port()
+    token = secrets.token_urlsafe(16)
+    env = {
+        **os.environ,
+        "DRIVER": "~fastapi+~websockets",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "ONEBOT_ACCESS_TOKEN": token,
+        "SUPERUSERS": f'["{DEMO_SUPERUSER}"]',
+        "TWIN_MODEL": str(art["registry"]),
+        "TWIN_BACKEND": "llama_cpp",
+        "TWIN_DB": str(art["bot_db"]),
+        "TWIN_N_THREADS": str(settings.n_threads),
+        "TWIN_BURST_WINDOW": "0",
+        "TWIN_TYPING_DELAY": "0",
+        "TWIN_RETRAIN_CRON": "",
+        "LOG_LEVEL": "INFO",
+    }
+    private_dir(art["bot_db"].parent)
+    with art["bot_log"].open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "bot.py")], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+        )
+        try:
+            with console.status("starting the bot (python bot.py) and loading the twin…"):
+                client = await OneBotClient.connect_when_ready(
+                    f"ws://127.0.0.1:{port}/onebot/v11/ws", token=token, self_id=DEMO_SELF_ID, timeout=120
+                )
+            async with client:
+                from rich.progress import Progress
+
+                with Progress(console=console) as progress:
+                    task = progress.add_task("friends send messages", total=len(exchanges))
+                    for number, exchange in enumerate(exchanges):
+                        friend = 20000 + number
+                        replies = await client.ask_private(friend, exchange.prompt, timeout=120)
+                        exchange.twin = "\n".join(replies)
+                        progress.advance(task)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _ask_the_base(exchanges: list[Exchange], persona: str, settings: DemoSettings) -> None:
+    """The untouched base GGUF, prompted exactly as the bot prompts the twin."""
+    from trainer.chat import ChatModel
+    from trainer.models import smollm2_gguf_path
+
+    model = ChatModel(smollm2_gguf_path(), persona=persona, n_threads=settings.n_threads)
+    try:
+        for exchange in exchanges:
+            exchange.base = model.reply([exchange.prompt])
+    finally:
+        model.close()
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _style_table(exchanges: list[Exchange], sampledb) -> dict[str, dict[str, float]]:
+    def rates(replies: list[str]) -> dict[str, float]:
+        n = max(len(replies), 1)
+        return {
+            "catchphrase": sum(any(c in r for c in sampledb.OWNER_CATCHPHRASES) for r in replies) / n,
+            "sticker": sum(any(s in r for s in sampledb.OWNER_STICKERS) for r in replies) / n,
+            "mean_chars": sum(len(r) for r in replies) / n,
+        }
+
+    return {
+        "owner (held-out)": rates([e.owner for e in exchanges]),
+        "twin": rates([e.twin for e in exchanges]),
+        "base": rates([e.base for e in exchanges]),
+    }
+
+
+def _summary(report: object) -> str:
+    to_dict = getattr(report, "to_dict", None)
+    data = to_dict() if callable(to_dict) else getattr(report, "__dict__", {})
+    keys = [k for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return ", ".join(
+        f"{k}={data[k]:.4g}" if isinstance(data[k], float) else f"{k}={data[k]}" for k in keys[:8]
+    )
+
+
+def _print_results(console: Console, result: DemoResult, settings: DemoSettings) -> None:
+    table = Table(title="Friends' messages: the owner's real reply, the twin's and the base model's")
+    for column in ("friend says", "owner really said", "twin (fine-tuned)", "base model"):
+        table.add_column(column, overflow="fold")
+    for exchange in result.exchanges[: settings.shown]:
+        table.add_row(
+            exchange.prompt, exchange.owner, exchange.twin or "(no reply)", exchange.base or "(empty)"
+        )
+    console.print(table)
+
+    style = Table(title=f"Style over {len(result.exchanges)} held-out messages")
+    style.add_column("who")
+    style.add_column("replies with a catchphrase", justify="right")
+    style.add_column("replies with a favourite sticker", justify="right")
+    style.add_column("mean length (chars)", justify="right")
+    for who, rates in result.style.items():
+        style.add_row(
+            who, f"{rates['catchphrase']:.0%}", f"{rates['sticker']:.0%}", f"{rates['mean_chars']:.1f}"
+        )
+    console.print(style)
+
+    where = Table(title="Where everything is", show_header=False)
+    for name, path in result.artefacts.items():
+        where.add_row(name, str(path))
+    console.print(where)
+    total = sum(result.seconds.values())
+    console.print(f"[bold green]demo finished in {total / 60:.1f} min[/]")
