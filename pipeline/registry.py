@@ -4,6 +4,7 @@
       current                 text file: the serving version's name (switched atomically)
       retrain-status.json     last/ongoing retrain cycle, read by `/twin status`
       retrain.lock            held (flock) while a retrain cycle runs
+      history.json            promotions and rollbacks, oldest first (rollback walks it back)
       <version>/
         manifest.json         base, parent, data window, dataset hash, eval numbers, ggufs, created
         model-<QUANT>.gguf    quantised model(s)
@@ -24,6 +25,7 @@ from pathlib import Path
 CURRENT_FILE = "current"
 STATUS_FILE = "retrain-status.json"
 LOCK_FILE = "retrain.lock"
+HISTORY_FILE = "history.json"
 MANIFEST_FILE = "manifest.json"
 ADAPTER_DIR = "adapter"
 QUANT_PREFERENCE = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q6_K", "F16", "BF16", "F32")
@@ -102,3 +104,28 @@ def resolve_model(path: str | Path, quant: str | None = None) -> ResolvedModel:
     manifest = read_manifest(path)
     version = str(manifest.get("version") or path.name)
     return ResolvedModel(gguf=pick_gguf(path, manifest, quant), version=version, manifest=manifest)
+
+
+# Retrain status (`retrain-status.json`): written by deploy.retrain, read by `/twin status`.
+# Keys: state (idle|running|promoted|rejected|skipped|failed), stage (collect|build|train|
+# evaluate|export|promote), progress (0..1 within the stage), started, finished, updated (ISO
+# UTC), pid, version (candidate), serving (the version serving), reason (one line), eval.
+STATUS_STATES = ("idle", "running", "promoted", "rejected", "skipped", "failed")
+
+
+def read_status(registry: Path) -> dict:
+    """The last or ongoing retrain cycle's status; {} when none was recorded or it is unreadable."""
+    try:
+        data = json.loads((Path(registry) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_status(registry: Path, status: dict) -> None:
+    """Replace the status file atomically (readers never see half a file)."""
+    registry = Path(registry)
+    tmp = registry / f".{STATUS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(status, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, registry / STATUS_FILE)
