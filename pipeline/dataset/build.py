@@ -1,0 +1,441 @@
+"""`build-dataset`: messages → conversations → clean → redact → samples → LLM pass → files.
+
+Memory stays bounded on long histories: messages stream through `iter_conversations`
+(only open conversations are held), samples go to a scratch file inside the output's
+temp directory, and the time split needs only one (end time, id) pair per conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from pipeline.chatformat import system_prompt
+from pipeline.dataset import formats, llm_clean
+from pipeline.dataset.clean import clean_messages
+from pipeline.dataset.conversations import iter_conversations, to_turns
+from pipeline.dataset.redact import redact
+from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_tokens, samples_from_turns
+from pipeline.dataset.settings import DatasetSettings
+from pipeline.errors import InputError
+from pipeline.files import atomic_dir
+from pipeline.records import Message, iter_messages
+
+REPORT_FILE = "report.json"
+INFO_FILE = "dataset_info.json"
+_SCRATCH = ".samples.jsonl"
+DEFAULT_CACHE_NAME = "llm-clean-cache.jsonl"
+
+
+@dataclass(slots=True)
+class BuildStats:
+    """Counters filled while samples stream out of `build_samples`."""
+
+    messages: int = 0
+    owner_messages: int = 0
+    chats: set[tuple[str, str]] = field(default_factory=set)
+    conversations: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    redactions: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class DatasetReport:
+    """What `report.json` says about a build."""
+
+    out_dir: str
+    format: str
+    messages: int
+    bad_lines: list[int]
+    chats: int
+    conversations: int
+    samples: dict[str, int]
+    turns: dict[str, int]
+    estimated_tokens: dict[str, int]
+    owner_messages: int
+    owner_messages_in_training: int
+    owner_share: float
+    dropped: dict[str, int]
+    redactions: dict[str, int]
+    skipped: dict[str, int]
+    llm: dict[str, Any]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- samples
+
+
+def build_samples(
+    messages: Iterable[Message], settings: DatasetSettings | None = None, *, stats: BuildStats | None = None
+) -> Iterator[Sample]:
+    """Stream cleaned, redacted owner samples (no LLM pass, no split) out of a message stream."""
+    settings = settings or DatasetSettings()
+    stats = stats if stats is not None else BuildStats()
+    options = SampleOptions(
+        system=system_prompt(settings.persona),
+        context_turns=settings.context_turns,
+        max_tokens=settings.max_context_tokens,
+        no_reply_rate=settings.no_reply_samples,
+        seed=settings.seed,
+        skipped=stats.skipped,
+    )
+    names = tuple(settings.redact_names)
+    for conv in iter_conversations(
+        _counted(messages, stats), settings.session_gap, settings.max_conversation_messages
+    ):
+        stats.conversations += 1
+        kept = clean_messages(conv.messages, settings.rules, stats.dropped)
+        redacted = [_redact_message(m, names, stats.redactions) for m in kept]
+        turns = to_turns(redacted, settings.burst_gap)
+        yield from samples_from_turns(
+            turns,
+            chat_type=conv.chat_type,
+            chat=conv.chat,
+            conversation=conv.key,
+            conversation_end=conv.end,
+            options=options,
+        )
+
+
+def _counted(messages: Iterable[Message], stats: BuildStats) -> Iterator[Message]:
+    for msg in messages:
+        stats.messages += 1
+        stats.owner_messages += msg.is_self
+        stats.chats.add((msg.chat_type, msg.chat))
+        yield msg
+
+
+def _redact_message(msg: Message, names: tuple[str, ...], counts: Counter[str]) -> Message:
+    text, hits = redact(msg.text, names)
+    # Group cards are free text too ("张三 138…"), and they label turns in the output.
+    speaker, speaker_hits = redact(msg.sender_name, names) if msg.sender_name else ("", Counter())
+    counts.update(hits)
+    counts.update(speaker_hits)
+    return dataclasses.replace(msg, text=text, sender_name=speaker)
+
+
+def write_samples(samples: Iterable[Sample], path: Path, fmt: str = "openai") -> int:
+    """Write samples as `fmt` records, one JSON object a line (file mode 0600); returns the count."""
+    count = 0
+    with _open_private(path) as out:
+        for sample in samples:
+            out.write(json.dumps(formats.to_record(sample, fmt), ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def _open_private(path: Path, mode: str = "w") -> IO[str]:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode, encoding="utf-8")
+
+
+# ---------------------------------------------------------------- the whole build
+
+
+def build_dataset(
+    messages: Path | Iterable[Message],
+    out_dir: Path,
+    settings: DatasetSettings | None = None,
+    *,
+    progress: bool = True,
+) -> DatasetReport:
+    """Build `out_dir/{train,val}.jsonl`, `dataset_info.json` and `report.json`, all or nothing."""
+    settings = settings or DatasetSettings()
+    out_dir = Path(out_dir)
+    source_name = str(messages) if isinstance(messages, (str, Path)) else "<messages>"
+    mix_path = Path(settings.mix) if settings.mix else None
+    if mix_path is not None and settings.mix_ratio > 0 and not mix_path.is_file():
+        raise InputError(mix_path, "no such mix file")
+
+    llm_state = _llm_preflight(settings)
+    bad_lines: list[int] = []
+    total = None
+    if isinstance(messages, (str, Path)):
+        total = _count_lines(Path(messages))
+        stream: Iterable[Message] = iter_messages(messages, skip_bad=settings.skip_bad, bad_lines=bad_lines)
+    else:
+        stream = messages
+
+    stats = BuildStats()
+    with atomic_dir(out_dir) as tmp, _progress(progress) as bar:
+        scratch = tmp / _SCRATCH
+        conversations: dict[str, int] = {}
+        reading = bar.add_task("reading messages", total=total, unit="msg")
+        n_samples = 0
+        with _open_private(scratch) as out:
+            for sample in build_samples(_advancing(stream, bar, reading), settings, stats=stats):
+                out.write(sample.to_json() + "\n")
+                conversations[sample.conversation] = sample.conversation_end
+                n_samples += 1
+        bar.update(reading, total=stats.messages, completed=stats.messages)
+        if n_samples == 0:
+            raise InputError(
+                source_name,
+                f"no training samples could be made from {stats.messages} messages "
+                f"({stats.owner_messages} from the owner): nothing the owner answered survived cleaning",
+            )
+
+        verdicts = _llm_pass(scratch, n_samples, settings, out_dir, llm_state, bar)
+        val_ids = _latest(conversations, settings.val_fraction)
+
+        counts: Counter[str] = Counter()
+        turns: Counter[str] = Counter()
+        tokens: Counter[str] = Counter()
+        owner_in_training = 0
+        splitting = bar.add_task("writing samples", total=n_samples, unit="samples")
+        with (
+            _open_private(tmp / formats.TRAIN_FILE) as train,
+            _open_private(tmp / formats.VAL_FILE) as val,
+            scratch.open(encoding="utf-8") as lines,
+        ):
+            for line in lines:
+                sample = Sample.from_json(line)
+                bar.advance(splitting)
+                if not llm_clean.keeps(
+                    verdicts.get(llm_clean.cache_key(sample, settings.llm.model)), settings.llm.min_score
+                ):
+                    counts["llm_dropped"] += 1
+                    continue
+                split = "val" if sample.conversation in val_ids else "train"
+                (val if split == "val" else train).write(_line(sample, settings.format))
+                counts[split] += 1
+                counts["no_reply"] += sample.kind == "no_reply"
+                turns[split] += sample.turns
+                tokens[split] += estimate_messages_tokens(sample.messages)
+                owner_in_training += sample.owner_messages
+            counts["mix"] = _write_mix(train, mix_path, counts["train"], settings, stats, turns, tokens)
+        scratch.unlink()
+
+        info = formats.dataset_info(settings.format)
+        report = DatasetReport(
+            out_dir=str(out_dir),
+            format=settings.format,
+            messages=stats.messages,
+            bad_lines=bad_lines[:1000],
+            chats=len(stats.chats),
+            conversations=stats.conversations,
+            samples={
+                "train": counts["train"],
+                "val": counts["val"],
+                "mix": counts["mix"],
+                "no_reply": counts["no_reply"],
+                "llm_dropped": counts["llm_dropped"],
+            },
+            turns={"train": turns["train"], "val": turns["val"], "mix": turns["mix"]},
+            estimated_tokens={"train": tokens["train"], "val": tokens["val"], "mix": tokens["mix"]},
+            owner_messages=stats.owner_messages,
+            owner_messages_in_training=owner_in_training,
+            owner_share=round(owner_in_training / stats.owner_messages, 4) if stats.owner_messages else 0.0,
+            dropped=dict(sorted(stats.dropped.items())),
+            redactions=dict(sorted(stats.redactions.items())),
+            skipped=dict(sorted(stats.skipped.items())),
+            llm=llm_state,
+            settings=settings.public_dict(),
+        )
+        with _open_private(tmp / INFO_FILE) as out:
+            json.dump(info, out, ensure_ascii=False, indent=2)
+        with _open_private(tmp / REPORT_FILE) as out:
+            json.dump(report.to_dict(), out, ensure_ascii=False, indent=2)
+    return report
+
+
+def _line(sample: Sample, fmt: str) -> str:
+    return json.dumps(formats.to_record(sample, fmt), ensure_ascii=False) + "\n"
+
+
+def _latest(conversations: dict[str, int], fraction: float) -> set[str]:
+    """Ids of the most recent `fraction` of conversations (at least one, never all)."""
+    if fraction <= 0 or len(conversations) < 2:
+        return set()
+    n_val = min(len(conversations) - 1, max(1, round(len(conversations) * fraction)))
+    ordered = sorted(conversations.items(), key=lambda kv: (kv[1], kv[0]))
+    return {key for key, _ in ordered[-n_val:]}
+
+
+def _count_lines(path: Path) -> int | None:
+    try:
+        with path.open("rb") as handle:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+    except OSError:
+        return None  # iter_messages reports the real problem
+
+
+# ---------------------------------------------------------------- LLM pass
+
+
+def _llm_preflight(settings: DatasetSettings) -> dict[str, Any]:
+    llm = settings.llm
+    state: dict[str, Any] = {"enabled": llm.enabled}
+    if not llm.enabled:
+        return state
+    state.update(model=llm.model, api_base=llm.api_base, min_score=llm.min_score)
+    try:
+        asyncio.run(llm_clean.check_server(llm))
+    except llm_clean.LLMUnavailable as exc:
+        if not llm.optional:
+            raise
+        state.update(enabled=False, skipped_because=str(exc))
+    return state
+
+
+def _llm_pass(
+    scratch: Path,
+    n_samples: int,
+    settings: DatasetSettings,
+    out_dir: Path,
+    state: dict[str, Any],
+    bar: Progress,
+) -> dict[str, llm_clean.Verdict]:
+    if not state.get("enabled"):
+        return {}
+    cache_path = Path(settings.llm.cache) if settings.llm.cache else out_dir.parent / DEFAULT_CACHE_NAME
+    cache = llm_clean.VerdictCache(cache_path)
+    task = bar.add_task("LLM judging", total=n_samples, unit="samples")
+
+    def samples() -> Iterator[Sample]:
+        with scratch.open(encoding="utf-8") as lines:
+            for line in lines:
+                yield Sample.from_json(line)
+
+    try:
+        verdicts, stats = asyncio.run(
+            llm_clean.judge_samples(samples(), settings.llm, cache, on_done=lambda n: bar.advance(task, n))
+        )
+    finally:
+        cache.close()
+    scores = Counter(v.score for v in verdicts.values())
+    state.update(
+        cache=str(cache_path),
+        judged=stats.judged,
+        cached=stats.cached,
+        errors=stats.errors,
+        retries=stats.retries,
+        kept=sum(llm_clean.keeps(v, settings.llm.min_score) for v in verdicts.values()),
+        dropped=sum(not llm_clean.keeps(v, settings.llm.min_score) for v in verdicts.values()),
+        scores={str(s): scores[s] for s in range(1, 6)},
+    )
+    return verdicts
+
+
+# ---------------------------------------------------------------- mixing general data
+
+
+def _write_mix(
+    train: IO[str],
+    mix_path: Path | None,
+    n_owner: int,
+    settings: DatasetSettings,
+    stats: BuildStats,
+    turns: Counter[str],
+    tokens: Counter[str],
+) -> int:
+    """Append general samples so they make up `mix_ratio` of train.jsonl; returns how many."""
+    if mix_path is None or settings.mix_ratio <= 0 or n_owner == 0:
+        return 0
+    valid = sum(1 for _ in _iter_mix(mix_path, settings.skip_bad))
+    wanted = round(settings.mix_ratio * n_owner / (1 - settings.mix_ratio))
+    chosen = set(random.Random(settings.seed).sample(range(valid), min(wanted, valid)))
+    written = 0
+    for index, messages in enumerate(_iter_mix(mix_path, settings.skip_bad)):
+        if index not in chosen:
+            continue
+        clean = []
+        for m in messages:
+            content, hits = redact(m["content"], settings.redact_names)
+            stats.redactions.update(hits)
+            clean.append({"role": m["role"], "content": content})
+        sample = Sample(messages=clean, source="mix", kind="mix", chat_type="mix")
+        train.write(_line(sample, settings.format))
+        turns["mix"] += sample.turns
+        tokens["mix"] += estimate_messages_tokens(clean)
+        written += 1
+    return written
+
+
+def _iter_mix(path: Path, skip_bad: bool) -> Iterator[list[dict[str, str]]]:
+    """Valid mix records as `messages` lists, from a JSONL file or one JSON array."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            head = handle.read(1024).lstrip()
+            handle.seek(0)
+            if head.startswith("["):
+                rows: Iterable[tuple[int, Any]] = enumerate(json.load(handle), start=1)
+                where = "record"
+            else:
+                rows = ((n, line) for n, line in enumerate(handle, start=1) if line.strip())
+                where = "line"
+            for number, row in rows:
+                try:
+                    yield formats.mix_messages(json.loads(row) if isinstance(row, str) else row)
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    if not skip_bad:
+                        raise InputError(
+                            path,
+                            f"{where} {number}: not a chat record ({exc}); use --skip-bad to skip such lines",
+                        ) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON ({exc})") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not UTF-8 text") from None
+
+
+# ---------------------------------------------------------------- progress
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second, in the task's own unit."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text(f"{speed:,.0f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def _advancing(stream: Iterable[Message], bar: Progress, task: Any) -> Iterator[Message]:
+    batch = 0
+    for msg in stream:
+        yield msg
+        batch += 1
+        if batch == 2048:  # rich redraws are not free; advance in batches
+            bar.advance(task, batch)
+            batch = 0
+    bar.advance(task, batch)

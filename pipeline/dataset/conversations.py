@@ -1,0 +1,113 @@
+"""Messages → conversations (per chat, split at silences) → turns (bursts of one sender).
+
+`iter_conversations` streams: it holds only the conversations still open, i.e. those
+whose last message is within `session_gap` of the newest message seen. With input in
+time order (as `twin extract` writes it) that is a few chats' recent messages, whatever
+the length of the history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from pipeline.chatformat import Turn, join_burst
+from pipeline.records import Message
+
+
+@dataclass(slots=True)
+class Conversation:
+    """The messages of one chat between two silences longer than the session gap."""
+
+    chat_type: str
+    chat: str
+    messages: list[Message] = field(default_factory=list)
+
+    @property
+    def start(self) -> int:
+        return self.messages[0].time if self.messages else 0
+
+    @property
+    def end(self) -> int:
+        return self.messages[-1].time if self.messages else 0
+
+    @property
+    def key(self) -> str:
+        """A stable id: chat and start time (used for the train/val split, never written)."""
+        return f"{self.chat_type}:{self.chat}:{self.start}"
+
+
+@dataclass(slots=True)
+class ChatTurn:
+    """A chat-format Turn plus what the builder needs to know about it."""
+
+    turn: Turn
+    sender: str
+    messages: int  # how many messages the burst joined
+
+
+def iter_conversations(
+    messages: Iterable[Message], session_gap: int, max_messages: int = 2000
+) -> Iterator[Conversation]:
+    """Group a message stream by chat and cut it at silences longer than `session_gap` seconds."""
+    open_convs: dict[tuple[str, str], Conversation] = {}
+    newest = None
+    last_sweep = None
+    for msg in messages:
+        key = (msg.chat_type, msg.chat)
+        conv = open_convs.get(key)
+        if conv is not None and (
+            msg.time - conv.messages[-1].time > session_gap or len(conv.messages) >= max_messages
+        ):
+            yield _closed(open_convs.pop(key))
+            conv = None
+        if conv is None:
+            conv = open_convs[key] = Conversation(msg.chat_type, msg.chat)
+        conv.messages.append(msg)
+        newest = msg.time if newest is None else max(newest, msg.time)
+        if last_sweep is None:
+            last_sweep = newest
+        # Close every conversation that can no longer grow; this is what bounds memory.
+        if newest - last_sweep > session_gap:
+            for stale in [k for k, c in open_convs.items() if newest - c.messages[-1].time > session_gap]:
+                yield _closed(open_convs.pop(stale))
+            last_sweep = newest
+    for conv in sorted(open_convs.values(), key=lambda c: c.messages[-1].time):
+        yield _closed(conv)
+
+
+def _closed(conv: Conversation) -> Conversation:
+    # Input that is not in time order still yields well-formed conversations.
+    conv.messages.sort(key=lambda m: m.time)
+    return conv
+
+
+def to_turns(messages: list[Message], burst_gap: int) -> list[ChatTurn]:
+    """Consecutive messages of one sender within `burst_gap` seconds become one turn."""
+    turns: list[ChatTurn] = []
+    texts: list[str] = []
+    first: Message | None = None
+    last: Message | None = None
+    for msg in messages:
+        if last is not None and (msg.sender != last.sender or msg.time - last.time > burst_gap):
+            turns.append(_turn(first, texts))
+            texts = []
+            first = None
+        if first is None:
+            first = msg
+        texts.append(msg.text)
+        last = msg
+    if first is not None:
+        turns.append(_turn(first, texts))
+    return [t for t in turns if t.turn.text]
+
+
+def _turn(first: Message | None, texts: list[str]) -> ChatTurn:
+    assert first is not None
+    role = "assistant" if first.is_self else "user"
+    speaker = "" if first.is_self else first.sender_name
+    return ChatTurn(
+        turn=Turn(role=role, text=join_burst(texts), speaker=speaker, time=first.time),
+        sender=first.sender,
+        messages=len(texts),
+    )

@@ -1,0 +1,138 @@
+"""Every knob of `build-dataset` in one typed object, loadable from a TOML or YAML file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.chatformat import DEFAULT_PERSONA
+from pipeline.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+DEFAULT_RULES_FILE = Path(__file__).with_name("rules.toml")
+
+Format = Literal["openai", "sharegpt", "alpaca"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RuleSettings(_Strict):
+    """The rule-based cleaning pass; each rule is counted in the report."""
+
+    placeholder_only_owner: bool = True
+    placeholder_only_others: bool = False
+    keep_owner_stickers: bool = True
+    drop_forwards_and_cards: bool = True
+    max_message_chars: int = Field(400, ge=1)
+    drop_link_only: bool = True
+    max_repeats: int = Field(2, ge=1)
+    command_prefixes: list[str] = Field(default_factory=lambda: ["/", "!", "！", "#", "."])
+    bot_senders: list[str] = Field(default_factory=list)
+
+
+class LLMSettings(_Strict):
+    """The optional LLM judging pass against any OpenAI-compatible server."""
+
+    enabled: bool = False
+    api_base: str = "http://127.0.0.1:8000/v1"
+    api_key: str = Field("EMPTY", repr=False)
+    model: str = "qwen3"
+    concurrency: int = Field(8, ge=1, le=256)
+    max_attempts: int = Field(4, ge=1)
+    backoff_s: float = Field(0.5, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    min_score: int = Field(2, ge=1, le=5)
+    optional: bool = False
+    cache: str = ""  # "" → llm-clean-cache.jsonl beside the output directory
+
+
+class DatasetSettings(_Strict):
+    """All settings of `twin build-dataset`; defaults are those of `rules.toml`."""
+
+    session_gap: int = Field(3600, gt=0)
+    burst_gap: int = Field(120, ge=0)
+    max_conversation_messages: int = Field(2000, ge=2)
+    context_turns: int = Field(8, ge=0)
+    max_context_tokens: int = Field(1024, ge=16)
+    no_reply_samples: float = Field(0.0, ge=0, le=1)
+    persona: str = DEFAULT_PERSONA
+    format: Format = "openai"
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+    mix: str = ""  # path of general instruction data (OpenAI, ShareGPT or Alpaca records)
+    mix_ratio: float = Field(0.0, ge=0, lt=1)
+    redact_names: list[str] = Field(default_factory=list)
+    skip_bad: bool = False
+    rules: RuleSettings = Field(default_factory=RuleSettings)
+    llm: LLMSettings = Field(default_factory=LLMSettings)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> DatasetSettings:
+        """Load a TOML or YAML settings file, then apply `overrides` (None values are ignored).
+
+        Nested keys are given as `rules={...}` / `llm={...}` and merge into the file's tables.
+        """
+        path = Path(path)
+        data = _read_mapping(path)
+        merged = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise InputError(path, f"bad settings: {_first_error(exc)}") from None
+
+    def with_overrides(self, **overrides: Any) -> DatasetSettings:
+        """A copy with `overrides` applied (None values ignored, nested tables merged)."""
+        merged = _merge(self.model_dump(), {k: v for k, v in overrides.items() if v is not None})
+        return type(self).model_validate(merged)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as recorded in report.json: everything but the API key."""
+        data = self.model_dump()
+        data["llm"].pop("api_key", None)
+        return data
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(path, "no such settings file") from None
+    except IsADirectoryError:
+        raise InputError(path, "is a directory, expected a .toml or .yaml settings file") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(raw.decode("utf-8")) or {}
+        else:
+            data = tomllib.loads(raw.decode("utf-8"))
+    except Exception as exc:  # tomllib/yaml/unicode errors all mean "not a settings file"
+        raise InputError(path, f"not a valid settings file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "settings file must hold a table of keys")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], {k: v for k, v in value.items() if v is not None})
+        else:
+            out[key] = value
+    return out
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}"
