@@ -83,7 +83,7 @@ class DatasetSettings(_Strict):
         """
         path = Path(path)
         data = _read_mapping(path)
-        merged = _merge(data, {k: v for k, v in overrides.items() if v is not None})
+        merged = _merge(data, overrides)
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:
@@ -91,7 +91,7 @@ class DatasetSettings(_Strict):
 
     def with_overrides(self, **overrides: Any) -> DatasetSettings:
         """A copy with `overrides` applied (None values ignored, nested tables merged)."""
-        merged = _merge(self.model_dump(), {k: v for k, v in overrides.items() if v is not None})
+        merged = _merge(self.model_dump(), overrides)
         return type(self).model_validate(merged)
 
     def public_dict(self) -> dict[str, Any]:
@@ -123,10 +123,14 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, recursively; None in `extra` means "not given"."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], {k: v for k, v in value.items() if v is not None})
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            inner = out.get(key)
+            out[key] = _merge(inner if isinstance(inner, dict) else {}, value)
         else:
             out[key] = value
     return out
