@@ -16,7 +16,9 @@ T0 = 1_700_000_000
 OWNER = "999"
 
 
-def msg(t: int, sender: str, text: str, *, chat: str = "100", group: bool = False, name: str = "", kinds=None):
+def msg(
+    t: int, sender: str, text: str, *, chat: str = "100", group: bool = False, name: str = "", kinds=None
+):
     return Message(
         msg_id=f"{chat}-{t}-{sender}",
         chat_type="group" if group else "c2c",
@@ -170,7 +172,12 @@ def test_context_is_limited_to_context_turns_and_starts_with_a_user_turn():
 
 
 def test_the_token_budget_trims_the_oldest_context_first():
-    messages = [msg(0, "1", "长" * 300), msg(100, OWNER, "嗯"), msg(200, "1", "短问题"), msg(300, OWNER, "好")]
+    messages = [
+        msg(0, "1", "长" * 300),
+        msg(100, OWNER, "嗯"),
+        msg(200, "1", "短问题"),
+        msg(300, OWNER, "好"),
+    ]
     last = samples(messages, max_context_tokens=120)[-1]
     assert [m["content"] for m in last.messages[1:]] == ["短问题", "好"]
 
@@ -195,7 +202,10 @@ def test_no_reply_samples_end_with_an_empty_assistant_turn():
 
 
 def test_text_is_redacted_before_it_reaches_a_sample():
-    messages = [msg(0, "1", "我电话13812345678", name="张三 13912345678", group=True), msg(9, OWNER, "好", group=True)]
+    messages = [
+        msg(0, "1", "我电话13812345678", name="张三 13912345678", group=True),
+        msg(9, OWNER, "好", group=True),
+    ]
     (sample,) = samples(messages, redact_names=["张三"])
     assert sample.messages[1]["content"] == "<姓名> <手机号>：我电话<手机号>"
 
