@@ -173,8 +173,8 @@ def test_mixed_data_makes_up_the_ratio_is_tagged_and_deterministic(tmp_path):
 
 def test_a_bad_mix_record_is_reported_with_its_line(tmp_path):
     mix = tmp_path / "mix.jsonl"
-    mix.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                   '{"text": "not a chat"}\n', encoding="utf-8")  # fmt: skip
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    mix.write_text(json.dumps(good) + '\n{"text": "not a chat"}\n', encoding="utf-8")
     with pytest.raises(InputError, match="line 2"):
         build_dataset(
             history(3), tmp_path / "d", DatasetSettings(mix=str(mix), mix_ratio=0.5), progress=False
@@ -217,9 +217,10 @@ CANARIES = {
 def test_planted_personal_data_never_reaches_any_output_file(tmp_path):
     messages = history(6)
     t = T0 + 6 * DAY
+    card_name = f"小王 {CANARIES['phone']}"
     for i, (kind, value) in enumerate(CANARIES.items()):
         messages += [
-            Message(f"c{i}a", "c2c", "100", "100", f"小王 {CANARIES['phone']}", False, t + i * 100, f"我的{kind}是 {value}"),
+            Message(f"c{i}a", "c2c", "100", "100", card_name, False, t + i * 100, f"我的{kind}是 {value}"),
             Message(f"c{i}b", "c2c", "100", OWNER, "", True, t + i * 100 + 10, f"好的 我的是 {value} 记下了"),
             Message(f"c{i}c", "group", "200", "300", "老李", False, t + i * 100 + 20, f"{value}"),
             Message(f"c{i}d", "group", "200", OWNER, "", True, t + i * 100 + 30, f"收到{value}"),
