@@ -121,9 +121,11 @@ def register(app: typer.Typer) -> None:
         if not now:
             _print_status(settings)
             return
-        from deploy.retrain import run_cycle
+        from deploy.retrain import lower_priority, run_cycle
 
-        result = run_cycle(settings)
+        # The bot answers from the same cores: this whole cycle (evaluation and export too) yields.
+        lower_priority(settings.retrain_nice)
+        result = run_cycle(settings, on_stage=lambda stage: typer.echo(f"retrain: {stage}…"))
         typer.echo(result.message)
         if result.state == "failed":
             raise typer.Exit(1)

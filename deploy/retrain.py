@@ -1,0 +1,502 @@
+"""One incremental retrain cycle: collect → build → train → gate → export → register → promote.
+
+The bot keeps serving throughout: training runs in a child process at lower priority, the
+candidate is served only if the gate passes, and `current` is switched atomically at the
+very end. Whatever happens, `retrain-status.json` says what the cycle did and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from deploy.registry import get_version, now_iso, prune, register, retrain_lock
+from deploy.settings import RetrainSettings
+from pipeline.errors import InputError, TwinError
+from pipeline.files import private_dir
+from pipeline.records import Message
+from pipeline.registry import ADAPTER_DIR, current_version, read_status, write_status
+
+log = logging.getLogger("qq_twin.retrain")
+
+WORK_DIR = ".retrain"  # inside the registry; a dot-name is never taken for a version
+STAGES = ("collect", "build", "train", "evaluate", "export", "promote")
+TRAIN_LOG = "train.log"
+
+
+@dataclass(slots=True)
+class CycleResult:
+    """How a cycle ended: promoted, rejected (by the gate), skipped (too little data) or failed."""
+
+    state: str
+    message: str
+    reason: str = ""
+    version: str | None = None
+    serving: str | None = None
+    new_samples: int = 0
+    eval: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class GateDecision:
+    """Whether the candidate may serve, and the one-line reason recorded either way."""
+
+    passed: bool
+    reason: str
+
+
+@dataclass(slots=True)
+class EvalNumbers:
+    """The two numbers the gate compares (lower is better for both)."""
+
+    perplexity: float
+    style_distance: float
+
+
+class TrainingFailed(TwinError):
+    """The training child process exited with an error or was killed."""
+
+
+# ---------------------------------------------------------------- pure core
+
+
+def gate(
+    candidate: EvalNumbers, serving: EvalNumbers, *, ppl_tolerance: float, style_tolerance: float
+) -> GateDecision:
+    """Pass unless the candidate is worse than serving beyond tolerance on either number."""
+
+    def bad(x: float) -> bool:
+        return x is None or math.isnan(x) or math.isinf(x)
+
+    if bad(candidate.perplexity) or bad(candidate.style_distance):
+        return GateDecision(False, f"candidate evaluation is not finite ({_numbers(candidate)})")
+    ppl_limit = serving.perplexity * (1 + ppl_tolerance)
+    style_limit = serving.style_distance + style_tolerance
+    summary = f"candidate {_numbers(candidate)} vs serving {_numbers(serving)}"
+    if candidate.perplexity > ppl_limit:
+        return GateDecision(
+            False, f"perplexity worse beyond tolerance {ppl_tolerance:.0%} (limit {ppl_limit:.3f}): {summary}"
+        )
+    if candidate.style_distance > style_limit:
+        return GateDecision(
+            False,
+            f"style distance worse beyond tolerance {style_tolerance} (limit {style_limit:.3f}): {summary}",
+        )
+    return GateDecision(True, f"within tolerance: {summary}")
+
+
+def _numbers(e: EvalNumbers) -> str:
+    return f"ppl {e.perplexity:.3f}, style {e.style_distance:.3f}"
+
+
+def split_heldout(samples: Sequence[dict], ratio: float) -> tuple[list[dict], list[dict]]:
+    """Hold out the newest `ratio` share (at least one when there are two or more) for the gate."""
+    samples = list(samples)
+    if ratio <= 0 or len(samples) < 2:
+        return samples, []
+    n = min(max(1, round(len(samples) * ratio)), len(samples) - 1)
+    return samples[:-n], samples[-n:]
+
+
+def replay_share(original: Sequence[dict], new_count: int, ratio: float, seed: int) -> list[dict]:
+    """`ratio` original samples per new one, drawn without replacement, reproducibly."""
+    want = min(len(original), round(new_count * ratio))
+    return random.Random(seed).sample(list(original), want) if want else []
+
+
+def dataset_hash(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return "sha256:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------- status
+
+
+class StatusFile:
+    """The cycle's entry in `retrain-status.json`, rewritten atomically at each change."""
+
+    def __init__(self, registry: Path, serving: str | None) -> None:
+        self.registry = registry
+        previous = read_status(registry)
+        last = {k: previous.get(k) for k in ("state", "reason", "finished", "version")} if previous else None
+        self.data: dict = {
+            "state": "running",
+            "stage": STAGES[0],
+            "progress": 0.0,
+            "started": now_iso(),
+            "finished": None,
+            "updated": now_iso(),
+            "pid": os.getpid(),
+            "serving": serving,
+            "version": None,
+            "new_samples": None,
+            "reason": "",
+            "eval": {},
+            "last": last if last and last.get("state") != "running" else previous.get("last"),
+        }
+        self._write()
+
+    def update(self, **fields: object) -> None:
+        self.data.update(fields)
+        self._write()
+
+    def stage(self, name: str) -> None:
+        log.info("retrain: stage %s", name)
+        self.update(stage=name, progress=0.0)
+
+    def finish(self, result: CycleResult) -> None:
+        self.update(
+            state=result.state,
+            reason=result.reason,
+            finished=now_iso(),
+            version=result.version,
+            serving=result.serving,
+            eval=result.eval,
+            progress=1.0 if result.state == "promoted" else self.data["progress"],
+        )
+
+    def _write(self) -> None:
+        self.data["updated"] = now_iso()
+        write_status(self.registry, self.data)
+
+
+# ---------------------------------------------------------------- stages (I/O)
+
+
+def collect_messages(settings: RetrainSettings, since: int) -> list[Message]:
+    """The store's messages at or after `since` as records: everyone's, the owner's own, and
+    the twin's replies only where an operator approved them."""
+    from bot.store import read_messages_since
+
+    if not settings.db.is_file():
+        raise InputError(settings.db, "no conversation store here (TWIN_DB); has the bot run yet?")
+    try:
+        stored = read_messages_since(
+            settings.db,
+            since,
+            key=settings.db_key or "",
+            include_approved_twin=settings.retrain_include_approved,
+        )
+    except Exception as exc:  # sqlite3/sqlcipher errors: wrong key, not a database
+        raise InputError(
+            settings.db, f"cannot read the conversation store ({exc}); check TWIN_DB_KEY"
+        ) from None
+    return [to_record(m) for m in stored]
+
+
+def to_record(stored) -> Message:
+    """A store row as the pipeline's message record; `is_self` is the owner's (or approved twin's) word."""
+    return Message(
+        msg_id=stored.msg_id or f"store-{stored.id}",
+        chat_type=stored.chat_type,
+        chat=stored.chat,
+        sender=stored.sender,
+        sender_name=stored.sender_name,
+        is_self=stored.origin != "incoming",
+        time=int(stored.time),
+        text=stored.text,
+        reply_to=stored.reply_to,
+        kinds=list(stored.kinds),
+    )
+
+
+def dataset_settings_for(original: Path | None):
+    """The settings the original dataset was built with, so new samples are built the same way."""
+    from pipeline.dataset.settings import DatasetSettings
+
+    if original is not None:
+        report = original / "report.json"
+        if report.is_file():
+            try:
+                recorded = json.loads(report.read_text(encoding="utf-8")).get("settings") or {}
+            except ValueError:
+                raise InputError(report, "corrupt dataset report, not JSON") from None
+            recorded.get("llm", {}).pop("api_key", None)
+            recorded["mix"], recorded["mix_ratio"] = "", 0.0  # general data is already in the replay share
+            return DatasetSettings.model_validate(recorded)
+    return DatasetSettings()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except ValueError as exc:
+        raise InputError(path, f"not a JSONL dataset file ({exc})") from None
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def run_training_child(train_settings: dict, work: Path, status: StatusFile, nice: int) -> Path:
+    """Train in a child process at lower priority; progress lands in the status file."""
+    spec = work / "train-settings.json"
+    spec.write_text(json.dumps(train_settings, default=str), encoding="utf-8")
+    log_path = work / TRAIN_LOG
+    cmd = [sys.executable, "-m", "deploy.retrain", "train-child", str(spec), str(status.registry), str(nice)]
+    with log_path.open("wb") as log_file:
+        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=os.getcwd())
+        status.update(child_pid=child.pid)
+        code = child.wait()
+    status.update(child_pid=None)
+    if code != 0:
+        tail = _last_line(log_path)
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        raise TrainingFailed(f"training crashed ({how}): {tail or 'no output'} (log: {log_path})")
+    return Path(train_settings["output_dir"])
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1][:300] if lines else ""
+
+
+def lower_priority(niceness: int) -> None:
+    """Raise this process's niceness to at least `niceness` (never lower it: that needs root)."""
+    current = os.nice(0)
+    if niceness > current:
+        os.nice(niceness - current)
+
+
+def _train_child_main(spec: Path, registry: Path, nice: int) -> int:
+    """Entry of the training child: lower our priority, train, report progress."""
+    lower_priority(nice)
+    from trainer.config import TrainSettings
+    from trainer.train import train
+
+    settings = TrainSettings(**json.loads(spec.read_text(encoding="utf-8")))
+    last = [0.0]
+
+    def progress(step: int, total: int, **_: object) -> None:
+        now = time.monotonic()
+        if now - last[0] < 1.0 and step < total:
+            return  # the status file is for humans; once a second is plenty
+        last[0] = now
+        status = read_status(registry)
+        if status.get("state") == "running":
+            status.update(progress=round(step / max(total, 1), 3), updated=now_iso())
+            write_status(registry, status)
+
+    try:
+        train(settings, on_step=progress)
+    except TypeError as exc:
+        if "on_step" not in str(exc):
+            raise
+        train(settings)
+    return 0
+
+
+# ---------------------------------------------------------------- the cycle
+
+
+def run_cycle(settings: RetrainSettings, *, on_stage: Callable[[str], None] | None = None) -> CycleResult:
+    """Run one cycle under the registry lock; a second concurrent call raises RetrainBusy."""
+    registry = private_dir(settings.model)
+    with retrain_lock(registry):
+        serving = current_version(registry)
+        status = StatusFile(registry, serving)
+        work = registry / WORK_DIR
+        shutil.rmtree(work, ignore_errors=True)
+        private_dir(work)
+        try:
+            result = _cycle(settings, registry, serving, status, work, on_stage or (lambda _: None))
+        except Exception as exc:  # a crash anywhere leaves the old model serving, with the reason
+            reason = str(exc) if isinstance(exc, TwinError) else f"{type(exc).__name__}: {exc}"
+            log.exception("retrain: cycle failed") if not isinstance(exc, TwinError) else None
+            result = CycleResult(
+                "failed", f"retrain failed, still serving {serving}: {reason}", reason=reason, serving=serving
+            )
+        status.finish(result)
+        if result.state != "failed":
+            shutil.rmtree(work, ignore_errors=True)  # keep a failed cycle's log for the operator
+        log.info("retrain: %s", result.message)
+        return result
+
+
+def _cycle(
+    settings: RetrainSettings,
+    registry: Path,
+    serving: str | None,
+    status: StatusFile,
+    work: Path,
+    on_stage: Callable[[str], None],
+) -> CycleResult:
+    if serving is None:
+        raise InputError(
+            registry, "nothing is serving yet: export a first version and `twin models promote` it"
+        )
+    serving_version = get_version(registry, serving)
+    window = serving_version.manifest.get("data_window") or {}
+    # The serving model saw everything up to its window's end; only later messages are new.
+    since = int(window["until"]) + 1 if window.get("until") else 0
+
+    def stage(name: str) -> None:
+        status.stage(name)
+        on_stage(name)
+
+    stage("collect")
+    messages = collect_messages(settings, since)
+    until = max((m.time for m in messages), default=since)
+
+    stage("build")
+    from pipeline.dataset.build import build_samples
+
+    built = build_samples(messages, dataset_settings_for(settings.retrain_dataset))
+    samples = sorted(built, key=lambda sample: getattr(sample, "end", 0))
+    status.update(new_samples=len(samples))
+    if len(samples) < settings.retrain_min_samples:
+        reason = (
+            f"{len(samples)} new samples since the last cycle, fewer than the minimum "
+            f"{settings.retrain_min_samples} (TWIN_RETRAIN_MIN_SAMPLES)"
+        )
+        return CycleResult(
+            "skipped", f"not retraining: {reason}", reason=reason, serving=serving, new_samples=len(samples)
+        )
+
+    new_train, new_heldout = split_heldout([_row(s) for s in samples], settings.retrain_heldout_ratio)
+    original = settings.retrain_dataset
+    original_train = read_jsonl(original / "train.jsonl") if original else []
+    original_val = read_jsonl(original / "val.jsonl") if original else []
+    replay = replay_share(
+        original_train, len(new_train), settings.retrain_replay_ratio, settings.retrain_seed
+    )
+    data_dir = private_dir(work / "data")
+    train_rows = new_train + replay
+    random.Random(settings.retrain_seed).shuffle(train_rows)
+    write_jsonl(data_dir / "train.jsonl", train_rows)
+    write_jsonl(data_dir / "val.jsonl", original_val + new_heldout)
+    data_hash = dataset_hash(data_dir / "train.jsonl", data_dir / "val.jsonl")
+    log.info(
+        "retrain: %d new samples (%d held out), %d replayed", len(samples), len(new_heldout), len(replay)
+    )
+
+    stage("train")
+    base = settings.retrain_base_model or serving_version.manifest.get("base")
+    if not base:
+        raise InputError(
+            serving_version.path / "manifest.json", "names no base model; set TWIN_RETRAIN_BASE_MODEL"
+        )
+    adapter = serving_version.path / ADAPTER_DIR
+    run_dir = work / "run"
+    train_settings = {
+        "base_model": str(base),
+        "data": str(data_dir),
+        "output_dir": str(run_dir),
+        "max_steps": settings.retrain_max_steps,
+        "lr": settings.retrain_learning_rate,
+        "seed": settings.retrain_seed,
+    }
+    if adapter.is_dir():
+        train_settings["init_adapter"] = str(adapter)
+    run_training_child(train_settings, work, status, settings.retrain_nice)
+
+    stage("evaluate")
+    candidate = evaluate_numbers(run_dir, data_dir, settings, work / "eval-candidate")
+    status.update(progress=0.5)
+    current = evaluate_numbers(
+        serving_run_dir(serving_version, str(base), work), data_dir, settings, work / "eval-serving"
+    )
+    decision = gate(
+        candidate,
+        current,
+        ppl_tolerance=settings.retrain_ppl_tolerance,
+        style_tolerance=settings.retrain_style_tolerance,
+    )
+    numbers = {"perplexity": candidate.perplexity, "style_distance": candidate.style_distance}
+    eval_record = {
+        "candidate": asdict(candidate),
+        "serving": asdict(current),
+        "heldout_samples": len(original_val) + len(new_heldout),
+    }
+    if not decision.passed:
+        return CycleResult(
+            "rejected",
+            f"candidate rejected by the quality gate, still serving {serving}: {decision.reason}",
+            reason=decision.reason,
+            serving=serving,
+            new_samples=len(samples),
+            eval=eval_record,
+        )
+
+    stage("export")
+    from trainer.export import export
+
+    export_dir = work / "export"
+    export(run_dir, export_dir, quants=tuple(settings.quant_list))
+
+    stage("promote")
+    version = register(
+        registry,
+        export_dir,
+        parent=serving,
+        data_window={"since": since, "until": until, "messages": len(messages), "samples": len(samples)},
+        dataset_hash=data_hash,
+        eval_numbers={**numbers, "gate": eval_record, "gate_reason": decision.reason},
+        move=True,
+    )
+    from deploy.registry import promote
+
+    promote(registry, version.name, reason=f"retrain gate passed: {decision.reason}")
+    removed = prune(registry, settings.retrain_keep)
+    if removed:
+        log.info("retrain: removed old versions %s", ", ".join(removed))
+    return CycleResult(
+        "promoted",
+        f"promoted {version.name} (parent {serving}, {len(samples)} new samples): {decision.reason}",
+        reason=decision.reason,
+        version=version.name,
+        serving=version.name,
+        new_samples=len(samples),
+        eval=eval_record,
+    )
+
+
+def _row(sample: object) -> dict:
+    """A sample as a dataset line in the OpenAI `messages` format (what train.jsonl holds)."""
+    messages = sample["messages"] if isinstance(sample, dict) else sample.messages  # type: ignore[attr-defined]
+    return {"messages": messages}
+
+
+def serving_run_dir(version, base: str, work: Path) -> Path:
+    """A run directory for the serving version's adapter, so it is evaluated exactly like the candidate."""
+    return version.path
+
+
+def evaluate_numbers(run_dir: Path, data_dir: Path, settings: RetrainSettings, out: Path) -> EvalNumbers:
+    """Perplexity and style distance of one adapter on the cycle's held-out set."""
+    from trainer.evaluate import evaluate
+
+    report = evaluate(run_dir, data_dir, out_dir=out, max_samples=settings.retrain_eval_samples)
+    return EvalNumbers(perplexity=float(report["perplexity"]), style_distance=float(report["style_distance"]))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 4 and argv[0] == "train-child":
+        return _train_child_main(Path(argv[1]), Path(argv[2]), int(argv[3]))
+    print("usage: python -m deploy.retrain train-child SPEC REGISTRY NICE (internal)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,205 @@
+"""The retrain cycle's decisions: the quality gate, the held-out split, replay, collection, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from deploy.cli import main as twin
+from deploy.registry import promote, register, retrain_lock
+from deploy.retrain import (
+    EvalNumbers,
+    collect_messages,
+    gate,
+    replay_share,
+    run_cycle,
+    split_heldout,
+)
+from deploy.settings import RetrainSettings
+from pipeline.registry import current_version, read_status
+
+OWNER = "10000"
+FRIEND = "20001"
+
+
+# ---------------------------------------------------------------- the gate (pure)
+
+
+def test_the_gate_passes_a_candidate_that_is_no_worse_beyond_tolerance():
+    decision = gate(
+        EvalNumbers(10.1, 0.22), EvalNumbers(10.0, 0.20), ppl_tolerance=0.02, style_tolerance=0.05
+    )
+    assert decision.passed
+    assert "within tolerance" in decision.reason
+
+
+def test_the_gate_rejects_worse_perplexity_and_says_why():
+    decision = gate(
+        EvalNumbers(10.5, 0.20), EvalNumbers(10.0, 0.20), ppl_tolerance=0.02, style_tolerance=0.05
+    )
+    assert not decision.passed
+    assert "perplexity worse" in decision.reason and "10.500" in decision.reason
+
+
+def test_the_gate_rejects_worse_style_distance_and_says_why():
+    decision = gate(EvalNumbers(9.0, 0.40), EvalNumbers(10.0, 0.20), ppl_tolerance=0.02, style_tolerance=0.05)
+    assert not decision.passed
+    assert "style distance worse" in decision.reason
+
+
+def test_the_gate_rejects_a_diverged_candidate():
+    assert not gate(
+        EvalNumbers(math.nan, 0.1), EvalNumbers(10.0, 0.2), ppl_tolerance=1, style_tolerance=1
+    ).passed
+    assert not gate(
+        EvalNumbers(math.inf, 0.1), EvalNumbers(10.0, 0.2), ppl_tolerance=1, style_tolerance=1
+    ).passed
+
+
+# ---------------------------------------------------------------- data shares (pure)
+
+
+def test_the_newest_samples_are_held_out():
+    train, heldout = split_heldout(list(range(20)), 0.1)
+    assert heldout == [18, 19] and train == list(range(18))
+
+
+def test_one_sample_is_never_held_out_and_two_keep_one_for_training():
+    assert split_heldout([1], 0.5) == ([1], [])
+    assert split_heldout([1, 2], 0.9) == ([1], [2])
+
+
+def test_replay_draws_a_reproducible_share_of_the_original_data():
+    original = [{"i": i} for i in range(100)]
+    first = replay_share(original, 10, 2.0, seed=7)
+    assert len(first) == 20 and first == replay_share(original, 10, 2.0, seed=7)
+    assert len({row["i"] for row in first}) == 20  # without replacement
+    assert len(replay_share(original, 500, 1.0, seed=7)) == 100  # capped at what exists
+    assert replay_share(original, 10, 0.0, seed=7) == []
+
+
+# ---------------------------------------------------------------- with a store and a registry
+
+
+async def _fill_store(path, rows, key=""):
+    from bot.store import Store, StoredMessage
+
+    store = await Store.open(path, key)
+    try:
+        for chat, sender, origin, t, text, approved in rows:
+            await store.add(
+                StoredMessage(
+                    chat_type="c2c",
+                    chat=chat,
+                    sender=sender,
+                    origin=origin,
+                    text=text,
+                    time=t,
+                    approved=approved,
+                )
+            )
+    finally:
+        await store.close()
+
+
+def _conversations(n, start=1_800_000_000, twin_replies=False):
+    """n short private chats: a friend asks, the owner answers (or the twin does)."""
+    rows = []
+    for i in range(n):
+        t = start + i * 10_000  # far apart: each is its own session
+        chat = str(30000 + i % 3)
+        rows.append((chat, chat, "incoming", t, f"在吗 {i}", False))
+        origin = "twin" if twin_replies else "owner"
+        rows.append((chat, OWNER, origin, t + 5, f"在的 第{i}次", False))
+    return rows
+
+
+def _registry(tmp_path):
+    export = tmp_path / "export"
+    (export / "adapter").mkdir(parents=True)
+    (export / "model-Q8_0.gguf").write_bytes(b"GGUF")
+    (export / "manifest.json").write_text(json.dumps({"base": "tiny"}))
+    reg = tmp_path / "models"
+    promote(reg, register(reg, export).name)
+    return reg
+
+
+def _settings(tmp_path, reg, db, **extra):
+    return RetrainSettings(model=reg, db=db, _env_file=None, **extra)
+
+
+def test_collection_takes_the_owners_words_and_only_approved_twin_replies(tmp_path):
+    db = tmp_path / "bot.db"
+    rows = [
+        (FRIEND, FRIEND, "incoming", 100, "hi", False),
+        (FRIEND, OWNER, "owner", 101, "typed by the owner", False),
+        (FRIEND, OWNER, "twin", 102, "generated, unreviewed", False),
+        (FRIEND, OWNER, "twin", 103, "generated, approved", True),
+    ]
+    asyncio.run(_fill_store(db, rows))
+    settings = _settings(tmp_path, tmp_path / "models", db)
+    texts = [(m.text, m.is_self) for m in collect_messages(settings, 0)]
+    assert texts == [("hi", False), ("typed by the owner", True), ("generated, approved", True)]
+    strict = _settings(tmp_path, tmp_path / "models", db, retrain_include_approved=False)
+    assert [m.text for m in collect_messages(strict, 0)] == ["hi", "typed by the owner"]
+    assert [m.text for m in collect_messages(settings, 102)] == ["generated, approved"]
+
+
+def test_too_few_new_samples_skips_the_cycle_and_says_so(tmp_path, monkeypatch, capsys):
+    reg = _registry(tmp_path)
+    db = tmp_path / "bot.db"
+    asyncio.run(
+        _fill_store(db, _conversations(3) + _conversations(10, start=1_900_000_000, twin_replies=True))
+    )
+    monkeypatch.setenv("TWIN_MODEL", str(reg))
+    monkeypatch.setenv("TWIN_DB", str(db))
+    monkeypatch.setenv("TWIN_RETRAIN_MIN_SAMPLES", "5")
+    assert twin(["retrain", "--now"]) == 0
+    out = capsys.readouterr().out
+    assert "not retraining: 3 new samples" in out and "fewer than the minimum 5" in out
+    status = read_status(reg)
+    assert status["state"] == "skipped" and status["new_samples"] == 3
+    assert "TWIN_RETRAIN_MIN_SAMPLES" in status["reason"]
+    assert current_version(reg) == "v0001"
+
+
+def test_a_second_trigger_is_refused_while_a_cycle_runs(tmp_path, monkeypatch, capsys):
+    reg = _registry(tmp_path)
+    db = tmp_path / "bot.db"
+    asyncio.run(_fill_store(db, _conversations(3)))
+    monkeypatch.setenv("TWIN_MODEL", str(reg))
+    monkeypatch.setenv("TWIN_DB", str(db))
+    with retrain_lock(reg):
+        assert twin(["retrain", "--now"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a retrain cycle is already running" in err[0]
+    assert read_status(reg) == {}  # the running cycle's status is not touched
+
+
+def test_an_unreadable_store_fails_the_cycle_and_keeps_serving(tmp_path):
+    reg = _registry(tmp_path)
+    db = tmp_path / "bot.db"
+    db.write_bytes(b"this is not a database" * 100)
+    result = run_cycle(_settings(tmp_path, reg, db))
+    assert result.state == "failed" and "cannot read the conversation store" in result.reason
+    assert read_status(reg)["state"] == "failed"
+    assert current_version(reg) == "v0001"
+
+
+def test_nothing_serving_is_a_clear_failure(tmp_path):
+    result = run_cycle(_settings(tmp_path, tmp_path / "models", tmp_path / "bot.db"))
+    assert result.state == "failed" and "nothing is serving yet" in result.reason
+
+
+@pytest.mark.parametrize("state", ["skipped"])
+def test_the_last_result_is_kept_while_the_next_cycle_runs(tmp_path, state):
+    reg = _registry(tmp_path)
+    db = tmp_path / "bot.db"
+    asyncio.run(_fill_store(db, _conversations(1)))
+    run_cycle(_settings(tmp_path, reg, db))
+    run_cycle(_settings(tmp_path, reg, db))
+    status = read_status(reg)
+    assert status["last"]["state"] == state and "fewer than the minimum" in status["last"]["reason"]
