@@ -1,0 +1,97 @@
+"""Handing over to the retraining job (`python -m deploy retrain --now`) from the bot.
+
+The bot never imports the trainer: it starts the job as a lower-priority child process and
+reads the registry's lock and status files (`pipeline.registry`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.registry import CURRENT_FILE, LOCK_FILE, STATUS_FILE
+
+log = logging.getLogger("qq-twin.retrain")
+
+
+@dataclass(slots=True)
+class RetrainResult:
+    returncode: int
+    summary: str
+
+
+def registry_of(model: str) -> Path | None:
+    """The registry directory when TWIN_MODEL names one (it holds `current`), else None."""
+    path = Path(model) if model else None
+    if path is not None and path.is_dir() and (path / CURRENT_FILE).is_file():
+        return path
+    return None
+
+
+def retrain_running(registry: Path) -> bool:
+    """True while a retrain cycle holds the registry lock (flock, as deploy.retrain takes it)."""
+    lock = registry / LOCK_FILE
+    if not lock.exists():
+        return False
+    with lock.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def read_status(registry: Path | None) -> dict:
+    """The last (or ongoing) retrain cycle as the job recorded it; {} when there is none."""
+    if registry is None:
+        return {}
+    try:
+        return json.loads((registry / STATUS_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def describe_status(status: dict) -> str:
+    """One line for `/twin status`: state, result, version and reason when recorded."""
+    if not status:
+        return "never"
+    parts = [str(status[k]) for k in ("state", "result", "stage", "version") if status.get(k)]
+    when = status.get("finished") or status.get("started")
+    if when:
+        parts.append(str(when))
+    if status.get("reason"):
+        parts.append(f"({status['reason']})")
+    return " ".join(parts) or json.dumps(status, ensure_ascii=False)[:200]
+
+
+async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None = None) -> RetrainResult:
+    """Run one cycle as a child process; the bot's `TWIN_*` settings go in its environment."""
+    env = {**os.environ, **settings}
+
+    def lower_priority() -> None:
+        os.nice(nice)
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "deploy",
+        "retrain",
+        "--now",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        cwd=cwd,
+        preexec_fn=lower_priority if nice else None,
+    )
+    output, _ = await process.communicate()
+    lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
+    summary = lines[-1].strip() if lines else ""
+    log.info("retrain child exited with %s", process.returncode)
+    return RetrainResult(returncode=process.returncode or 0, summary=summary[:300])

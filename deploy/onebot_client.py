@@ -1,0 +1,337 @@
+"""A OneBot v11 client that plays the QQ side: for the demo, the tests and `twin simulate`.
+
+It connects to the bot's reverse WebSocket like NapCat would, sends events, and answers
+every API call the bot makes, keeping what the bot sent::
+
+    async with OneBotClient("ws://127.0.0.1:8080/onebot/v11/ws", token="t", self_id=10000) as qq:
+        await qq.send_private(20001, "在吗")
+        replies = await qq.wait_reply(user_id=20001, timeout=30)
+        print([r.text for r in replies])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+Segments = str | Sequence[dict[str, Any]]
+
+
+class OneBotRefused(ConnectionError):
+    """The bot refused the connection (wrong or missing access token, or not listening)."""
+
+
+@dataclass(slots=True)
+class SentMessage:
+    """One message the bot sent through an API call."""
+
+    action: str
+    message_type: str  # "private" or "group"
+    user_id: int | None
+    group_id: int | None
+    segments: list[dict[str, Any]]
+    message_id: int
+    time: float = field(default_factory=time.monotonic)
+
+    @property
+    def text(self) -> str:
+        """Text segments joined; faces shown as `[face:ID]`."""
+        parts = []
+        for segment in self.segments:
+            if segment["type"] == "text":
+                parts.append(segment["data"].get("text", ""))
+            elif segment["type"] == "face":
+                parts.append(f"[face:{segment['data'].get('id')}]")
+        return "".join(parts)
+
+
+def text_segments(message: Segments) -> list[dict[str, Any]]:
+    """A string is one text segment; lists of segments pass through."""
+    if isinstance(message, str):
+        return [{"type": "text", "data": {"text": message}}]
+    return [dict(segment) for segment in message]
+
+
+def _raw(segments: list[dict[str, Any]]) -> str:
+    out = []
+    for s in segments:
+        if s["type"] == "text":
+            out.append(s["data"]["text"].replace("&", "&amp;").replace("[", "&#91;").replace("]", "&#93;"))
+        else:
+            out.append("[CQ:{},{}]".format(s["type"], ",".join(f"{k}={v}" for k, v in s["data"].items())))
+    return "".join(out)
+
+
+class OneBotClient:
+    """The QQ side of a OneBot v11 reverse WebSocket connection."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        self_id: int = 10000,
+        nickname: str = "twin",
+        heartbeat: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.self_id = self_id
+        self.nickname = nickname
+        self.heartbeat = heartbeat
+        self.sent: list[SentMessage] = []  # everything the bot sent, in order
+        self.calls: list[dict[str, Any]] = []  # every API call the bot made
+        self.members: dict[tuple[int, int], dict[str, Any]] = {}  # (group, user) → member info
+        self._messages: dict[int, dict[str, Any]] = {}  # message id → message, for get_msg
+        self._ids = itertools.count(1000)
+        self._ws: ClientConnection | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._changed = asyncio.Condition()
+
+    async def __aenter__(self) -> OneBotClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect and announce the session (lifecycle event); raises OneBotRefused on 401/403."""
+        headers = {"X-Self-ID": str(self.self_id), "X-Client-Role": "Universal", "User-Agent": "OneBot/11"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            self._ws = await asyncio.wait_for(
+                connect(self.url, additional_headers=headers, max_size=None), timeout
+            )
+        except InvalidStatus as exc:
+            raise OneBotRefused(f"{self.url}: refused with HTTP {exc.response.status_code}") from exc
+        except OSError as exc:
+            raise OneBotRefused(f"{self.url}: {exc}") from exc
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._beat())]
+        await self._post({"post_type": "meta_event", "meta_event_type": "lifecycle", "sub_type": "connect"})
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._ws is not None:
+            await self._ws.close()
+            self._ws = None
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and self._tasks and not self._tasks[0].done()
+
+    # ---------------------------------------------------------------- events to the bot
+    def next_message_id(self) -> int:
+        return next(self._ids)
+
+    async def send_private(self, user_id: int, message: Segments, *, nickname: str = "") -> int:
+        """A friend's private message to the account; returns its message id."""
+        segments = text_segments(message)
+        message_id = self.next_message_id()
+        sender = {"user_id": user_id, "nickname": nickname or f"user{user_id}", "sex": "unknown", "age": 0}
+        event = {
+            "post_type": "message",
+            "message_type": "private",
+            "sub_type": "friend",
+            "message_id": message_id,
+            "user_id": user_id,
+            "message": segments,
+            "raw_message": _raw(segments),
+            "font": 0,
+            "sender": sender,
+        }
+        self._messages[message_id] = {"message_type": "private", "sender": sender, "message": segments}
+        await self._post(event)
+        return message_id
+
+    async def send_group(
+        self, group_id: int, user_id: int, message: Segments, *, card: str = "", nickname: str = ""
+    ) -> int:
+        """A group member's message; returns its message id."""
+        segments = text_segments(message)
+        message_id = self.next_message_id()
+        sender = {
+            "user_id": user_id,
+            "nickname": nickname or f"user{user_id}",
+            "card": card,
+            "role": "member",
+        }
+        self.members.setdefault((group_id, user_id), {"group_id": group_id, **sender})
+        event = {
+            "post_type": "message",
+            "message_type": "group",
+            "sub_type": "normal",
+            "message_id": message_id,
+            "group_id": group_id,
+            "user_id": user_id,
+            "message": segments,
+            "raw_message": _raw(segments),
+            "font": 0,
+            "sender": sender,
+            "anonymous": None,
+        }
+        self._messages[message_id] = {"message_type": "group", "sender": sender, "message": segments}
+        await self._post(event)
+        return message_id
+
+    async def send_message_sent(
+        self,
+        message: Segments,
+        *,
+        target_id: int | None = None,
+        group_id: int | None = None,
+        message_id: int | None = None,
+    ) -> int:
+        """The owner's own message typed on another device (`post_type: message_sent`).
+
+        Pass the `message_id` of one of the bot's replies to imitate NapCat echoing it.
+        """
+        segments = text_segments(message)
+        message_id = self.next_message_id() if message_id is None else message_id
+        event: dict[str, Any] = {
+            "post_type": "message_sent",
+            "message_type": "group" if group_id else "private",
+            "sub_type": "normal" if group_id else "friend",
+            "message_id": message_id,
+            "user_id": self.self_id,
+            "message": segments,
+            "raw_message": _raw(segments),
+            "font": 0,
+            "sender": {"user_id": self.self_id, "nickname": self.nickname},
+        }
+        if group_id:
+            event["group_id"] = group_id
+        else:
+            event["target_id"] = target_id
+        await self._post(event)
+        return message_id
+
+    async def _post(self, event: dict[str, Any]) -> None:
+        if self._ws is None:
+            raise OneBotRefused("not connected")
+        await self._ws.send(json.dumps({"time": int(time.time()), "self_id": self.self_id, **event}))
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            await self._post(
+                {
+                    "post_type": "meta_event",
+                    "meta_event_type": "heartbeat",
+                    "interval": int(self.heartbeat * 1000),
+                    "status": {"online": True, "good": True},
+                }
+            )
+
+    # ---------------------------------------------------------------- API calls from the bot
+    async def _read(self) -> None:
+        assert self._ws is not None
+        try:
+            async for frame in self._ws:
+                request = json.loads(frame)
+                if "action" in request:
+                    await self._ws.send(json.dumps(await self._answer(request)))
+        except ConnectionClosed:
+            pass
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        action, params = request["action"], request.get("params") or {}
+        self.calls.append(request)
+        data: Any = None
+        if action in ("send_msg", "send_private_msg", "send_group_msg"):
+            message_type = params.get("message_type") or (
+                "group" if action == "send_group_msg" or params.get("group_id") else "private"
+            )
+            message = params.get("message", "")
+            segments = text_segments(message) if isinstance(message, str) else list(message)
+            message_id = self.next_message_id()
+            self._messages[message_id] = {
+                "message_type": message_type,
+                "message": segments,
+                "sender": {"user_id": self.self_id, "nickname": self.nickname},
+            }
+            sent = SentMessage(
+                action, message_type, params.get("user_id"), params.get("group_id"), segments, message_id
+            )
+            async with self._changed:
+                self.sent.append(sent)
+                self._changed.notify_all()
+            data = {"message_id": message_id}
+        elif action == "get_login_info":
+            data = {"user_id": self.self_id, "nickname": self.nickname}
+        elif action == "get_msg":
+            stored = self._messages.get(int(params.get("message_id", 0)))
+            if stored is None:
+                return {"status": "failed", "retcode": 1404, "data": None, "echo": request.get("echo")}
+            data = {
+                "time": int(time.time()),
+                "message_id": int(params["message_id"]),
+                "real_id": int(params["message_id"]),
+                **stored,
+            }
+        elif action == "get_group_member_info":
+            key = (int(params.get("group_id", 0)), int(params.get("user_id", 0)))
+            data = self.members.get(key) or {
+                "group_id": key[0],
+                "user_id": key[1],
+                "nickname": f"user{key[1]}",
+                "card": "",
+                "role": "member",
+            }
+        elif action == "get_stranger_info":
+            user_id = int(params.get("user_id", 0))
+            data = {"user_id": user_id, "nickname": f"user{user_id}", "sex": "unknown", "age": 0}
+        return {"status": "ok", "retcode": 0, "data": data, "echo": request.get("echo")}
+
+    # ---------------------------------------------------------------- waiting for replies
+    def replies(self, *, user_id: int | None = None, group_id: int | None = None) -> list[SentMessage]:
+        """What the bot sent to one private chat (`user_id`) or group (`group_id`) so far."""
+        return [
+            m
+            for m in self.sent
+            if (group_id is None or m.group_id == group_id)
+            and (user_id is None or (m.user_id == user_id and m.message_type == "private"))
+        ]
+
+    async def wait_reply(
+        self,
+        *,
+        user_id: int | None = None,
+        group_id: int | None = None,
+        count: int = 1,
+        timeout: float = 30.0,
+        after: int = 0,
+    ) -> list[SentMessage]:
+        """Wait until the chat has `count` new messages beyond the first `after`; TimeoutError if not."""
+
+        def ready() -> bool:
+            return len(self.replies(user_id=user_id, group_id=group_id)) >= after + count
+
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+        return self.replies(user_id=user_id, group_id=group_id)[after:]
+
+    async def wait_quiet(
+        self, seconds: float, *, user_id: int | None = None, group_id: int | None = None
+    ) -> list[SentMessage]:
+        """Wait `seconds` and return what the chat got meanwhile (expected empty for silence)."""
+        before = len(self.replies(user_id=user_id, group_id=group_id))
+        await asyncio.sleep(seconds)
+        return self.replies(user_id=user_id, group_id=group_id)[before:]
