@@ -33,6 +33,7 @@ log = logging.getLogger("qq_twin.retrain")
 WORK_DIR = ".retrain"  # inside the registry; a dot-name is never taken for a version
 STAGES = ("collect", "build", "train", "evaluate", "export", "promote")
 TRAIN_LOG = "train.log"
+PROGRESS_FILE = "train-progress.json"
 
 
 @dataclass(slots=True)
@@ -246,21 +247,41 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
 
 
 def run_training_child(train_settings: dict, work: Path, status: StatusFile, nice: int) -> Path:
-    """Train in a child process at lower priority; progress lands in the status file."""
+    """Train in a child process at lower priority; its progress is copied into the status file."""
     spec = work / "train-settings.json"
     spec.write_text(json.dumps(train_settings, default=str), encoding="utf-8")
+    progress_file = work / PROGRESS_FILE
     log_path = work / TRAIN_LOG
-    cmd = [sys.executable, "-m", "deploy.retrain", "train-child", str(spec), str(status.registry), str(nice)]
+    cmd = [sys.executable, "-m", "deploy.retrain", "train-child", str(spec), str(progress_file), str(nice)]
     with log_path.open("wb") as log_file:
-        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=os.getcwd())
+        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         status.update(child_pid=child.pid)
-        code = child.wait()
+        seen = None
+        while True:
+            try:
+                code = child.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            # One writer for the status file (this process): the child only writes its own progress.
+            progress = _read_json(progress_file)
+            if progress and progress != seen:
+                seen = progress
+                status.update(progress=progress.get("progress", 0.0), loss=progress.get("loss"))
     status.update(child_pid=None)
     if code != 0:
         tail = _last_line(log_path)
         how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         raise TrainingFailed(f"training crashed ({how}): {tail or 'no output'} (log: {log_path})")
     return Path(train_settings["output_dir"])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _last_line(path: Path) -> str:
@@ -279,32 +300,64 @@ def lower_priority(niceness: int) -> None:
         os.nice(niceness - current)
 
 
-def _train_child_main(spec: Path, registry: Path, nice: int) -> int:
-    """Entry of the training child: lower our priority, train, report progress."""
+def _train_child_main(spec: Path, progress_file: Path, nice: int) -> int:
+    """Entry of the training child: lower our priority, start from the serving adapter, train."""
     lower_priority(nice)
+    import trainer.train as trainer_train
     from trainer.config import TrainSettings
-    from trainer.train import train
 
-    settings = TrainSettings(**json.loads(spec.read_text(encoding="utf-8")))
+    values = json.loads(spec.read_text(encoding="utf-8"))
+    init_adapter = values.pop("init_adapter", None)
+    if init_adapter and "init_adapter" in TrainSettings.model_fields:
+        values["init_adapter"] = init_adapter
+    elif init_adapter:
+        _start_from_adapter(trainer_train, Path(init_adapter))
+    _report_progress(trainer_train, progress_file)
+    trainer_train.train(TrainSettings(**values), progress=False)
+    return 0
+
+
+def _start_from_adapter(trainer_train, adapter: Path) -> None:
+    """Continue the serving adapter instead of a fresh LoRA (its own config: rank, targets)."""
+
+    def add_serving_lora(model, settings, targets):
+        from peft import PeftModel, prepare_model_for_kbit_training
+
+        if settings.qlora:
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=settings.gradient_checkpointing
+            )
+        log.info("retrain: continuing adapter %s", adapter)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+
+    trainer_train._add_lora = add_serving_lora
+
+
+def _report_progress(trainer_train, progress_file: Path) -> None:
+    """Mirror the trainer's step counter into `progress_file`, at most once a second."""
+    bar_class = getattr(trainer_train, "_ProgressBar", None)
+    if bar_class is None:
+        return
     last = [0.0]
 
-    def progress(step: int, total: int, **_: object) -> None:
-        now = time.monotonic()
-        if now - last[0] < 1.0 and step < total:
-            return  # the status file is for humans; once a second is plenty
-        last[0] = now
-        status = read_status(registry)
-        if status.get("state") == "running":
-            status.update(progress=round(step / max(total, 1), 3), updated=now_iso())
-            write_status(registry, status)
+    class StatusBar(bar_class):
+        def __init__(self, total: int, *, enabled: bool) -> None:
+            super().__init__(total, enabled=enabled)
+            self.total = total
 
-    try:
-        train(settings, on_step=progress)
-    except TypeError as exc:
-        if "on_step" not in str(exc):
-            raise
-        train(settings)
-    return 0
+        def update(self, step: int, loss: float, rate: float) -> None:
+            super().update(step, loss, rate)
+            now = time.monotonic()
+            if now - last[0] < 1.0 and step < self.total:
+                return
+            last[0] = now
+            progress = {"progress": round(step / max(self.total, 1), 3), "step": step, "loss": round(loss, 4)}
+            tmp = progress_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(progress), encoding="utf-8")
+            os.replace(tmp, progress_file)
+            log.info("retrain: step %d/%d loss %.4f", step, self.total, loss)
+
+    trainer_train._ProgressBar = StatusBar
 
 
 # ---------------------------------------------------------------- the cycle
@@ -493,8 +546,9 @@ def evaluate_numbers(run_dir: Path, data_dir: Path, settings: RetrainSettings, o
 
 def main(argv: list[str]) -> int:
     if len(argv) == 4 and argv[0] == "train-child":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return _train_child_main(Path(argv[1]), Path(argv[2]), int(argv[3]))
-    print("usage: python -m deploy.retrain train-child SPEC REGISTRY NICE (internal)", file=sys.stderr)
+    print("usage: python -m deploy.retrain train-child SPEC PROGRESS NICE (internal)", file=sys.stderr)
     return 2
 
 
