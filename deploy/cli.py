@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `twin` console script."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="twin", standalone_mode=False)
+        # Without standalone mode typer *returns* the code of `typer.Exit` (130 for Ctrl-C).
+        result = command.main(args=argv, prog_name="twin", standalone_mode=False)
     except TwinError as exc:
         print(f"twin: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -65,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    if isinstance(result, int) and result != 0:
+        if result == 130:
+            print("twin: interrupted", file=sys.stderr)
+        return result
     return 0
 
 
