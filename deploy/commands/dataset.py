@@ -101,7 +101,7 @@ def build_dataset_command(
     )
     report = build_dataset(messages, out, settings, progress=not quiet)
 
-    console = Console()
+    console = Console(soft_wrap=True)
     s = report.samples
     console.print(
         f"[bold green]dataset[/] {out}: {s['train']} train + {s['val']} val samples"
