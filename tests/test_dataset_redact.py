@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.dataset.redact import luhn_valid, redact, valid_id_number
+from pipeline.dataset.redact import luhn_valid, redact, redact_found, redact_values, valid_id_number
 
 # A valid ID number (checksum and birth date) and a valid bank card (Luhn), both made up.
 ID_NUMBER = "11010519491231002X"
@@ -80,3 +80,10 @@ def test_names_from_a_list_are_redacted_longest_first():
 def test_counts_add_up_per_type():
     _, counts = redact("13812345678 或 13912345678，邮箱 a@b.cn")
     assert counts == {"phone": 2, "email": 1}
+
+
+def test_a_value_found_in_context_is_caught_again_where_it_recurs_bare():
+    _, _, found = redact_found("我QQ号：31415926")
+    assert found == {"31415926": "<QQ号>"}
+    assert redact_values("好 31415926 加了", found) == ("好 <QQ号> 加了", {"qq": 1})
+    assert redact_values("314159260 不是它", found) == ("314159260 不是它", {})

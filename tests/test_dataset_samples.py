@@ -214,3 +214,9 @@ def test_token_estimate_counts_cjk_characters_and_ascii_by_four():
     assert estimate_tokens("你好") == 2
     assert estimate_tokens("abcdefgh") == 2
     assert estimate_tokens("hi 你好") == 3
+
+
+def test_a_qq_number_given_in_context_is_redacted_when_the_owner_repeats_it():
+    messages = [msg(0, "1", "我QQ号是 31415926 加我"), msg(9, OWNER, "好 31415926 加了")]
+    (sample,) = samples(messages)
+    assert [m["content"] for m in sample.messages[1:]] == ["我QQ号是 <QQ号> 加我", "好 <QQ号> 加了"]

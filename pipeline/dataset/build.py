@@ -35,7 +35,7 @@ from pipeline.chatformat import system_prompt
 from pipeline.dataset import formats, llm_clean
 from pipeline.dataset.clean import clean_messages
 from pipeline.dataset.conversations import iter_conversations, to_turns
-from pipeline.dataset.redact import redact
+from pipeline.dataset.redact import redact, redact_found, redact_values
 from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_tokens, samples_from_turns
 from pipeline.dataset.settings import DatasetSettings
 from pipeline.errors import InputError
@@ -110,7 +110,7 @@ def build_samples(
     ):
         stats.conversations += 1
         kept = clean_messages(conv.messages, settings.rules, stats.dropped)
-        redacted = [_redact_message(m, names, stats.redactions) for m in kept]
+        redacted = _redact_conversation(kept, names, stats.redactions)
         turns = to_turns(redacted, settings.burst_gap)
         yield from samples_from_turns(
             turns,
@@ -130,13 +130,29 @@ def _counted(messages: Iterable[Message], stats: BuildStats) -> Iterator[Message
         yield msg
 
 
-def _redact_message(msg: Message, names: tuple[str, ...], counts: Counter[str]) -> Message:
-    text, hits = redact(msg.text, names)
-    # Group cards are free text too ("张三 138…"), and they label turns in the output.
-    speaker, speaker_hits = redact(msg.sender_name, names) if msg.sender_name else ("", Counter())
-    counts.update(hits)
-    counts.update(speaker_hits)
-    return dataclasses.replace(msg, text=text, sender_name=speaker)
+def _redact_conversation(
+    messages: list[Message], names: tuple[str, ...], counts: Counter[str]
+) -> list[Message]:
+    """Redact every message, then any value found anywhere in the conversation wherever it recurs."""
+    found: dict[str, str] = {}
+    out = []
+    for msg in messages:
+        text, hits, seen = redact_found(msg.text, names)
+        found.update(seen)
+        counts.update(hits)
+        # Group cards are free text too ("张三 138…"), and they label turns in the output.
+        speaker, hits, seen = redact_found(msg.sender_name, names)
+        found.update(seen)
+        counts.update(hits)
+        out.append(dataclasses.replace(msg, text=text, sender_name=speaker))
+    if found:
+        for i, msg in enumerate(out):
+            text, hits = redact_values(msg.text, found)
+            speaker, speaker_hits = redact_values(msg.sender_name, found)
+            counts.update(hits)
+            counts.update(speaker_hits)
+            out[i] = dataclasses.replace(msg, text=text, sender_name=speaker)
+    return out
 
 
 def write_samples(samples: Iterable[Sample], path: Path, fmt: str = "openai") -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 PHONE = "<手机号>"
 LANDLINE = "<电话>"
@@ -107,15 +107,38 @@ _RULES: tuple[_Rule, ...] = (
 
 def redact(text: str, names: Iterable[str] = ()) -> tuple[str, Counter[str]]:
     """Replace personal data in `text` with typed placeholders; returns (text, counts by kind)."""
+    text, counts, _ = redact_found(text, names)
+    return text, counts
+
+
+def redact_found(text: str, names: Iterable[str] = ()) -> tuple[str, Counter[str], dict[str, str]]:
+    """Like `redact`, also returning what was found (value → placeholder), to catch it again later.
+
+    A QQ number is only recognisable next to "QQ号"; once found, `redact_values` removes its
+    bare repetitions elsewhere in the conversation ("好 31415926").
+    """
     counts: Counter[str] = Counter()
+    found: dict[str, str] = {}
     for pattern, placeholder, check in _RULES:
-        text = _sub(pattern, placeholder, check, text, counts)
+        text = _sub(pattern, placeholder, check, text, counts, found)
     for name in sorted({n.strip() for n in names if n.strip()}, key=len, reverse=True):
         hits = text.count(name)
         if hits:
             text = text.replace(name, NAME)
             counts[KINDS[NAME]] += hits
-    return text, counts
+    return text, counts, found
+
+
+def redact_values(text: str, values: Mapping[str, str]) -> tuple[str, Counter[str]]:
+    """Replace known personal values (from `redact_found`) wherever they appear on their own."""
+    counts: Counter[str] = Counter()
+    for value in sorted(values, key=len, reverse=True):
+        if value not in text:
+            continue
+        pattern = re.compile(rf"(?<![0-9A-Za-z]){re.escape(value)}(?![0-9A-Za-z])")
+        text, hits = pattern.subn(values[value], text)
+        counts[KINDS[values[value]]] += hits
+    return text, +counts
 
 
 def _sub(
@@ -124,12 +147,15 @@ def _sub(
     check: Callable[[re.Match[str]], str | None] | None,
     text: str,
     counts: Counter[str],
+    found: dict[str, str],
 ) -> str:
     def replace(match: re.Match[str]) -> str:
         out = placeholder if check is None else check(match)
         if out is None:
             return match.group(0)
         counts[KINDS[placeholder]] += 1
+        value = match.group("num") if placeholder == QQ else match.group(0)
+        found[value] = placeholder
         return out
 
     return pattern.sub(replace, text)
