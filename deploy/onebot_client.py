@@ -15,9 +15,15 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -335,3 +341,74 @@ class OneBotClient:
         before = len(self.replies(user_id=user_id, group_id=group_id))
         await asyncio.sleep(seconds)
         return self.replies(user_id=user_id, group_id=group_id)[before:]
+
+
+# ------------------------------------------------------------------------------ the bot process
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BotProcess:
+    """`python bot.py` as a child process with the given settings (the demo's and the tests' bot).
+
+    `settings` are environment variables (`HOST`, `PORT`, `ONEBOT_ACCESS_TOKEN`, `TWIN_*`…);
+    `DRIVER` defaults to `~fastapi+~websockets`. The child runs in `cwd`, so no stray `.env`.
+    """
+
+    def __init__(self, settings: dict[str, str], *, cwd: Path, log_file: Path | None = None) -> None:
+        self.settings = {"DRIVER": "~fastapi+~websockets", "HOST": "127.0.0.1", **settings}
+        self.settings.setdefault("PORT", str(free_port()))
+        self.cwd = Path(cwd)
+        self.log_file = log_file or self.cwd / "bot.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings['HOST']}:{self.settings['PORT']}/onebot/v11/ws"
+
+    def client(self, **kwargs: Any) -> OneBotClient:
+        """A test client for this bot, with its access token."""
+        return OneBotClient(self.url, token=self.settings.get("ONEBOT_ACCESS_TOKEN") or None, **kwargs)
+
+    def log(self) -> str:
+        return self.log_file.read_text(encoding="utf-8", errors="replace") if self.log_file.exists() else ""
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start the bot and wait until it listens (its model is loaded by then)."""
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.settings}
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(BOT_PY)], cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bot exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            with socket.socket() as s:
+                if s.connect_ex((self.settings["HOST"], int(self.settings["PORT"]))) == 0:
+                    return
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"bot did not listen within {timeout:.0f}s:\n{self.log()[-3000:]}")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then wait up to `timeout` s (killed after that); returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+BOT_PY = Path(__file__).resolve().parents[1] / "bot.py"

@@ -1,0 +1,349 @@
+"""`python bot.py` as a real process, spoken to over a real OneBot v11 WebSocket.
+
+Replies come from a tiny OpenAI-compatible server started here, so that they are
+deterministic and failures can be injected; `test_bot_llama.py` serves a real GGUF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from deploy.onebot_client import BotProcess, OneBotClient, OneBotRefused
+
+pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
+
+TOKEN = "e2e-token"
+OWNER = 10000
+SUPERUSER = 42
+
+
+class FakeOpenAI:
+    """A chat-completions endpoint whose answer depends on the last user message.
+
+    Keyed on the last line: `boom` → HTTP 500, `沉默` → empty reply, `多条` → six lines,
+    `链接` → a link and a line, anything else → `收到:` + that line. Every request body is kept in `requests`.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(body)
+                turn = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+                last = turn.split("\n")[-1]
+                if "boom" in last:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                if "慢" in last:
+                    time.sleep(2)
+                if "沉默" in last:
+                    text = ""
+                elif "多条" in last:
+                    text = "一\n二\n三\n四\n五\n六"
+                elif "链接" in last:
+                    text = "看这个 https://example.com/x\n好的"
+                else:
+                    text = "收到:" + last
+                payload = json.dumps({
+                    "id": "c1", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }).encode()  # fmt: skip
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def requests_mentioning(self, text: str) -> list[dict]:
+        return [r for r in self.requests if any(text in m["content"] for m in r["messages"])]
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def bot_settings(fake: FakeOpenAI, db: Path, **extra: str) -> dict[str, str]:
+    return {
+        "ONEBOT_ACCESS_TOKEN": TOKEN,
+        "SUPERUSERS": f'["{SUPERUSER}"]',
+        "NICKNAME": '["小明"]',
+        "COMMAND_START": '["/"]',
+        "TWIN_BACKEND": "openai",
+        "TWIN_OPENAI_BASE_URL": fake.base_url,
+        "TWIN_OPENAI_MODEL": "fake-twin",
+        "TWIN_OPENAI_RETRIES": "0",
+        "TWIN_OPENAI_TIMEOUT": "10",
+        "TWIN_DB": str(db),
+        "TWIN_BURST_WINDOW": "0",
+        "TWIN_TYPING_DELAY": "0",
+        "TWIN_TYPING_PER_CHAR": "0",
+        "TWIN_RATE_PER_CHAT": "100",
+        "TWIN_RATE_TOTAL": "1000",
+        "TWIN_GROUP_ALLOW": "[300, 301]",
+        "TWIN_RETRAIN_CRON": "",
+        **extra,
+    }
+
+
+def rows(db: Path, sql: str, *args: object) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+async def settled_rows(db: Path, sql: str, expected: list[tuple], timeout: float = 5.0) -> list[tuple]:
+    """The rows once they equal `expected` (a reply is stored just after it is sent), or the last seen."""
+    deadline = time.monotonic() + timeout
+    while (found := rows(db, sql)) != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return found
+
+
+@pytest.fixture(scope="module")
+def fake() -> FakeOpenAI:
+    server = FakeOpenAI()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def bot(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> BotProcess:
+    home = tmp_path_factory.mktemp("bot")
+    # A short burst window here (the other bots use 0) so that bursts can be observed.
+    process = BotProcess(bot_settings(fake, home / "data" / "bot.db", TWIN_BURST_WINDOW="0.6"), cwd=home)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def qq(bot: BotProcess) -> OneBotClient:
+    async with bot.client(self_id=OWNER) as client:
+        yield client
+
+
+def db_of(bot: BotProcess) -> Path:
+    return Path(bot.settings["TWIN_DB"])
+
+
+async def test_private_message_is_stored_then_answered(qq: OneBotClient, bot: BotProcess) -> None:
+    await qq.send_private(20001, "在吗")
+    replies = await qq.wait_reply(user_id=20001, timeout=20)
+    assert [r.text for r in replies] == ["收到:在吗"]
+    expected = [("incoming", "在吗", None), ("twin", "收到:在吗", "fake-twin")]
+    sql = "SELECT origin, text, model_version FROM messages WHERE chat = '20001' ORDER BY id"
+    assert await settled_rows(db_of(bot), sql, expected) == expected
+
+
+async def test_wrong_or_missing_token_is_refused(bot: BotProcess) -> None:
+    with pytest.raises(OneBotRefused, match="403"):
+        await OneBotClient(bot.url, token="wrong", self_id=777).connect()
+    with pytest.raises(OneBotRefused, match=r"401|403"):
+        await OneBotClient(bot.url, token=None, self_id=778).connect()
+
+
+async def test_faces_and_stickers_reach_the_model_as_placeholders(qq: OneBotClient, fake: FakeOpenAI) -> None:
+    segments = [
+        {"type": "text", "data": {"text": "看"}},
+        {"type": "face", "data": {"id": "14"}},
+        {"type": "image", "data": {"file": "a.gif", "summary": "[动画表情]"}},
+    ]
+    await qq.send_private(20002, segments)
+    replies = await qq.wait_reply(user_id=20002, timeout=20)
+    assert replies[0].text == "收到:看[face:14][动画表情]"[: len(replies[0].text)]
+    prompt = fake.requests_mentioning("看[微笑][动画表情]")[-1]["messages"]
+    assert prompt[0]["role"] == "system" and prompt[-1] == {"role": "user", "content": "看[微笑][动画表情]"}
+
+
+async def test_a_burst_is_answered_once_as_one_turn(qq: OneBotClient, fake: FakeOpenAI) -> None:
+    for line in ("第一句", "第二句", "第三句"):
+        await qq.send_private(20003, line)
+        await asyncio.sleep(0.1)
+    replies = await qq.wait_reply(user_id=20003, timeout=20)
+    assert await qq.wait_quiet(1.5, user_id=20003) == []
+    assert [r.text for r in replies] == ["收到:第三句"]
+    (request,) = fake.requests_mentioning("第一句")
+    assert request["messages"][-1] == {"role": "user", "content": "第一句\n第二句\n第三句"}
+
+
+async def test_reply_splits_into_capped_bubbles(qq: OneBotClient) -> None:
+    await qq.send_private(20004, "来个多条")
+    replies = await qq.wait_reply(user_id=20004, count=4, timeout=20)
+    assert [r.text for r in replies] == ["一", "二", "三", "四\n五\n六"]
+
+
+async def test_links_are_filtered_and_empty_output_means_no_reply(qq: OneBotClient) -> None:
+    await qq.send_private(20005, "发个链接")
+    replies = await qq.wait_reply(user_id=20005, timeout=20)
+    assert [r.text for r in replies] == ["好的"]
+    await qq.send_private(20006, "沉默吧")
+    assert await qq.wait_quiet(2.0, user_id=20006) == []
+
+
+async def test_groups_answer_only_when_addressed(qq: OneBotClient, fake: FakeOpenAI) -> None:
+    await qq.send_group(300, 30001, "大家好", card="小王")
+    assert await qq.wait_quiet(1.5, group_id=300) == []
+    at_me = [{"type": "at", "data": {"qq": str(OWNER)}}, {"type": "text", "data": {"text": " 吃了吗"}}]
+    await qq.send_group(300, 30002, at_me, card="老李")
+    replies = await qq.wait_reply(group_id=300, timeout=20)
+    assert replies[0].text == "收到:老李：@小明 吃了吗"  # the @ renders as in training data
+    prompt = fake.requests_mentioning("吃了吗")[-1]["messages"]
+    assert prompt[-1]["content"] == "小王：大家好\n老李：@小明 吃了吗"  # speakers named, as in training
+
+    await qq.send_group(300, 30001, "小明你来说说", card="小王")
+    await qq.wait_reply(group_id=300, after=1, timeout=20)
+    quote = [
+        {"type": "reply", "data": {"id": str(replies[0].message_id)}},
+        {"type": "text", "data": {"text": "真的"}},
+    ]
+    await qq.send_group(300, 30003, quote, card="阿张")
+    await qq.wait_reply(group_id=300, after=2, timeout=20)
+    # a group outside TWIN_GROUP_ALLOW is never answered, even when @-mentioned
+    await qq.send_group(999, 30002, at_me, card="老李")
+    assert await qq.wait_quiet(1.5, group_id=999) == []
+
+
+async def test_admin_commands_work_for_superusers_only(qq: OneBotClient, bot: BotProcess) -> None:
+    await qq.send_private(20007, "/twin pause")
+    assert await qq.wait_quiet(1.5, user_id=20007) == []  # no effect, no answer, nothing revealed
+    await qq.send_private(SUPERUSER, "/twin status")
+    (status,) = await qq.wait_reply(user_id=SUPERUSER, timeout=20)
+    assert "model: fake-twin (openai)" in status.text and "paused: no" in status.text
+
+    await qq.send_private(SUPERUSER, "/twin pause")
+    await qq.wait_reply(user_id=SUPERUSER, after=1, timeout=20)
+    await qq.send_private(20008, "有人吗")
+    assert await qq.wait_quiet(1.5, user_id=20008) == []
+    await qq.send_private(SUPERUSER, "/twin resume")
+    await qq.wait_reply(user_id=SUPERUSER, after=2, timeout=20)
+
+    await qq.send_private(SUPERUSER, "/twin block 20009")
+    await qq.wait_reply(user_id=SUPERUSER, after=3, timeout=20)
+    await qq.send_private(20009, "hello")
+    assert await qq.wait_quiet(1.5, user_id=20009) == []
+    await qq.send_private(SUPERUSER, "/twin unblock 20009")
+    await qq.wait_reply(user_id=SUPERUSER, after=4, timeout=20)
+    await qq.send_private(20009, "hello again")
+    assert (await qq.wait_reply(user_id=20009, timeout=20))[0].text == "收到:hello again"
+
+    await qq.send_private(SUPERUSER, "/twin prob 0.5")
+    (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=5, timeout=20)
+    assert answer.text == "group probability: 0.5"
+    await qq.send_private(SUPERUSER, "/twin prob 0")
+    await qq.wait_reply(user_id=SUPERUSER, after=6, timeout=20)
+    assert not rows(db_of(bot), "SELECT 1 FROM messages WHERE text LIKE '/twin%'")
+
+
+async def test_reset_forgets_the_chat(qq: OneBotClient, fake: FakeOpenAI) -> None:
+    await qq.send_private(SUPERUSER, "记住苹果")
+    await qq.wait_reply(user_id=SUPERUSER, after=len(qq.replies(user_id=SUPERUSER)), timeout=20)
+    await qq.send_private(SUPERUSER, "/twin reset")
+    await qq.wait_reply(user_id=SUPERUSER, after=len(qq.replies(user_id=SUPERUSER)), timeout=20)
+    await qq.send_private(SUPERUSER, "还记得吗")
+    await qq.wait_reply(user_id=SUPERUSER, after=len(qq.replies(user_id=SUPERUSER)), timeout=20)
+    prompt = fake.requests_mentioning("还记得吗")[-1]["messages"]
+    assert not any("苹果" in m["content"] for m in prompt)
+
+
+async def test_message_sent_is_stored_as_the_owners_and_never_answered(
+    qq: OneBotClient, bot: BotProcess
+) -> None:
+    await qq.send_private(20010, "周末去哪")
+    (reply,) = await qq.wait_reply(user_id=20010, timeout=20)
+    await qq.send_message_sent("去爬山", target_id=20010)
+    await qq.send_message_sent(reply.text, target_id=20010, message_id=reply.message_id)  # NapCat's echo
+    assert await qq.wait_quiet(1.5, user_id=20010) == []
+    expected = [("incoming", "周末去哪"), ("twin", "收到:周末去哪"), ("owner", "去爬山")]
+    sql = "SELECT origin, text FROM messages WHERE chat = '20010' ORDER BY id"
+    assert await settled_rows(db_of(bot), sql, expected) == expected
+
+
+async def test_backend_failure_is_survived(qq: OneBotClient, bot: BotProcess) -> None:
+    await qq.send_private(20011, "boom")
+    assert await qq.wait_quiet(2.0, user_id=20011) == []
+    assert rows(db_of(bot), "SELECT origin FROM messages WHERE chat = '20011'") == [("incoming",)]
+    await qq.send_private(20011, "还在吗")
+    assert (await qq.wait_reply(user_id=20011, timeout=20))[0].text == "收到:还在吗"
+    assert bot.process is not None and bot.process.poll() is None
+
+
+async def test_restart_keeps_memory_and_pause_state(fake: FakeOpenAI, tmp_path: Path) -> None:
+    db = tmp_path / "data" / "bot.db"
+    first = BotProcess(bot_settings(fake, db, TWIN_DB_KEY="store-secret"), cwd=tmp_path)
+    first.start()
+    try:
+        async with first.client(self_id=OWNER) as client:
+            await client.send_private(20020, "我叫阿福")
+            await client.wait_reply(user_id=20020, timeout=20)
+            await client.send_private(SUPERUSER, "/twin pause")
+            await client.wait_reply(user_id=SUPERUSER, timeout=20)
+    finally:
+        first.stop()
+    with pytest.raises(sqlite3.DatabaseError):  # encrypted at rest
+        rows(db, "SELECT COUNT(*) FROM messages")
+
+    second = BotProcess(bot_settings(fake, db, TWIN_DB_KEY="store-secret"), cwd=tmp_path)
+    second.start()
+    try:
+        async with second.client(self_id=OWNER) as client:
+            await client.send_private(20020, "我叫什么")
+            assert await client.wait_quiet(1.5, user_id=20020) == []  # still paused
+            await client.send_private(SUPERUSER, "/twin resume")
+            await client.wait_reply(user_id=SUPERUSER, timeout=20)
+            await client.send_private(20020, "说呀")
+            await client.wait_reply(user_id=20020, timeout=20)
+    finally:
+        second.stop()
+    prompt = fake.requests_mentioning("说呀")[-1]["messages"]
+    assert [m["content"] for m in prompt[1:]] == ["我叫阿福", "收到:我叫阿福", "我叫什么\n说呀"]
+
+
+async def test_load_20_users_5_messages_each_then_clean_sigterm(fake: FakeOpenAI, tmp_path: Path) -> None:
+    db = tmp_path / "data" / "bot.db"
+    process = BotProcess(bot_settings(fake, db), cwd=tmp_path)
+    process.start()
+    try:
+        async with process.client(self_id=OWNER) as client:
+            users = range(40001, 40021)
+
+            async def chat(user: int) -> None:
+                for n in range(5):
+                    await client.send_private(user, f"消息{n}")
+                    await asyncio.sleep(0.01)
+
+            await asyncio.gather(*(chat(u) for u in users))
+            await asyncio.gather(*(client.wait_reply(user_id=u, timeout=60) for u in users))
+    finally:
+        started = time.monotonic()
+        code = process.stop(timeout=15)
+        took = time.monotonic() - started
+    assert rows(db, "SELECT COUNT(*) FROM messages WHERE origin = 'incoming'") == [(100,)]
+    assert {u for (u,) in rows(db, "SELECT DISTINCT chat FROM messages WHERE origin = 'twin'")} == {
+        str(u) for u in users
+    }
+    assert took < 10, f"SIGTERM took {took:.1f}s"
+    assert code in (0, -15, 143), process.log()[-2000:]
