@@ -51,54 +51,59 @@ def decode_body(body: bytes | None) -> DecodedBody:
         parsed.ParseFromString(body)
     except DecodeError as exc:  # truncated, bad varint, invalid UTF-8 in a text field, ...
         raise BodyError(f"not a protobuf element list ({exc})") from None
-    if not parsed.elements:
+    raw_elements = parsed.elements
+    if not raw_elements:
         # Non-empty bytes but no field 40800 of the right wire type: not a body we understand.
         raise BodyError("no elements (field 40800 missing or of the wrong wire type)")
     result = DecodedBody([])
+    append = result.elements.append
     unknown: list[int] = []
-    for raw in parsed.elements:
-        if not raw.HasField("element_type"):
-            raise BodyError("element without a type (field 45002 missing or of the wrong wire type)")
+    for raw in raw_elements:
         kind = raw.element_type
-        element = _element(raw, kind)
-        if element is not None:
-            result.elements.append(element)
+        if not kind:  # 0 is no element type: field 45002 missing or of the wrong wire type
+            raise BodyError("element without a type (field 45002 missing or of the wrong wire type)")
+        # Plain text first: it is most elements of most bodies.
+        if kind == TEXT and not raw.sub_type:
+            append(Element("text", raw.text))
             continue
-        if kind == GRAY_TIP:
+        render = _RENDERERS.get(kind)
+        if render is not None:
+            append(render(raw))
+        elif kind == GRAY_TIP:
             result.gray_tip = True
             if raw.HasField("revoke_operator_uid") or raw.HasField("revoke_suggestion"):
                 result.revoked = True
         elif kind == REPLY:
-            result.elements.append(Element("reply"))
+            append(Element("reply"))
             result.reply_seq = raw.reply_seq
         else:
             unknown.append(kind)
-    result.unknown_types = tuple(unknown)
+    if unknown:
+        result.unknown_types = tuple(unknown)
     return result
 
 
-def _element(raw: ntqq_body_pb2.MsgElement, kind: int) -> Element | None:
-    """Map one protobuf element to a chat-format Element; None for non-visible kinds."""
-    if kind == TEXT:
-        if raw.sub_type == AT_ONE:
-            return Element("at", text=raw.text, ref=raw.at_uid)
-        if raw.sub_type == AT_ALL:
-            return Element("at", text=raw.text or AT_ALL_TEXT)
-        return Element("text", text=raw.text)
-    if kind == FACE:
-        return Element("face", text=raw.face_text, ref=str(raw.face_id) if raw.HasField("face_id") else "")
-    if kind == MARKET_STICKER:
-        return Element("sticker", text=raw.sticker_text)
-    if kind == IMAGE:
-        return Element("image", text=raw.image_summary)
-    if kind == VOICE:
-        return Element("voice", text=raw.voice_text)
-    if kind == VIDEO:
-        return Element("video")
-    if kind == FILE:
-        return Element("file")
-    if kind == FORWARD:
-        return Element("forward")
-    if kind == ARK:
-        return Element("card")
-    return None
+def _text_or_at(raw: ntqq_body_pb2.MsgElement) -> Element:
+    if raw.sub_type == AT_ONE:
+        return Element("at", text=raw.text, ref=raw.at_uid)
+    if raw.sub_type == AT_ALL:
+        return Element("at", text=raw.text or AT_ALL_TEXT)
+    return Element("text", text=raw.text)
+
+
+def _face(raw: ntqq_body_pb2.MsgElement) -> Element:
+    return Element("face", text=raw.face_text, ref=str(raw.face_id) if raw.HasField("face_id") else "")
+
+
+# Element type → how it becomes a chat-format Element (gray tips and replies are handled inline).
+_RENDERERS = {
+    TEXT: _text_or_at,
+    FACE: _face,
+    MARKET_STICKER: lambda raw: Element("sticker", text=raw.sticker_text),
+    IMAGE: lambda raw: Element("image", text=raw.image_summary),
+    VOICE: lambda raw: Element("voice", text=raw.voice_text),
+    VIDEO: lambda raw: Element("video"),
+    FILE: lambda raw: Element("file"),
+    FORWARD: lambda raw: Element("forward"),
+    ARK: lambda raw: Element("card"),
+}

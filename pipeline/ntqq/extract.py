@@ -20,8 +20,10 @@ from pipeline.chatformat import render_elements
 from pipeline.errors import InputError
 from pipeline.files import atomic_path, write_text_atomic
 from pipeline.ntqq.body import BodyError, decode_body
-from pipeline.ntqq.decrypt import DecryptInfo, has_qq_tables, open_database
+from pipeline.ntqq.decrypt import has_qq_tables, open_database
 from pipeline.records import Message
+
+_json_str = json.encoder.encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
 
 CHAT_TABLES = {"c2c": "c2c_msg_table", "group": "group_msg_table"}
 
@@ -134,10 +136,8 @@ def iter_messages_from_db(
     progress: bool = False,
 ) -> Iterator[Message]:
     """Stream `Message` records from a QQ NT database in time order; fills `report` as it goes."""
-    report = report if report is not None else ExtractReport()
-    db = Path(db)
-    with open_database(db, key, hmac=hmac) as (conn, info):
-        yield from _iter_open(conn, info, db, tuple(chats), report, progress)
+    for fields in _iter_records(db, key, tuple(chats), hmac, report, progress):
+        yield Message(*fields)
 
 
 def extract_messages(
@@ -152,33 +152,27 @@ def extract_messages(
 ) -> ExtractReport:
     """Write `out` (messages.jsonl) from `db`, atomically; `report` also gets the summary as JSON."""
     result = ExtractReport()
-    encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8", buffering=1 << 20) as handle:
-        write = handle.write
-        for msg in iter_messages_from_db(
-            db, key=key, chats=chats, hmac=hmac, report=result, progress=progress
-        ):
-            # Field order of the record contract; a dict literal is far cheaper than dataclasses.asdict.
-            write(
-                encode(
-                    {
-                        "msg_id": msg.msg_id,
-                        "chat_type": msg.chat_type,
-                        "chat": msg.chat,
-                        "sender": msg.sender,
-                        "sender_name": msg.sender_name,
-                        "is_self": msg.is_self,
-                        "time": msg.time,
-                        "text": msg.text,
-                        "reply_to": msg.reply_to,
-                        "kinds": msg.kinds,
-                    }
-                )
-            )
-            write("\n")
+        handle.writelines(map(record_json, _iter_records(db, key, tuple(chats), hmac, result, progress)))
     if report is not None:
         write_text_atomic(report, json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
     return result
+
+
+def record_json(fields: tuple) -> str:
+    """One messages.jsonl line, byte-identical to `Message(*fields).to_json()` + newline.
+
+    Written out by hand because building a Message and a dict per row costs more than
+    everything else extract does in Python.
+    """
+    msg_id, chat_type, chat, sender, sender_name, is_self, time, text, reply_to, kinds = fields
+    kinds_json = ",".join(f'"{kind}"' for kind in kinds)  # fixed ASCII names, nothing to escape
+    return (
+        f'{{"msg_id":{_json_str(msg_id)},"chat_type":"{chat_type}","chat":{_json_str(chat)},'
+        f'"sender":{_json_str(sender)},"sender_name":{_json_str(sender_name)},'
+        f'"is_self":{"true" if is_self else "false"},"time":{time},"text":{_json_str(text)},'
+        f'"reply_to":{"null" if reply_to is None else _json_str(reply_to)},"kinds":[{kinds_json}]}}\n'
+    )
 
 
 # ---------------------------------------------------------------- internals
@@ -199,46 +193,48 @@ def build_query(tables: dict[str, tuple[str, set[str]]], db: Path) -> str:
         if missing:
             raise InputError(db, f"unsupported QQ NT version: {table} has no column {', '.join(missing)}")
         cols = [f'm."{name}"' if name in present else "NULL" for name, _ in _COLUMNS]
+        join = ""
         if {"40850", "40003", "40021"} <= present:
-            # The quoted message: same chat, sequence number = 40850. SQLite builds a
-            # transient index for this lookup, so it is one pass, not one scan per reply.
-            cols.append(
-                f'CASE WHEN m."40850" > 0 THEN (SELECT q."40001" FROM "{table}" q '
-                f'WHERE q."40021" = m."40021" AND q."40003" = m."40850" LIMIT 1) END'
+            # The quoted message: same chat, sequence number = 40850. SQLite builds a transient
+            # index for this join, so it is one extra pass, not one scan per reply.
+            cols += ['q."40001"', 'm."40850"']
+            join = (
+                f' LEFT JOIN "{table}" q ON m."40850" > 0 AND q."40021" = m."40021" AND q."40003" = m."40850"'
             )
-            cols.append('m."40850"')
         else:
             cols += ["NULL", "NULL"]
-        selects.append(f"SELECT '{chat_type}', {', '.join(cols)} FROM \"{table}\" m")
+        selects.append(f"SELECT '{chat_type}', {', '.join(cols)} FROM \"{table}\" m{join}")
     return " UNION ALL ".join(selects) + " ORDER BY 10, 2"  # time (40050), then msg id
 
 
-def _iter_open(
-    conn: sqlcipher3.Connection,
-    info: DecryptInfo,
-    db: Path,
+def _iter_records(
+    db: str | Path,
+    key: str | None,
     chats: tuple[str, ...],
-    report: ExtractReport,
+    hmac: str | None,
+    report: ExtractReport | None,
     progress: bool,
-) -> Iterator[Message]:
-    report.source, report.layout, report.hmac, report.wal = str(db), info.layout, info.hmac, info.wal
-    try:
-        present = has_qq_tables(conn)
-        if not present:
-            raise InputError(
-                db, "no QQ NT message tables (c2c_msg_table, group_msg_table): is this nt_msg.db?"
-            )
-        wanted = {c: CHAT_TABLES[c] for c in chats if CHAT_TABLES[c] in present}
-        if not wanted:
-            raise InputError(
-                db, f"none of the chosen chats ({', '.join(chats)}) has a table in this database"
-            )
-        query = build_query({c: (t, _table_columns(conn, t)) for c, t in wanted.items()}, db)
-        uid_map = _uid_map(conn)
-        cursor = conn.execute(query)
-        yield from _rows_to_messages(_fetch(cursor), uid_map, report, progress)
-    except sqlcipher3.DatabaseError as exc:
-        raise InputError(db, f"damaged or truncated database ({exc})") from None
+) -> Iterator[tuple]:
+    """Record tuples in `Message` field order, from open to close of the private copy."""
+    report = report if report is not None else ExtractReport()
+    db = Path(db)
+    with open_database(db, key, hmac=hmac) as (conn, info):
+        report.source, report.layout, report.hmac, report.wal = str(db), info.layout, info.hmac, info.wal
+        try:
+            present = has_qq_tables(conn)
+            if not present:
+                raise InputError(
+                    db, "no QQ NT message tables (c2c_msg_table, group_msg_table): is this nt_msg.db?"
+                )
+            wanted = {c: CHAT_TABLES[c] for c in chats if CHAT_TABLES[c] in present}
+            if not wanted:
+                raise InputError(db, f"none of the chosen chats ({', '.join(chats)}) has a table here")
+            query = build_query({c: (t, _table_columns(conn, t)) for c, t in wanted.items()}, db)
+            uid_map = _uid_map(conn)
+            cursor = conn.execute(query)
+            yield from _rows_to_records(_fetch(cursor), uid_map, report, progress)
+        except sqlcipher3.DatabaseError as exc:
+            raise InputError(db, f"damaged or truncated database ({exc})") from None
 
 
 def _fetch(cursor: sqlcipher3.Cursor) -> Iterator[tuple]:
@@ -264,18 +260,21 @@ def _uid_map(conn: sqlcipher3.Connection) -> dict[str, str]:
     }
 
 
-def _rows_to_messages(
+def _rows_to_records(
     rows: Iterator[tuple], uid_map: dict[str, str], report: ExtractReport, progress: bool
-) -> Iterator[Message]:
+) -> Iterator[tuple]:
     """The per-row core: drop rules, body decoding, rendering; pure apart from `report`."""
     dropped: Counter[str] = Counter()
-    kinds_count: Counter[str] = Counter()
-    chat_count: Counter[str] = Counter()
+    kinds_count: dict[str, int] = {}
+    chat_count: dict[str, int] = {}
     unknown_types: Counter[int] = Counter()
     undecodable_ids: list[str] = []
     n_rows = n_messages = unresolved = replies_ok = replies_missing = 0
     first_time = last_time = None
+    previous_id = previous_chat_type = None
     bar = _Progress() if progress else None
+    # Local names: this loop runs once per row of a possibly multi-million-row history.
+    decode, render, uid_of = decode_body, render_elements, uid_map.get
     try:
         for row in rows:
             n_rows += 1
@@ -283,6 +282,10 @@ def _rows_to_messages(
                 bar.update(n_rows)
             (chat_type, msg_id, msg_type, send_type, sender_uid, peer_uid, peer_uin, sender_uin,
              status, time, card, nick, body, reply_id, reply_seq) = row  # fmt: skip
+            if msg_id == previous_id and chat_type == previous_chat_type:
+                n_rows -= 1  # the reply join matched two quoted rows; the first one wins
+                continue
+            previous_id, previous_chat_type = msg_id, chat_type
             if send_type == SEND_TYPE_SYSTEM:
                 dropped["system"] += 1
                 continue
@@ -293,7 +296,7 @@ def _rows_to_messages(
                 dropped["empty" if msg_type == MSG_TYPE_EMPTY else "system"] += 1
                 continue
             try:
-                decoded = decode_body(body)
+                decoded = decode(body)
             except BodyError:
                 dropped["undecodable"] += 1
                 if len(undecodable_ids) < MAX_LISTED_UNDECODABLE:
@@ -307,7 +310,7 @@ def _rows_to_messages(
                 continue
             if decoded.unknown_types:
                 unknown_types.update(decoded.unknown_types)
-            text, kinds, _ = render_elements(decoded.elements)
+            text, kinds, _ = render(decoded.elements)
             if not text:
                 dropped["empty"] += 1
                 continue
@@ -315,7 +318,7 @@ def _rows_to_messages(
             if sender_uin:
                 sender = str(sender_uin)
             else:
-                sender = uid_map.get(sender_uid or "", "")
+                sender = uid_of(sender_uid or "", "")
                 if not sender:
                     unresolved += 1
                     sender = sender_uid or ""
@@ -324,7 +327,7 @@ def _rows_to_messages(
             elif chat_type == "group":
                 chat = str(peer_uid or "")
             else:
-                chat = uid_map.get(peer_uid or "", "") or str(peer_uid or "")
+                chat = uid_of(peer_uid or "", "") or str(peer_uid or "")
             reply_to = None
             if reply_seq or "reply" in kinds:
                 if reply_id is not None:
@@ -333,22 +336,23 @@ def _rows_to_messages(
                 else:
                     replies_missing += 1
             n_messages += 1
-            chat_count[chat_type] += 1
-            kinds_count.update(kinds)
-            if first_time is None:
+            if n_messages == 1:
                 first_time = time
+            chat_count[chat_type] = chat_count.get(chat_type, 0) + 1
+            for kind in kinds:
+                kinds_count[kind] = kinds_count.get(kind, 0) + 1
             last_time = time
-            yield Message(
-                msg_id=str(msg_id),
-                chat_type=chat_type,
-                chat=chat,
-                sender=sender,
-                sender_name=(card or nick or "") if chat_type == "group" else (nick or ""),
-                is_self=is_self,
-                time=int(time),
-                text=text,
-                reply_to=reply_to,
-                kinds=kinds,
+            yield (
+                str(msg_id),
+                chat_type,
+                chat,
+                sender,
+                (card or nick or "") if chat_type == "group" else (nick or ""),
+                is_self,
+                int(time),
+                text,
+                reply_to,
+                kinds,
             )
     finally:
         if bar is not None:
