@@ -19,8 +19,15 @@ from pipeline.chatformat import system_prompt
 def msg(
     origin: str, text: str, sender: str = "20001", name: str = "", chat_type: str = "c2c"
 ) -> StoredMessage:
-    return StoredMessage(chat_type=chat_type, chat="1", sender=sender, sender_name=name, origin=origin,
-                         text=text, time=1_700_000_000)  # fmt: skip
+    return StoredMessage(
+        chat_type=chat_type,
+        chat="1",
+        sender=sender,
+        sender_name=name,
+        origin=origin,
+        text=text,
+        time=1_700_000_000,
+    )
 
 
 # ------------------------------------------------------------------------ live segments
@@ -169,8 +176,10 @@ async def test_an_old_store_is_migrated_in_place(tmp_path: Path) -> None:
         conn.executescript(MIGRATIONS[0])
         conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
         conn.execute("INSERT INTO schema_version VALUES (1)")
-        conn.execute("INSERT INTO messages (chat_type, chat, sender, origin, time, text) "
-                     "VALUES ('c2c', '1', '1', 'incoming', 5, 'old')")  # fmt: skip
+        conn.execute(
+            "INSERT INTO messages (chat_type, chat, sender, origin, time, text) "
+            "VALUES ('c2c', '1', '1', 'incoming', 5, 'old')"
+        )
     store = await Store.open(path)
     await store.close()
     with sqlite3.connect(path) as conn:

@@ -1,0 +1,220 @@
+"""The plugin's matchers under nonebug: what reaches the twin, what is answered, who may command."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import nonebot
+import pytest
+from nonebot.adapters.onebot.v11 import Adapter, Bot, Message, MessageSegment, PrivateMessageEvent
+from nonebot.adapters.onebot.v11.event import GroupMessageEvent, Sender
+from nonebug import App
+
+from bot.backends import Generation
+from bot.config import Config
+
+SELF = 10000
+SUPERUSER = 42
+
+
+class ScriptedBackend:
+    """Answers `收到:<last line>` to every prompt and remembers the prompts it saw."""
+
+    name = "scripted"
+    version = "v-test"
+
+    def __init__(self) -> None:
+        self.prompts: list[list[dict[str, str]]] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def generate(self, messages: Sequence[dict[str, str]]) -> Generation:
+        self.prompts.append(list(messages))
+        return Generation(text="收到:" + messages[-1]["content"].split("\n")[-1], version=self.version)
+
+    async def swap(self, gguf: Path, version: str) -> None:
+        self.version = version
+
+    def queue_length(self) -> int:
+        return 0
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def handlers():
+    """The plugin loaded the way NoneBot loads it (a test may have imported `bot.*` plainly first)."""
+    driver = nonebot.get_driver()
+    if "OneBot V11" not in driver._adapters:
+        driver.register_adapter(Adapter)
+    if "bot" in sys.modules and not hasattr(sys.modules["bot"], "__plugin__"):
+        del sys.modules["bot"]  # its NoneBot-free submodules stay imported and shared
+    nonebot.load_plugin("bot")
+    import bot.handlers
+
+    return bot.handlers
+
+
+@pytest.fixture
+async def twin(handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from bot.runtime import Twin
+
+    monkeypatch.setattr(nonebot.get_driver().config, "superusers", {str(SUPERUSER)})
+    config = Config(
+        twin_db=tmp_path / "bot.db",
+        twin_burst_window=0,
+        twin_typing_delay=0,
+        twin_typing_per_char=0,
+        twin_retrain_cron="",
+    )
+    instance = Twin(config, nicknames=["小明"], backend=ScriptedBackend())
+    await instance.start()
+    monkeypatch.setattr(handlers, "twin", instance)
+    yield instance
+    await instance.close()
+
+
+def private(user_id: int, text: str, message_id: int = 1) -> PrivateMessageEvent:
+    message = Message(MessageSegment.text(text))
+    return PrivateMessageEvent(
+        time=int(time.time()),
+        self_id=SELF,
+        post_type="message",
+        sub_type="friend",
+        user_id=user_id,
+        message_type="private",
+        message_id=message_id,
+        message=message,
+        original_message=message,
+        raw_message=text,
+        font=0,
+        sender=Sender(user_id=user_id, nickname=f"user{user_id}"),
+        to_me=True,
+    )
+
+
+def group(user_id: int, message: Message, *, to_me: bool = False, card: str = "") -> GroupMessageEvent:
+    return GroupMessageEvent(
+        time=int(time.time()),
+        self_id=SELF,
+        post_type="message",
+        sub_type="normal",
+        user_id=user_id,
+        message_type="group",
+        group_id=300,
+        message_id=7,
+        message=message,
+        original_message=message,
+        raw_message=str(message),
+        font=0,
+        sender=Sender(user_id=user_id, nickname="n", card=card),
+        to_me=to_me,
+    )
+
+
+async def stored(twin) -> list[tuple[str, str]]:
+    rows = await twin.store.recent("c2c", "20001", since=0, limit=50)
+    rows += await twin.store.recent("group", "300", since=0, limit=50)
+    return [(m.origin, m.text) for m in rows]
+
+
+async def test_a_friend_is_answered_through_send_msg(app: App, handlers, twin) -> None:
+    async with app.test_matcher(handlers.chat) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, private(20001, "在吗"))
+        ctx.should_call_api(
+            "send_msg",
+            {
+                "message_type": "private",
+                "message": Message(MessageSegment.text("收到:在吗")),
+                "user_id": 20001,
+            },
+            result={"message_id": 555},
+        )
+    assert await stored(twin) == [("incoming", "在吗"), ("twin", "收到:在吗")]
+    assert await twin.store.is_twin_message("555")
+
+
+async def test_a_group_message_not_addressed_to_the_twin_is_kept_but_not_answered(
+    app: App, handlers, twin
+) -> None:
+    async with app.test_matcher(handlers.chat) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, group(30001, Message("大家好"), card="小王"))
+    assert await stored(twin) == [("incoming", "大家好")]
+    assert twin.backend.prompts == []
+
+
+async def test_a_mention_in_a_group_is_answered_with_the_speaker_named(app: App, handlers, twin) -> None:
+    message = Message([MessageSegment.text("小明 "), MessageSegment.face(14)])
+    async with app.test_matcher(handlers.chat) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, group(30001, message, card="小王"))
+        ctx.should_call_api(
+            "send_msg",
+            {
+                "message_type": "group",
+                "message": Message(MessageSegment.text("收到:小王：小明 ")) + MessageSegment.face(14),
+                "group_id": 300,
+            },
+            result={"message_id": 556},
+        )
+    assert twin.backend.prompts[-1][-1] == {"role": "user", "content": "小王：小明 [微笑]"}
+
+
+async def test_superusers_pause_and_the_pause_is_kept(app: App, handlers, twin) -> None:
+    event = private(SUPERUSER, "/twin pause")
+    async with app.test_matcher(handlers.admin) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, event)
+        ctx.should_pass_permission(handlers.admin)
+        ctx.should_call_send(event, "paused", result=None)
+        ctx.should_finished(handlers.admin)
+    assert twin.paused and await twin.store.get_state("paused") is True
+
+
+async def test_anyone_else_gets_no_effect_and_no_answer(app: App, handlers, twin) -> None:
+    async with app.test_matcher() as ctx:  # every matcher of every plugin
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, private(20001, "/twin pause"))
+        ctx.should_not_pass_permission(handlers.admin)
+        ctx.should_not_pass_rule(handlers.chat)
+    assert not twin.paused
+    assert await stored(twin) == []
+
+
+async def test_status_shows_the_model_and_counts(app: App, handlers, twin) -> None:
+    event = private(SUPERUSER, "/twin status")
+    await twin.set_blocked(7, True)
+    status = await twin.status_text()
+    assert status.splitlines()[0] == "model: v-test (scripted)"
+    assert "blocked: 1" in status and "last retrain: never" in status
+    async with app.test_matcher(handlers.admin) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, event)
+        ctx.should_call_send(event, status, result=None)
+        ctx.should_finished(handlers.admin)
+
+
+async def test_message_sent_is_the_owners_word_and_is_not_answered(app: App, handlers, twin) -> None:
+    event = handlers.MessageSentEvent(
+        time=int(time.time()),
+        self_id=SELF,
+        post_type="message_sent",
+        message_type="private",
+        sub_type="friend",
+        message_id=900,
+        user_id=SELF,
+        target_id=20001,
+        message=Message("我自己回"),
+    )
+    async with app.test_matcher(handlers.owner_sent) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, event)
+    assert await stored(twin) == [("owner", "我自己回")]
+    assert "我自己回" not in event.get_log_string()  # message text stays out of INFO logs
