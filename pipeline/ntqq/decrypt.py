@@ -163,7 +163,9 @@ def open_database(
                 raise InputError(src, f"damaged SQLite database ({exc})") from None
         else:
             if key is None:
-                raise InputError(src, "this database is encrypted; pass its key with --key")
+                raise InputError(
+                    src, "not plain SQLite: encrypted (pass its key with --key) or not a database"
+                )
             _check_key(src, key)
             conn = _open_encrypted(src, copy, key, _hmac_order(hmac, info.header_hmac), info)
         # Sorts and transient indexes spill to files inside the private work directory, not
@@ -290,9 +292,12 @@ def _open_encrypted(
         conn = _connect(copy, key, hmac)
         try:
             _probe(conn)
-        except sqlcipher3.DatabaseError:
+        except sqlcipher3.DatabaseError as exc:
             conn.close()
-            continue
+            if "not a database" in str(exc):  # what a wrong key or wrong HMAC looks like
+                continue
+            # Page 1 decrypted and verified, so the key is right: the file itself is damaged.
+            raise InputError(src, f"damaged or truncated database ({exc})") from None
         info.hmac = hmac
         return conn
     tried = ", ".join(order)

@@ -272,7 +272,7 @@ def _rows_to_records(
     n_rows = n_messages = unresolved = replies_ok = replies_missing = 0
     first_time = last_time = None
     previous_id = previous_chat_type = None
-    bar = _Progress() if progress else None
+    bar = _Progress() if progress and _stderr_is_terminal() else None
     # Local names: this loop runs once per row of a possibly multi-million-row history.
     decode, render, uid_of = decode_body, render_elements, uid_map.get
     try:
@@ -370,6 +370,12 @@ def _rows_to_records(
         report.replies_unresolved = replies_missing
         report.first_time = first_time
         report.last_time = last_time
+
+
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
 
 
 class _Progress:
