@@ -183,3 +183,11 @@ def test_source_bytes_are_unchanged_after_every_command(sample, tmp_path):
     main(["extract", str(sample), "--key", "wrong", "-o", str(tmp_path / "n.jsonl")])
     assert tree_hashes(sample.parent) == before
     assert sha256(sample) == before["nt_msg.db"]
+
+
+def test_key_can_come_from_the_environment_instead_of_the_command_line(sample, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TWIN_QQ_KEY", S.SAMPLE_KEY)
+    out = tmp_path / "m.jsonl"
+    assert main(["extract", str(sample), "-o", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert S.SAMPLE_KEY not in capsys.readouterr().err

@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 KEY_HELP = "The database key (desktop: 16 characters read from QQ; see docs/ntqq.md). Never stored or logged."
+# Reading the key from the environment keeps it out of shell history and `ps` listings.
+KEY_ENV = "TWIN_QQ_KEY"
 HMAC_HELP = "Force one HMAC variant (HMAC_SHA1, HMAC_SHA256, HMAC_SHA512); default: try them all."
 ANDROID_UID_HELP = "Android: derive the key from the account uid (u_...) and the header's rand."
 ANDROID_RAND_HELP = "Android: the rand value (default: read from the database header)."
@@ -66,7 +68,7 @@ def register(app: typer.Typer) -> None:
     def decrypt(
         db: Path = typer.Argument(..., help="nt_msg.db (read only; never modified)."),
         out: Path = typer.Option(..., "--out", "-o", help="Plain SQLite file to write."),
-        key: str = typer.Option(None, "--key", "-k", help=KEY_HELP),
+        key: str = typer.Option(None, "--key", "-k", envvar=KEY_ENV, show_envvar=True, help=KEY_HELP),
         hmac: str = typer.Option(None, help=HMAC_HELP),
         android_uid: str = typer.Option(None, help=ANDROID_UID_HELP),
         android_rand: str = typer.Option(None, help=ANDROID_RAND_HELP),
@@ -86,7 +88,7 @@ def register(app: typer.Typer) -> None:
     def extract(
         db: Path = typer.Argument(..., help="nt_msg.db, encrypted (with --key) or a plain copy."),
         out: Path = typer.Option(..., "--out", "-o", help="messages.jsonl to write."),
-        key: str = typer.Option(None, "--key", "-k", help=KEY_HELP),
+        key: str = typer.Option(None, "--key", "-k", envvar=KEY_ENV, show_envvar=True, help=KEY_HELP),
         chats: str = typer.Option("c2c,group", help="Which chats: c2c, group or c2c,group."),
         report: Path = typer.Option(None, help="Also write the summary as JSON here."),
         hmac: str = typer.Option(None, help=HMAC_HELP),
