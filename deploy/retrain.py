@@ -240,6 +240,17 @@ def read_jsonl(path: Path) -> list[dict]:
         raise InputError(path, f"not a JSONL dataset file ({exc})") from None
 
 
+def read_messages_rows(path: Path) -> list[dict]:
+    """Original dataset rows for replay and the held-out set; they must be in the `messages` format."""
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise InputError(
+                path, f"line {number}: not an OpenAI `messages` sample (build it with --format openai)"
+            )
+    return [{"messages": row["messages"]} for row in rows]
+
+
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     with path.open("w", encoding="utf-8") as out:
         for row in rows:
@@ -429,8 +440,8 @@ def _cycle(
 
     new_train, new_heldout = split_heldout([_row(s) for s in samples], settings.retrain_heldout_ratio)
     original = settings.retrain_dataset
-    original_train = read_jsonl(original / "train.jsonl") if original else []
-    original_val = read_jsonl(original / "val.jsonl") if original else []
+    original_train = read_messages_rows(original / "train.jsonl") if original else []
+    original_val = read_messages_rows(original / "val.jsonl") if original else []
     replay = replay_share(
         original_train, len(new_train), settings.retrain_replay_ratio, settings.retrain_seed
     )

@@ -134,10 +134,13 @@ def register(app: typer.Typer) -> None:
 def _print_status(settings) -> None:
     from rich.console import Console
 
+    from deploy.registry import cycle_running
     from pipeline.registry import current_version, read_status
 
     console = Console()
     status = read_status(settings.model)
+    if status.get("state") == "running" and not cycle_running(settings.model):
+        status["state"] = "interrupted"  # the process died without recording an end
     console.print(f"registry {settings.model}: serving {current_version(settings.model) or 'nothing'}")
     console.print(f"schedule (TWIN_RETRAIN_CRON): {settings.retrain_cron}")
     if not status:
@@ -149,3 +152,5 @@ def _print_status(settings) -> None:
     )
     if status.get("reason"):
         console.print(f"reason: {status['reason']}")
+    if status.get("state") == "running":
+        console.print(f"progress: {float(status.get('progress') or 0):.0%} of stage {status.get('stage')}")
