@@ -191,3 +191,21 @@ def test_key_can_come_from_the_environment_instead_of_the_command_line(sample, t
     assert main(["extract", str(sample), "-o", str(out)]) == 0
     assert out.stat().st_size > 0
     assert S.SAMPLE_KEY not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["extract", "decrypt"])
+def test_unreadable_source_is_one_line_exit_2(sample, tmp_path, capsys, monkeypatch, command):
+    # Tests may run as root, where mode 000 does not stop reads: simulate what any other user gets.
+    src = _copy_dir(sample, tmp_path / "locked")
+    real_open = Path.open
+
+    def open_denied(self, *args, **kwargs):
+        if self.parent == src.parent:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_denied)
+    out = tmp_path / "out" / "result"
+    line = run_error([command, str(src), "--key", S.SAMPLE_KEY, "-o", str(out)], capsys)
+    assert str(src) in line and "permission denied" in line
+    assert not out.exists()
