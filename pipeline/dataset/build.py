@@ -138,20 +138,23 @@ def _redact_conversation(
     out = []
     for msg in messages:
         text, hits, seen = redact_found(msg.text, names)
-        found.update(seen)
-        counts.update(hits)
         # Group cards are free text too ("张三 138…"), and they label turns in the output.
-        speaker, hits, seen = redact_found(msg.sender_name, names)
-        found.update(seen)
-        counts.update(hits)
-        out.append(dataclasses.replace(msg, text=text, sender_name=speaker))
+        speaker, speaker_hits, speaker_seen = redact_found(msg.sender_name, names)
+        if hits or speaker_hits:
+            counts.update(hits)
+            counts.update(speaker_hits)
+            found.update(seen)
+            found.update(speaker_seen)
+            msg = dataclasses.replace(msg, text=text, sender_name=speaker)
+        out.append(msg)
     if found:
         for i, msg in enumerate(out):
             text, hits = redact_values(msg.text, found)
             speaker, speaker_hits = redact_values(msg.sender_name, found)
-            counts.update(hits)
-            counts.update(speaker_hits)
-            out[i] = dataclasses.replace(msg, text=text, sender_name=speaker)
+            if hits or speaker_hits:
+                counts.update(hits)
+                counts.update(speaker_hits)
+                out[i] = dataclasses.replace(msg, text=text, sender_name=speaker)
     return out
 
 
