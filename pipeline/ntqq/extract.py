@@ -218,6 +218,23 @@ def _iter_records(
     """Record tuples in `Message` field order, from open to close of the private copy."""
     report = report if report is not None else ExtractReport()
     db = Path(db)
+    bar = _Progress() if progress and _stderr_is_terminal() else None
+    try:
+        yield from _read(db, key, chats, hmac, report, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _read(
+    db: Path,
+    key: str | None,
+    chats: tuple[str, ...],
+    hmac: str | None,
+    report: ExtractReport,
+    bar: _Progress | None,
+) -> Iterator[tuple]:
+    """Open a private copy, check the tables, run the one query and decode its rows."""
     with open_database(db, key, hmac=hmac) as (conn, info):
         report.source, report.layout, report.hmac, report.wal = str(db), info.layout, info.hmac, info.wal
         try:
@@ -231,8 +248,10 @@ def _iter_records(
                 raise InputError(db, f"none of the chosen chats ({', '.join(chats)}) has a table here")
             query = build_query({c: (t, _table_columns(conn, t)) for c, t in wanted.items()}, db)
             uid_map = _uid_map(conn)
+            if bar is not None:
+                bar.stage("sorting by time")
             cursor = conn.execute(query)
-            yield from _rows_to_records(_fetch(cursor), uid_map, report, progress)
+            yield from _rows_to_records(_fetch(cursor), uid_map, report, bar)
         except sqlcipher3.DatabaseError as exc:
             raise InputError(db, f"damaged or truncated database ({exc})") from None
 
@@ -261,7 +280,7 @@ def _uid_map(conn: sqlcipher3.Connection) -> dict[str, str]:
 
 
 def _rows_to_records(
-    rows: Iterator[tuple], uid_map: dict[str, str], report: ExtractReport, progress: bool
+    rows: Iterator[tuple], uid_map: dict[str, str], report: ExtractReport, bar: _Progress | None = None
 ) -> Iterator[tuple]:
     """The per-row core: drop rules, body decoding, rendering; pure apart from `report`."""
     dropped: Counter[str] = Counter()
@@ -272,7 +291,6 @@ def _rows_to_records(
     n_rows = n_messages = unresolved = replies_ok = replies_missing = 0
     first_time = last_time = None
     previous_id = previous_chat_type = None
-    bar = _Progress() if progress and _stderr_is_terminal() else None
     # Local names: this loop runs once per row of a possibly multi-million-row history.
     decode, render, uid_of = decode_body, render_elements, uid_map.get
     try:
@@ -356,7 +374,7 @@ def _rows_to_records(
             )
     finally:
         if bar is not None:
-            bar.close(n_rows)
+            bar.update(n_rows)
         report.rows = n_rows
         report.messages = n_messages
         report.per_chat_type = dict(chat_count)
@@ -379,7 +397,7 @@ def _stderr_is_terminal() -> bool:
 
 
 class _Progress:
-    """A rich progress bar on stderr: rows read and rows per second."""
+    """A rich progress display on stderr: the current stage, rows read and rows per second."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -387,22 +405,30 @@ class _Progress:
 
         self._progress = Progress(
             SpinnerColumn(),
-            TextColumn("reading messages"),
-            TextColumn("{task.completed:,.0f} rows"),
+            TextColumn("{task.description}"),
+            TextColumn("{task.fields[rows]}"),
             TextColumn("[cyan]{task.fields[rate]}"),
             TimeElapsedColumn(),
             console=Console(stderr=True),
             transient=False,
         )
-        self._task = self._progress.add_task("extract", total=None, rate="")
+        self._task = self._progress.add_task("copying the database", total=None, rows="", rate="")
+        self._reading_since: float | None = None
         self._progress.start()
 
-    def update(self, rows: int) -> None:
-        task = self._progress.tasks[0]
-        elapsed = task.elapsed or 0.0
-        rate = f"{rows / elapsed:,.0f} rows/s" if elapsed > 0 else ""
-        self._progress.update(self._task, completed=rows, rate=rate)
+    def stage(self, description: str) -> None:
+        self._progress.update(self._task, description=description)
 
-    def close(self, rows: int) -> None:
-        self.update(rows)
+    def update(self, rows: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if self._reading_since is None:
+            self._reading_since = now
+            self.stage("reading messages")
+        elapsed = now - self._reading_since
+        rate = f"{rows / elapsed:,.0f} rows/s" if elapsed > 0 else ""
+        self._progress.update(self._task, rows=f"{rows:,} rows", rate=rate)
+
+    def close(self) -> None:
         self._progress.stop()
