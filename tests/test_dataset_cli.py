@@ -82,7 +82,8 @@ def test_a_malformed_line_is_one_line_error_naming_file_and_line(tmp_path, messa
         (["--config", "missing.toml"], "no such settings file"),
         (["--mix", "missing.jsonl", "--mix-ratio", "0.2"], "no such mix file"),
         (["--redact-names", "missing.txt"], "no such names file"),
-        (["--session-gap", "0"], "session_gap"),
+        (["--session-gap", "0"], "--session-gap: bad value"),
+        (["--concurrency", "0", "--llm-clean"], "--concurrency: bad value"),
     ],
 )
 def test_bad_flags_are_one_line_errors(tmp_path, messages_file, capsys, extra, cause):

@@ -220,3 +220,9 @@ def test_a_qq_number_given_in_context_is_redacted_when_the_owner_repeats_it():
     messages = [msg(0, "1", "我QQ号是 31415926 加我"), msg(9, OWNER, "好 31415926 加了")]
     (sample,) = samples(messages)
     assert [m["content"] for m in sample.messages[1:]] == ["我QQ号是 <QQ号> 加我", "好 <QQ号> 加了"]
+
+
+def test_a_conversation_that_never_falls_silent_is_cut_at_the_message_cap():
+    messages = [msg(i * 10, "1" if i % 2 else OWNER, f"m{i}") for i in range(25)]
+    convs = list(iter_conversations(messages, session_gap=3600, max_messages=10))
+    assert [len(c.messages) for c in convs] == [10, 10, 5]

@@ -83,11 +83,17 @@ class DatasetSettings(_Strict):
         """
         path = Path(path)
         data = _read_mapping(path)
-        merged = _merge(data, overrides)
         try:
-            return cls.model_validate(merged)
+            cls.model_validate(data)
         except ValidationError as exc:
             raise InputError(path, f"bad settings: {_first_error(exc)}") from None
+        try:
+            return cls.model_validate(_merge(data, overrides))
+        except ValidationError as exc:
+            # The file alone was fine, so a flag is to blame: name it as the user typed it.
+            err = exc.errors()[0]
+            flag = "--" + str(err["loc"][-1] if err["loc"] else "option").replace("_", "-")
+            raise InputError(flag, f"bad value ({err['msg']})") from None
 
     def with_overrides(self, **overrides: Any) -> DatasetSettings:
         """A copy with `overrides` applied (None values ignored, nested tables merged)."""
