@@ -204,6 +204,18 @@ def test_llm_optional_continues_rule_only(tmp_path):
     assert "unreachable" in report.llm["skipped_because"]
 
 
+def test_llm_optional_still_applies_verdicts_already_in_the_cache(tmp_path):
+    cache = tmp_path / "c.jsonl"
+    with FakeJudge() as judge:
+        build_dataset(history(), tmp_path / "d", settings(judge.base, cache), progress=False)
+    report = build_dataset(
+        history(), tmp_path / "d", settings(closed_port_base(), cache, optional=True), progress=False
+    )
+    assert (report.samples["train"], report.samples["llm_dropped"]) == (5, 1)
+    assert report.llm["cached"] == 6
+    assert "unreachable" in report.llm["skipped_because"]
+
+
 def test_ctrl_c_keeps_finished_verdicts_and_the_rerun_resumes(tmp_path):
     src = tmp_path / "messages.jsonl"
     write_messages(src, history(40))

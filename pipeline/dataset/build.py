@@ -330,17 +330,19 @@ def _llm_pass(
     state: dict[str, Any],
     bar: Progress,
 ) -> dict[str, llm_clean.Verdict]:
-    if not state.get("enabled"):
-        return {}
     cache_path = Path(settings.llm.cache) if settings.llm.cache else out_dir.parent / DEFAULT_CACHE_NAME
-    cache = llm_clean.VerdictCache(cache_path)
-    task = bar.add_task("LLM judging", total=n_samples, unit="samples")
 
     def samples() -> Iterator[Sample]:
         with scratch.open(encoding="utf-8") as lines:
             for line in lines:
                 yield Sample.from_json(line)
 
+    if not state.get("enabled"):
+        if settings.llm.enabled and cache_path.is_file():
+            return _cached_verdicts(samples(), cache_path, settings, state)
+        return {}
+    cache = llm_clean.VerdictCache(cache_path)
+    task = bar.add_task("LLM judging", total=n_samples, unit="samples")
     try:
         verdicts, stats = asyncio.run(
             llm_clean.judge_samples(samples(), settings.llm, cache, on_done=lambda n: bar.advance(task, n))
@@ -358,6 +360,22 @@ def _llm_pass(
         dropped=sum(not llm_clean.keeps(v, settings.llm.min_score) for v in verdicts.values()),
         scores={str(s): scores[s] for s in range(1, 6)},
     )
+    return verdicts
+
+
+def _cached_verdicts(
+    samples: Iterable[Sample], cache_path: Path, settings: DatasetSettings, state: dict[str, Any]
+) -> dict[str, llm_clean.Verdict]:
+    """Server down with --llm-optional: still apply the verdicts already paid for."""
+    cache = llm_clean.VerdictCache(cache_path)
+    cache.close()
+    verdicts = {}
+    for sample in samples:
+        key = llm_clean.cache_key(sample, settings.llm.model)
+        verdict = cache.get(key)
+        if verdict is not None:
+            verdicts[key] = verdict
+    state.update(cache=str(cache_path), cached=len(verdicts))
     return verdicts
 
 
