@@ -74,6 +74,9 @@ def describe_status(status: dict) -> str:
 async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None = None) -> RetrainResult:
     """Run one cycle as a child process; the bot's `TWIN_*` settings go in its environment."""
     env = {**os.environ, **settings}
+    # `deploy` sits next to this package; found the same way from a checkout or an install.
+    project = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
 
     def lower_priority() -> None:
         os.nice(nice)

@@ -218,3 +218,13 @@ async def test_message_sent_is_the_owners_word_and_is_not_answered(app: App, han
         ctx.receive_event(bot, event)
     assert await stored(twin) == [("owner", "我自己回")]
     assert "我自己回" not in event.get_log_string()  # message text stays out of INFO logs
+
+
+async def test_the_scheduled_retrain_is_skipped_while_paused(handlers, twin) -> None:
+    await twin.set_paused(True)
+    await handlers.scheduled_retrain()
+    assert twin.retrain_task is None
+    await twin.set_paused(False)
+    await handlers.scheduled_retrain()  # no registry behind TWIN_MODEL here: nothing to retrain
+    assert twin.retrain_task is None
+    assert twin.start_retrain(handlers.tell_superusers).startswith("retrain needs TWIN_MODEL")

@@ -120,6 +120,30 @@ async def test_registry_current_change_is_picked_up(qq: OneBotClient, registry: 
     assert "model: v1 (llama_cpp)" in text
 
 
+async def test_retrain_is_refused_while_a_cycle_holds_the_lock(qq: OneBotClient, registry: Path) -> None:
+    import fcntl
+
+    from pipeline.registry import LOCK_FILE
+
+    with (registry / LOCK_FILE).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = len(qq.replies(user_id=SUPERUSER))
+        await qq.send_private(SUPERUSER, "/twin retrain")
+        (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=30)
+        assert answer.text == "a retrain cycle is already running"
+        assert "last retrain: running" in await status(qq)
+
+
+async def test_retrain_hands_over_to_the_job_and_reports_to_superusers(qq: OneBotClient) -> None:
+    before = len(qq.replies(user_id=SUPERUSER))
+    await qq.send_private(SUPERUSER, "/twin retrain")
+    started, report = await qq.wait_reply(user_id=SUPERUSER, after=before, count=2, timeout=120)
+    assert started.text == "retrain started"
+    # this registry's versions have no manifest, so the job refuses; the bot relays its verdict
+    assert report.text.startswith("retrain failed (exit 1): ") and "still serving v1" in report.text
+    assert "model: v1 (llama_cpp)" in await status(qq)
+
+
 async def test_sigterm_during_generation_exits_within_10_seconds(qq: OneBotClient, bot: BotProcess) -> None:
     for user in range(20021, 20026):
         await qq.send_private(user, "讲个很长很长的故事")

@@ -357,3 +357,19 @@ async def test_load_20_users_5_messages_each_then_clean_sigterm(fake: FakeOpenAI
     }
     assert took < 10, f"SIGTERM took {took:.1f}s"
     assert code in (0, -15, 143), process.log()[-2000:]
+
+
+async def test_message_text_never_reaches_the_info_log(qq: OneBotClient, bot: BotProcess) -> None:
+    await qq.send_private(20030, "秘密暗号742")
+    await qq.wait_reply(user_id=20030, timeout=20)
+    log = bot.log()
+    assert "Bot 10000 connected" in log
+    assert "秘密暗号742" not in log and "在吗" not in log and TOKEN not in log
+
+
+async def test_refuses_to_listen_beyond_loopback_without_a_token(fake: FakeOpenAI, tmp_path: Path) -> None:
+    settings = bot_settings(fake, tmp_path / "bot.db", HOST="0.0.0.0", ONEBOT_ACCESS_TOKEN="")
+    process = BotProcess(settings, cwd=tmp_path)
+    with pytest.raises(RuntimeError, match="bot exited"):
+        process.start(timeout=60)
+    assert "ONEBOT_ACCESS_TOKEN is empty: refusing to start" in process.log()
