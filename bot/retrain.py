@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.registry import CURRENT_FILE, LOCK_FILE, STATUS_FILE
+from pipeline.registry import CURRENT_FILE, LOCK_FILE
+from pipeline.registry import read_status as registry_status
 
 log = logging.getLogger("qq-twin.retrain")
 
@@ -50,25 +50,27 @@ def retrain_running(registry: Path) -> bool:
 
 def read_status(registry: Path | None) -> dict:
     """The last (or ongoing) retrain cycle as the job recorded it; {} when there is none."""
-    if registry is None:
-        return {}
-    try:
-        return json.loads((registry / STATUS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    return registry_status(registry) if registry is not None else {}
 
 
 def describe_status(status: dict) -> str:
-    """One line for `/twin status`: state, result, version and reason when recorded."""
+    """One line for `/twin status`: state, stage and progress while running, version, time, reason."""
     if not status:
         return "never"
-    parts = [str(status[k]) for k in ("state", "result", "stage", "version") if status.get(k)]
+    parts = [str(status.get("state") or "?")]
+    if status.get("state") == "running":
+        if status.get("stage"):
+            parts.append(str(status["stage"]))
+        if isinstance(status.get("progress"), (int, float)):
+            parts.append(f"{status['progress']:.0%}")
+    if status.get("version"):
+        parts.append(str(status["version"]))
     when = status.get("finished") or status.get("started")
     if when:
-        parts.append(str(when))
+        parts.append(str(when)[:16].replace("T", " "))
     if status.get("reason"):
         parts.append(f"({status['reason']})")
-    return " ".join(parts) or json.dumps(status, ensure_ascii=False)[:200]
+    return " ".join(parts)
 
 
 async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None = None) -> RetrainResult:

@@ -310,7 +310,9 @@ class Twin:
         today = int(time.mktime(time.strptime(time.strftime("%Y-%m-%d"), "%Y-%m-%d")))
         received = await self.store.count_since(today, "incoming")
         replied = await self.store.count_since(today, "twin")
-        retrain = "running" if self.retraining() else describe_status(read_status(self.registry))
+        retrain = describe_status(read_status(self.registry))
+        if self.retraining() and not retrain.startswith("running"):
+            retrain = f"running (was: {retrain})"
         return "\n".join(
             [
                 f"model: {self.backend.version} ({self.backend.name})",
