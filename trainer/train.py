@@ -1,0 +1,445 @@
+"""LoRA / QLoRA supervised fine-tuning: a training loop you can read top to bottom.
+
+    settings → tokenizer + samples (owner-only targets) → base model + LoRA
+             → for each step: micro-batches → masked loss → backward → clip → AdamW → cosine LR
+             → checkpoints/step-N/ (resumable) → adapter/ + metrics.json (the run is complete)
+
+The loss is a token mean over assistant tokens only. Logits are computed only where a
+target exists, which saves most of the lm_head work on chat data (prompts are long,
+replies short). Runs under `accelerate launch` too (DDP, FSDP, DeepSpeed configs in
+`deploy/accelerate/`): each process takes every world-size-th micro-batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import InputError, TwinError
+from pipeline.files import atomic_dir, private_dir, write_text_atomic
+from trainer.config import SETTINGS_FILE, TrainSettings
+from trainer.data import IGNORE, Batch, dataset_hash, encode_all, iter_micro_batches, load_split
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass(slots=True)
+class TrainResult:
+    """What a finished run produced and how fast it went."""
+
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    train_tokens: int
+    label_tokens: int
+    train_runtime_s: float
+    tokens_per_s: float
+    final_loss: float
+    peak_rss_mb: float
+    resumed_from_step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["run_dir"], data["adapter_dir"] = str(self.run_dir), str(self.adapter_dir)
+        return data
+
+
+@dataclass(slots=True)
+class TrainState:
+    """Counters carried across a resume."""
+
+    step: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    elapsed_s: float = 0.0
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def owner_loss(model: Any, batch: Batch) -> tuple[Any, int]:
+    """Summed cross-entropy over target tokens only, and how many there were.
+
+    The decoder runs on every token; the vocabulary projection runs only where a
+    target exists. Packed rows pass no attention mask: restarting position ids make
+    transformers build a block-diagonal causal mask, so samples never see each other.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(lm, lm.base_model_prefix)
+    hidden = decoder(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
+    ).last_hidden_state
+    selected = batch.targets != IGNORE
+    logits = lm.get_output_embeddings()(hidden[selected]).float()
+    count = int(selected.sum())
+    return torch.nn.functional.cross_entropy(logits, batch.targets[selected], reduction="sum"), count
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
+    """Fine-tune `settings.base_model` on `settings.data`; resumes a killed run in the same directory."""
+    from trainer.models import load_model, load_tokenizer, lora_target_modules, resolve_base
+
+    run_dir = Path(settings.output_dir)
+    if (run_dir / METRICS_FILE).is_file() and (run_dir / ADAPTER_DIR).is_dir():
+        log.info("%s is a finished run; nothing to do", run_dir)
+        return _result_from_metrics(run_dir)
+
+    conversations = load_split(settings.data)
+    base = resolve_base(settings.base_model, settings.gguf_file)
+    accelerator = _accelerator()
+    device = accelerator.device
+    on_cuda = device.type == "cuda"
+    use_bf16 = settings.bf16 if settings.bf16 is not None else on_cuda
+    if settings.qlora and not on_cuda:
+        raise TwinError("--qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); train without --qlora on CPU")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    _seed_everything(settings.seed)
+
+    tokenizer = load_tokenizer(base)
+    samples = encode_all(tokenizer, conversations, settings.max_seq_len)
+    if not samples:
+        raise InputError(
+            Path(settings.data) / "train.jsonl",
+            f"no sample keeps an assistant reply within max_seq_len={settings.max_seq_len} tokens",
+        )
+
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    model = load_model(base, dtype=dtype, qlora=settings.qlora, device=str(device))
+    model = _add_lora(model, settings, lora_target_modules(model, settings))
+    model.config.use_cache = False
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    micro_per_epoch = _micro_batches_per_epoch(samples, settings)
+    steps_per_epoch = max(1, micro_per_epoch // (settings.grad_accum * accelerator.num_processes))
+    total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = _cosine_with_warmup(optimizer, round(total_steps * settings.warmup_ratio), total_steps)
+
+    private_dir(run_dir)
+    state = TrainState()
+    checkpoint = _latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        log.info("resuming %s from step %d", run_dir, state.step)
+    elif accelerator.is_main_process:
+        stored = {"settings": settings.model_dump(mode="json"), "base": base.to_dict()}
+        stored["dataset_hash"] = dataset_hash(settings.data)
+        write_text_atomic(run_dir / SETTINGS_FILE, json.dumps(stored, ensure_ascii=False, indent=2))
+    resumed_from = state.step
+
+    wrapped, optimizer = accelerator.prepare(OwnerLossModel(model), optimizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = iter_micro_batches(
+        samples,
+        batch_size=settings.batch_size,
+        row_len=settings.max_seq_len,
+        pack=settings.pack,
+        pad_id=pad_id,
+        seed=settings.seed,
+    )
+    # Replay the data order up to where the checkpoint stopped (collation only, no compute).
+    per_step = settings.grad_accum * accelerator.num_processes
+    for _ in range(state.step * per_step):
+        next(batches)
+
+    wrapped.train()
+    bar = _ProgressBar(total_steps, enabled=progress and accelerator.is_main_process)
+    bar.advance_to(state.step)
+    started = time.perf_counter() - state.elapsed_s
+    try:
+        while state.step < total_steps:
+            micro = [next(batches) for _ in range(per_step)]
+            mine = micro[accelerator.process_index :: accelerator.num_processes]
+            step_targets = sum(int((b.targets != IGNORE).sum()) for b in micro)
+            loss_total = 0.0
+            for index, batch in enumerate(mine):
+                batch = batch.to(device)
+                sync = accelerator.no_sync(wrapped) if index < len(mine) - 1 else contextlib.nullcontext()
+                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss_sum, _ = wrapped(batch)
+                # A token mean over the whole step, across micro-batches and processes.
+                loss = loss_sum * accelerator.num_processes / max(step_targets, 1)
+                accelerator.backward(loss)
+                loss_total += float(loss_sum.detach())
+            loss_total = _all_reduce_sum(accelerator, loss_total)
+            accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step += 1
+            state.tokens += sum(b.tokens for b in micro)
+            state.label_tokens += step_targets
+            state.elapsed_s = time.perf_counter() - started
+            step_loss = loss_total / max(step_targets, 1)
+            state.curve.append(
+                {
+                    "step": state.step,
+                    "loss": round(step_loss, 5),
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": state.tokens,
+                    "elapsed_s": round(state.elapsed_s, 3),
+                }
+            )
+            bar.update(state.step, step_loss, state.tokens / max(state.elapsed_s, 1e-9))
+            if accelerator.is_main_process and (
+                state.step % settings.save_every == 0 and state.step < total_steps
+            ):
+                _save_checkpoint(run_dir, model, optimizer, scheduler, state, settings)
+            accelerator.wait_for_everyone()
+    finally:
+        bar.close()
+
+    runtime = time.perf_counter() - started
+    adapter_dir = run_dir / ADAPTER_DIR
+    if accelerator.is_main_process:
+        with atomic_dir(adapter_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        metrics = _metrics(state, runtime, total_steps, resumed_from, settings, base.to_dict())
+        write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, ensure_ascii=False, indent=2))
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return _result_from_metrics(run_dir)
+
+
+class OwnerLossModel(torch.nn.Module):
+    """The LoRA model with `owner_loss` as its forward, so DDP/FSDP wrappers run their hooks."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[Any, int]:
+        return owner_loss(self.model, batch)
+
+
+# ---------------------------------------------------------------- pieces of the run
+
+
+def _accelerator() -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not _cuda_available())
+
+
+def _cuda_available() -> bool:
+
+    return torch.cuda.is_available()
+
+
+def _all_reduce_sum(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+
+    tensor = torch.tensor([value], device=accelerator.device)
+    return float(accelerator.reduce(tensor, reduction="sum")[0])
+
+
+def _seed_everything(seed: int) -> None:
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _add_lora(model: Any, settings: TrainSettings, targets: list[str]) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if settings.qlora:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _micro_batches_per_epoch(samples: list, settings: TrainSettings) -> int:
+    from trainer.data import pack_rows
+
+    if settings.pack:
+        rows = len(pack_rows(samples, settings.max_seq_len))
+        return math.ceil(rows / settings.batch_size)
+    return math.ceil(len(samples) / settings.batch_size)
+
+
+def _cosine_with_warmup(optimizer: Any, warmup: int, total: int) -> Any:
+    """Linear warm-up to the peak LR, then a cosine decay to zero at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINTS_DIR).glob("step-*"))
+    complete = [p for p in found if (p / STATE_FILE).is_file()]
+    return complete[-1] if complete else None
+
+
+def _save_checkpoint(
+    run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, settings: TrainSettings
+) -> None:
+    """`checkpoints/step-N/`: adapter weights, optimizer, scheduler, RNG and counters, all or nothing."""
+
+    checkpoints = private_dir(run_dir / CHECKPOINTS_DIR)
+    with atomic_dir(checkpoints / f"step-{state.step:07d}") as tmp:
+        model.save_pretrained(tmp)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "state": asdict(state),
+            },
+            tmp / STATE_FILE,
+        )
+    for old in sorted(checkpoints.glob("step-*"))[: -settings.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    saved = torch.load(path / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    random.setstate(saved["python_rng"])
+    return TrainState(**saved["state"])
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _metrics(
+    state: TrainState,
+    runtime: float,
+    total_steps: int,
+    resumed_from: int,
+    settings: TrainSettings,
+    base: dict[str, Any],
+) -> dict[str, Any]:
+
+    metrics: dict[str, Any] = {
+        "steps": state.step,
+        "total_steps": total_steps,
+        "train_tokens": state.tokens,
+        "label_tokens": state.label_tokens,
+        "train_runtime_s": round(runtime, 3),
+        "tokens_per_s": round(state.tokens / runtime, 2) if runtime > 0 else 0.0,
+        "final_loss": state.curve[-1]["loss"] if state.curve else float("nan"),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "resumed_from_step": resumed_from,
+        "base": base,
+        "pack": settings.pack,
+        "loss_curve": state.curve,
+    }
+    if torch.cuda.is_available():
+        metrics["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return metrics
+
+
+def _result_from_metrics(run_dir: Path) -> TrainResult:
+    metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    return TrainResult(
+        run_dir=run_dir,
+        adapter_dir=run_dir / ADAPTER_DIR,
+        steps=metrics["steps"],
+        train_tokens=metrics["train_tokens"],
+        label_tokens=metrics["label_tokens"],
+        train_runtime_s=metrics["train_runtime_s"],
+        tokens_per_s=metrics["tokens_per_s"],
+        final_loss=metrics["final_loss"],
+        peak_rss_mb=metrics["peak_rss_mb"],
+        resumed_from_step=metrics.get("resumed_from_step", 0),
+    )
+
+
+class _ProgressBar:
+    """A rich progress bar showing loss, tokens/s and ETA (quiet when disabled)."""
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.progress = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("train", total=total, loss="-", rate="-")
+        self.progress.start()
+
+    def advance_to(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def update(self, step: int, loss: float, rate: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.3f}", rate=f"{rate:,.0f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
