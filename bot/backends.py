@@ -116,7 +116,7 @@ class LlamaCppBackend:
             n_ctx=self.n_ctx,
             n_threads=self.n_threads,
             n_threads_batch=self.n_threads,
-            seed=max(self.sampling.seed, 0) if self.sampling.seed >= 0 else 0xFFFFFFFF,
+            seed=self.sampling.seed if self.sampling.seed >= 0 else 0xFFFFFFFF,  # llama.cpp's 'random'
             verbose=False,
         )
         template = llm.metadata.get("tokenizer.chat_template", "")
@@ -257,14 +257,15 @@ class OpenAIBackend:
         started = time.perf_counter()
         self._pending += 1
         try:
+            seed = {"seed": s.seed} if s.seed >= 0 else {}
             response = await self._client.chat.completions.create(
                 model=self.version,
-                messages=list(messages),
-                max_tokens=s.max_tokens,  # type: ignore[arg-type]
+                messages=list(messages),  # type: ignore[arg-type]
+                max_tokens=s.max_tokens,
                 temperature=s.temperature,
                 top_p=s.top_p,
-                seed=s.seed if s.seed >= 0 else None,
                 extra_body={"chat_template_kwargs": CHAT_TEMPLATE_KWARGS},
+                **seed,
             )
         finally:
             self._pending -= 1

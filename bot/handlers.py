@@ -189,6 +189,12 @@ async def _render(bot: Bot, event: MessageEvent) -> RenderedMessage:
     return render_segments(segments, await _names_for(bot, event))
 
 
+async def _is_twin_echo(key: ChatKey, text: str, message_id: int) -> bool:
+    """NapCat reports the twin's own replies back as the account's messages: not the owner's words."""
+    assert twin is not None and twin.store is not None
+    return twin.is_own_echo(key, text) or await twin.store.is_twin_message(str(message_id))
+
+
 @chat.handle()
 async def handle_private(bot: Bot, event: PrivateMessageEvent) -> None:
     if twin is None:
@@ -198,6 +204,8 @@ async def handle_private(bot: Bot, event: PrivateMessageEvent) -> None:
         return
     key: ChatKey = ("c2c", str(event.user_id))
     origin = "owner" if event.user_id == event.self_id else "incoming"
+    if origin == "owner" and await _is_twin_echo(key, rendered.text, event.message_id):
+        return
     row = await twin.record(
         StoredMessage(
             chat_type="c2c",
@@ -231,6 +239,8 @@ async def handle_group(bot: Bot, event: GroupMessageEvent) -> None:
     key: ChatKey = ("group", str(event.group_id))
     name = event.sender.card or event.sender.nickname or ""
     origin = "owner" if event.user_id == event.self_id else "incoming"
+    if origin == "owner" and await _is_twin_echo(key, rendered.text, event.message_id):
+        return
     row = await twin.record(
         StoredMessage(
             chat_type="group",
@@ -249,7 +259,8 @@ async def handle_group(bot: Bot, event: GroupMessageEvent) -> None:
     ignored = config.twin_ignore_users
     if is_ignored_sender(event.user_id, event.self_id, ignored=ignored, blocked=twin.blocked):
         return
-    addressed = event.to_me or str(event.self_id) in rendered.mentions
+    quoted_twin = rendered.reply_to is not None and await twin.store.is_twin_message(rendered.reply_to)
+    addressed = event.to_me or quoted_twin or str(event.self_id) in rendered.mentions
     if not answers_group(
         event.group_id,
         to_me=addressed,
@@ -271,8 +282,7 @@ async def handle_message_sent(event: MessageSentEvent) -> None:
     key = event.chat_key
     if not rendered.text:
         return
-    # NapCat also reports the twin's own replies as message_sent: those are not the owner's words.
-    if twin.is_own_echo(key, rendered.text) or await twin.store.is_twin_message(str(event.message_id)):
+    if await _is_twin_echo(key, rendered.text, event.message_id):
         return
     await twin.record(
         StoredMessage(

@@ -19,7 +19,7 @@ def history_turns(history: Sequence[StoredMessage]) -> list[Turn]:
     bursts: list[list[str]] = []
     for message in history:
         role = "user" if message.origin == "incoming" else "assistant"
-        speaker = message.sender_name or message.sender if role == "user" else ""
+        speaker = message.sender_name if role == "user" else ""  # as pipeline.dataset names speakers
         key = f"{role}:{message.sender if role == 'user' else ''}"
         if turns and speakers[-1] == key:
             bursts[-1].append(message.text)

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from bot.backends import Backend, BackendClosed, LlamaCppBackend, OpenAIBackend, SamplingSettings
 from bot.config import Config
@@ -345,7 +344,3 @@ class Twin:
 
         self.retrain_task = asyncio.create_task(run(), name="twin-retrain")
         return "retrain started"
-
-    @staticmethod
-    def registry_path(config: Config) -> Path | None:
-        return registry_of(config.twin_model)
