@@ -140,8 +140,13 @@ class LlamaCppBackend:
         if self._stopping.is_set():
             raise BackendClosed("backend is shutting down")
         started = time.perf_counter()
-        prompt = self.prompt_tokens(messages)
         s = self.sampling
+        messages = list(messages)
+        prompt = self.prompt_tokens(messages)
+        # Forget the oldest turns rather than fail when a long memory outgrows the context.
+        while len(prompt) + s.max_tokens > self.n_ctx and len(messages) > 2:
+            del messages[1]
+            prompt = self.prompt_tokens(messages)
         out = self._llm.create_completion(
             prompt,
             max_tokens=s.max_tokens,

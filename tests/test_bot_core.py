@@ -240,3 +240,23 @@ async def test_llama_backend_queues_requests_and_swaps_between_them() -> None:
         await queued
     with pytest.raises(BackendClosed):
         await backend.generate(messages)
+
+
+async def test_llama_backend_forgets_the_oldest_turns_to_fit_the_context() -> None:
+    from bot.backends import LlamaCppBackend, SamplingSettings
+
+    backend = LlamaCppBackend(
+        smollm2(), "v1", n_threads=1, n_ctx=256, sampling=SamplingSettings(max_tokens=4)
+    )
+    await backend.start()
+    long_history = [{"role": "system", "content": system_prompt()}]
+    for n in range(30):
+        long_history += [
+            {"role": "user", "content": f"第{n}条消息，说了很多很多话"},
+            {"role": "assistant", "content": "嗯"},
+        ]
+    long_history.append({"role": "user", "content": "最后一句"})
+    assert len(backend._llm.tokenize(backend.render_prompt(long_history).encode(), special=True)) > 256
+    generation = await backend.generate(long_history)
+    await backend.close()
+    assert generation.tokens >= 1
