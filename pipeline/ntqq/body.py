@@ -46,64 +46,68 @@ def decode_body(body: bytes | None) -> DecodedBody:
     """Parse column 40800; raises BodyError on a truncated or mistyped body."""
     if not body:
         return DecodedBody([])
-    parsed = ntqq_body_pb2.MsgBody()
     try:
-        parsed.ParseFromString(body)
+        parsed = _parse(body)
     except DecodeError as exc:  # truncated, bad varint, invalid UTF-8 in a text field, ...
         raise BodyError(f"not a protobuf element list ({exc})") from None
     raw_elements = parsed.elements
     if not raw_elements:
         # Non-empty bytes but no field 40800 of the right wire type: not a body we understand.
         raise BodyError("no elements (field 40800 missing or of the wrong wire type)")
-    result = DecodedBody([])
-    append = result.elements.append
-    unknown: list[int] = []
+    # This runs once per stored message: locals and a flat dispatch, no per-element objects
+    # beyond the Elements themselves (the fixed kinds are shared singletons).
+    elements: list[Element] = []
+    append = elements.append
+    gray_tip = revoked = False
+    reply_seq = 0
+    unknown: list[int] | None = None
     for raw in raw_elements:
         kind = raw.element_type
-        if not kind:  # 0 is no element type: field 45002 missing or of the wrong wire type
-            raise BodyError("element without a type (field 45002 missing or of the wrong wire type)")
-        # Plain text first: it is most elements of most bodies.
-        if kind == TEXT and not raw.sub_type:
-            append(Element("text", raw.text))
-            continue
-        render = _RENDERERS.get(kind)
-        if render is not None:
-            append(render(raw))
-        elif kind == GRAY_TIP:
-            result.gray_tip = True
-            if raw.HasField("revoke_operator_uid") or raw.HasField("revoke_suggestion"):
-                result.revoked = True
+        if kind == TEXT:
+            sub_type = raw.sub_type
+            if not sub_type:
+                append(Element("text", raw.text))
+            elif sub_type == AT_ONE:
+                append(Element("at", raw.text, raw.at_uid))
+            elif sub_type == AT_ALL:
+                append(Element("at", raw.text or AT_ALL_TEXT))
+            else:
+                append(Element("text", raw.text))
+        elif kind in _FIXED:
+            append(_FIXED[kind])
+        elif kind == FACE:
+            append(Element("face", raw.face_text, str(raw.face_id) if raw.HasField("face_id") else ""))
+        elif kind == MARKET_STICKER:
+            append(Element("sticker", raw.sticker_text))
+        elif kind == IMAGE:
+            summary = raw.image_summary
+            append(Element("image", summary) if summary else _PLAIN_IMAGE)
+        elif kind == VOICE:
+            append(Element("voice", raw.voice_text))
         elif kind == REPLY:
-            append(Element("reply"))
-            result.reply_seq = raw.reply_seq
+            append(_REPLY)
+            reply_seq = raw.reply_seq
+        elif kind == GRAY_TIP:
+            gray_tip = True
+            if raw.HasField("revoke_operator_uid") or raw.HasField("revoke_suggestion"):
+                revoked = True
+        elif not kind:  # 0 is no element type: field 45002 missing or of the wrong wire type
+            raise BodyError("element without a type (field 45002 missing or of the wrong wire type)")
         else:
+            if unknown is None:
+                unknown = []
             unknown.append(kind)
-    if unknown:
-        result.unknown_types = tuple(unknown)
-    return result
+    return DecodedBody(elements, gray_tip, revoked, reply_seq, tuple(unknown) if unknown else ())
 
 
-def _text_or_at(raw: ntqq_body_pb2.MsgElement) -> Element:
-    if raw.sub_type == AT_ONE:
-        return Element("at", text=raw.text, ref=raw.at_uid)
-    if raw.sub_type == AT_ALL:
-        return Element("at", text=raw.text or AT_ALL_TEXT)
-    return Element("text", text=raw.text)
+_parse = ntqq_body_pb2.MsgBody.FromString
 
-
-def _face(raw: ntqq_body_pb2.MsgElement) -> Element:
-    return Element("face", text=raw.face_text, ref=str(raw.face_id) if raw.HasField("face_id") else "")
-
-
-# Element type → how it becomes a chat-format Element (gray tips and replies are handled inline).
-_RENDERERS = {
-    TEXT: _text_or_at,
-    FACE: _face,
-    MARKET_STICKER: lambda raw: Element("sticker", text=raw.sticker_text),
-    IMAGE: lambda raw: Element("image", text=raw.image_summary),
-    VOICE: lambda raw: Element("voice", text=raw.voice_text),
-    VIDEO: lambda raw: Element("video"),
-    FILE: lambda raw: Element("file"),
-    FORWARD: lambda raw: Element("forward"),
-    ARK: lambda raw: Element("card"),
+# Elements that carry nothing but their kind.
+_FIXED: dict[int, Element] = {
+    VIDEO: Element("video"),
+    FILE: Element("file"),
+    FORWARD: Element("forward"),
+    ARK: Element("card"),
 }
+_PLAIN_IMAGE = Element("image")
+_REPLY = Element("reply")

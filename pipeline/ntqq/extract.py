@@ -24,6 +24,7 @@ from pipeline.ntqq.decrypt import has_qq_tables, open_database
 from pipeline.records import Message
 
 _json_str = json.encoder.encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
+_KINDS_JSON: dict[tuple[str, ...], str] = {}
 
 CHAT_TABLES = {"c2c": "c2c_msg_table", "group": "group_msg_table"}
 
@@ -35,6 +36,10 @@ STATUS_DELIVERED = 2
 
 DROP_REASONS = ("revoked", "gray_tip", "system", "failed_send", "empty", "undecodable")
 MAX_LISTED_UNDECODABLE = 1000
+PAGE_CACHE_KIB = 32 * 1024
+# Replies whose row lacks column 40850 are matched by the sequence in their reply element
+# against the most recent rows (at least half this many; quoted messages are recent).
+REPLY_WINDOW = 200_000
 
 # (name in the query, required?) in the order the row tuple arrives.
 _COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -166,7 +171,9 @@ def record_json(fields: tuple) -> str:
     everything else extract does in Python.
     """
     msg_id, chat_type, chat, sender, sender_name, is_self, time, text, reply_to, kinds = fields
-    kinds_json = ",".join(f'"{kind}"' for kind in kinds)  # fixed ASCII names, nothing to escape
+    kinds_json = _KINDS_JSON.get(tuple(kinds))
+    if kinds_json is None:  # fixed ASCII names, nothing to escape; few distinct combinations
+        kinds_json = _KINDS_JSON[tuple(kinds)] = ",".join(f'"{kind}"' for kind in kinds)
     return (
         f'{{"msg_id":{_json_str(msg_id)},"chat_type":"{chat_type}","chat":{_json_str(chat)},'
         f'"sender":{_json_str(sender)},"sender_name":{_json_str(sender_name)},'
@@ -197,12 +204,12 @@ def build_query(tables: dict[str, tuple[str, set[str]]], db: Path) -> str:
         if {"40850", "40003", "40021"} <= present:
             # The quoted message: same chat, sequence number = 40850. SQLite builds a transient
             # index for this join, so it is one extra pass, not one scan per reply.
-            cols += ['q."40001"', 'm."40850"']
+            cols += ['q."40001"', 'm."40850"', 'm."40003"']
             join = (
                 f' LEFT JOIN "{table}" q ON m."40850" > 0 AND q."40021" = m."40021" AND q."40003" = m."40850"'
             )
         else:
-            cols += ["NULL", "NULL"]
+            cols += ["NULL", "NULL", 'm."40003"' if "40003" in present else "NULL"]
         selects.append(f"SELECT '{chat_type}', {', '.join(cols)} FROM \"{table}\" m{join}")
     return " UNION ALL ".join(selects) + " ORDER BY 10, 2"  # time (40050), then msg id
 
@@ -250,18 +257,13 @@ def _read(
             uid_map = _uid_map(conn)
             if bar is not None:
                 bar.stage("sorting by time")
+            # A bounded page cache (also the sorter's in-memory budget before it spills to disk).
+            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
             cursor = conn.execute(query)
-            yield from _rows_to_records(_fetch(cursor), uid_map, report, bar)
+            cursor.arraysize = 2048
+            yield from _rows_to_records(cursor, uid_map, report, bar)
         except sqlcipher3.DatabaseError as exc:
             raise InputError(db, f"damaged or truncated database ({exc})") from None
-
-
-def _fetch(cursor: sqlcipher3.Cursor) -> Iterator[tuple]:
-    while True:
-        rows = cursor.fetchmany(2048)
-        if not rows:
-            return
-        yield from rows
 
 
 def _uid_map(conn: sqlcipher3.Connection) -> dict[str, str]:
@@ -291,6 +293,8 @@ def _rows_to_records(
     n_rows = n_messages = unresolved = replies_ok = replies_missing = 0
     first_time = last_time = None
     previous_id = previous_chat_type = None
+    recent: dict[tuple, object] = {}
+    older: dict[tuple, object] = {}
     # Local names: this loop runs once per row of a possibly multi-million-row history.
     decode, render, uid_of = decode_body, render_elements, uid_map.get
     try:
@@ -299,11 +303,15 @@ def _rows_to_records(
             if bar is not None and not n_rows & 0x3FF:
                 bar.update(n_rows)
             (chat_type, msg_id, msg_type, send_type, sender_uid, peer_uid, peer_uin, sender_uin,
-             status, time, card, nick, body, reply_id, reply_seq) = row  # fmt: skip
+             status, time, card, nick, body, reply_id, reply_seq, seq) = row  # fmt: skip
             if msg_id == previous_id and chat_type == previous_chat_type:
                 n_rows -= 1  # the reply join matched two quoted rows; the first one wins
                 continue
             previous_id, previous_chat_type = msg_id, chat_type
+            if seq:  # remember recent sequences for replies that carry the seq only in their body
+                recent[(chat_type, peer_uid, seq)] = msg_id
+                if len(recent) >= REPLY_WINDOW // 2:  # two generations: the last 100k-200k rows
+                    older, recent = recent, {}
             if send_type == SEND_TYPE_SYSTEM:
                 dropped["system"] += 1
                 continue
@@ -348,6 +356,9 @@ def _rows_to_records(
                 chat = uid_of(peer_uid or "", "") or str(peer_uid or "")
             reply_to = None
             if reply_seq or "reply" in kinds:
+                if reply_id is None and (reply_seq or decoded.reply_seq):
+                    quoted = (chat_type, peer_uid, reply_seq or decoded.reply_seq)
+                    reply_id = recent.get(quoted) or older.get(quoted)
                 if reply_id is not None:
                     reply_to = str(reply_id)
                     replies_ok += 1
