@@ -49,6 +49,8 @@ def history() -> list[S.SampleRow]:
         c2c(106, [S.voice()], t=T0 + 60, seq=6),
         c2c(107, [S.video(), S.file(), S.forward(), S.ark_card()], t=T0 + 70, seq=7),
         c2c(108, [S.face(0, "/微笑"), S.face(99999)], t=T0 + 80, seq=8),
+        # An older QQ row without column 40850: the reply element's own seq finds the quote.
+        c2c(109, [S.reply(1), S.text("回你")], t=T0 + 90, seq=16),
         # Not messages:
         c2c(150, [S.revoke(S.OWNER_UID)], t=T0 + 81, seq=9, msg_type=S.MSG_GRAY_TIP),
         c2c(151, [S.text("你们已成为好友")], t=T0 + 82, seq=10, send_type=S.SEND_SYSTEM),
@@ -87,6 +89,7 @@ EXPECTED = [
     Message("107", "c2c", "1001", "1001", FRIEND_NICK, False, T0 + 70, "[视频][文件][聊天记录][卡片]", None,
             ["video", "file", "forward", "card"]),
     Message("108", "c2c", "1001", "1001", FRIEND_NICK, False, T0 + 80, "[微笑][表情]", None, ["face"]),
+    Message("109", "c2c", "1001", "1001", FRIEND_NICK, False, T0 + 90, "回你", "101", ["reply", "text"]),
     Message("201", "group", str(GROUP_CODE), str(MEMBER_UIN), "小雨-球队", False, T0 + 100,
             "@小林 出来打球", None, ["at", "text"]),
     Message("202", "group", str(GROUP_CODE), "1001", FRIEND_NICK, False, T0 + 110, "我也去", None, ["text"]),
@@ -121,7 +124,7 @@ def test_report_counts_every_drop_reason_and_kind(sample):
     list(iter_messages_from_db(sample, key=KEY, report=report))
     assert report.rows == len(history())
     assert report.messages == len(EXPECTED)
-    assert report.per_chat_type == {"c2c": 8, "group": 7}
+    assert report.per_chat_type == {"c2c": 9, "group": 7}
     assert report.dropped == {
         "revoked": 1,
         "gray_tip": 1,
@@ -131,10 +134,10 @@ def test_report_counts_every_drop_reason_and_kind(sample):
         "undecodable": 2,
     }
     assert report.undecodable_ids == ["155", "156"]
-    assert report.per_kind["face"] == 2 and report.per_kind["sticker"] == 2 and report.per_kind["reply"] == 2
+    assert report.per_kind["face"] == 2 and report.per_kind["sticker"] == 2 and report.per_kind["reply"] == 3
     assert report.unknown_element_types == {"99": 1}
     assert report.unresolved_uids == 1
-    assert (report.replies_resolved, report.replies_unresolved) == (1, 1)
+    assert (report.replies_resolved, report.replies_unresolved) == (2, 1)
     assert (report.first_time, report.last_time) == (T0 + 10, T0 + 160)
     assert (report.layout, report.hmac) == ("qq-nt", "HMAC_SHA1")
 
