@@ -79,10 +79,11 @@ def floor(body: Path, key: str) -> int:
     return rows
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) for one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def child_peak_rss_mb(db: Path, key: str, out: Path) -> float:
@@ -114,7 +115,7 @@ def main() -> int:
     except ImportError:
         build_dataset = None
 
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="qq-twin-bench-") as tmp:
         work = Path(tmp)
         body = stripped_body(db, work)
@@ -142,22 +143,29 @@ def main() -> int:
         messages = sum(1 for _ in (work / "m.jsonl").open(encoding="utf-8"))
         peak_mb = child_peak_rss_mb(db, key, work / "rss.jsonl")
 
-    best = {name: min(values) for name, values in times.items()}
-    floor_s = next(iter(best.values()))
-    names = list(best)
-    extract_ratio = best[names[1]] / floor_s
-    build_ratio = best[names[3]] / floor_s if len(names) > 3 else None
+    # CPU time of this process is the figure that other jobs on a shared machine disturb least;
+    # wall time is shown beside it (everything here is in-process and the file is in page cache).
+    cpu = {name: min(c for _, c in values) for name, values in times.items()}
+    wall = {name: min(w for w, _ in values) for name, values in times.items()}
+    names = list(cpu)
+    floor_cpu, floor_wall = cpu[names[0]], wall[names[0]]
+    extract_ratio = cpu[names[1]] / floor_cpu
+    build_ratio = cpu[names[3]] / floor_cpu if len(names) > 3 else None
     table = [
-        "| step | seconds (best of runs) | rows/s | vs floor |",
-        "| --- | ---: | ---: | ---: |",
-        *(f"| {name} | {s:.2f} | {rows / s:,.0f} | {s / floor_s:.1f}× |" for name, s in best.items()),
+        "| step | CPU s | wall s | rows/s (wall) | vs floor (CPU) | vs floor (wall) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *(
+            f"| {n} | {cpu[n]:.2f} | {wall[n]:.2f} | {rows / wall[n]:,.0f} | "
+            f"{cpu[n] / floor_cpu:.1f}× | {wall[n] / floor_wall:.1f}× |"
+            for n in names
+        ),
     ]
     size_mb = db.stat().st_size / 1e6
     summary = (
         f"{rows:,} rows ({messages:,} messages emitted) in a {size_mb:.0f} MB generated `nt_msg.db`, "
         f"best of {args.rounds} interleaved rounds, {platform.python_implementation()} "
         f"{platform.python_version()}, sqlcipher3 {sqlcipher3.sqlite_version}, {time.strftime('%Y-%m-%d')}. "
-        f"Extract is **{extract_ratio:.1f}×** the floor (goal ≤ {EXTRACT_GOAL:g}×)"
+        f"Extract is **{extract_ratio:.1f}×** the floor in CPU time (goal ≤ {EXTRACT_GOAL:g}×)"
         + (
             f"; extract + build-dataset is **{build_ratio:.1f}×** (goal ≤ {BUILD_GOAL:g}×)."
             if build_ratio is not None
