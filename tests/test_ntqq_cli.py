@@ -209,3 +209,16 @@ def test_unreadable_source_is_one_line_exit_2(sample, tmp_path, capsys, monkeypa
     line = run_error([command, str(src), "--key", S.SAMPLE_KEY, "-o", str(out)], capsys)
     assert str(src) in line and "permission denied" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "decrypt"])
+def test_output_that_would_overwrite_the_source_is_refused(sample, tmp_path, capsys, command):
+    src = _copy_dir(sample, tmp_path / "src")
+    before = tree_hashes(src.parent)
+    for out in (src, src.with_name("nt_msg.db-wal"), tmp_path):
+        line = run_error([command, str(src), "--key", S.SAMPLE_KEY, "-o", str(out)], capsys)
+        assert str(out) in line
+    (tmp_path / "afile").write_text("x")
+    line = run_error([command, str(src), "--key", S.SAMPLE_KEY, "-o", str(tmp_path / "afile" / "o")], capsys)
+    assert "not a directory" in line
+    assert tree_hashes(src.parent) == before

@@ -185,11 +185,24 @@ def has_qq_tables(conn: sqlcipher3.Connection) -> list[str]:
     return [table for table in QQ_TABLES if table in names]
 
 
+def check_output(src: Path, out: Path) -> None:
+    """Refuse an output path that would overwrite the source (or its WAL) or cannot be a file."""
+    target = out.resolve()
+    if target in {src.resolve(), src.with_name(src.name + "-wal").resolve()}:
+        raise InputError(out, "the output must not be the source database")
+    if out.is_dir():
+        raise InputError(out, "is a directory; give a file name for the output")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(out, f"cannot create the output: {parent} is not a directory")
+
+
 def decrypt_db(src: str | Path, key: str | None, out: str | Path, *, hmac: str | None = None) -> DecryptInfo:
     """Write a plain SQLite copy of `src` (WAL rows included) to `out`; `src` is never modified."""
     src, out = Path(src), Path(out)
-    if out.resolve() == src.resolve():
-        raise InputError(out, "the output must not be the source database")
+    check_output(src, out)
     with open_database(src, key, hmac=hmac) as (conn, info):
         if info.layout == "sqlite" and not has_qq_tables(conn):
             raise InputError(src, "a plain SQLite database without QQ NT message tables: nothing to decrypt")

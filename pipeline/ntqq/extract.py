@@ -20,7 +20,7 @@ from pipeline.chatformat import render_elements
 from pipeline.errors import InputError
 from pipeline.files import atomic_path, write_text_atomic
 from pipeline.ntqq.body import BodyError, decode_body
-from pipeline.ntqq.decrypt import has_qq_tables, open_database
+from pipeline.ntqq.decrypt import check_output, has_qq_tables, open_database
 from pipeline.records import Message
 
 _json_str = json.encoder.encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
@@ -157,6 +157,10 @@ def extract_messages(
 ) -> ExtractReport:
     """Write `out` (messages.jsonl) from `db`, atomically; `report` also gets the summary as JSON."""
     result = ExtractReport()
+    db, out = Path(db), Path(out)
+    check_output(db, out)
+    if report is not None:
+        check_output(db, Path(report))
     with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8", buffering=1 << 20) as handle:
         handle.writelines(map(record_json, _iter_records(db, key, tuple(chats), hmac, result, progress)))
     if report is not None:
