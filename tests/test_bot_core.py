@@ -260,3 +260,22 @@ async def test_llama_backend_forgets_the_oldest_turns_to_fit_the_context() -> No
     generation = await backend.generate(long_history)
     await backend.close()
     assert generation.tokens >= 1
+
+
+def test_env_example_documents_every_plugin_setting() -> None:
+    from bot.config import Config
+
+    example = (Path(__file__).parents[1] / ".env.example").read_text(encoding="utf-8")
+    documented = {line.split("=", 1)[0].lstrip("# ").strip() for line in example.splitlines() if "=" in line}
+    missing = {name.upper() for name in Config.model_fields} - documented
+    assert not missing, f".env.example lacks {sorted(missing)}"
+    for nonebot_setting in (
+        "DRIVER",
+        "HOST",
+        "PORT",
+        "ONEBOT_ACCESS_TOKEN",
+        "SUPERUSERS",
+        "NICKNAME",
+        "COMMAND_START",
+    ):
+        assert nonebot_setting in documented
