@@ -456,21 +456,16 @@ def _cycle(
     )
 
     stage("train")
-    base = settings.retrain_base_model or serving_version.manifest.get("base")
-    if not base:
-        raise InputError(
-            serving_version.path / "manifest.json", "names no base model; set TWIN_RETRAIN_BASE_MODEL"
-        )
-    adapter = serving_version.path / ADAPTER_DIR
     run_dir = work / "run"
     train_settings = {
-        "base_model": str(base),
+        **base_model_of(settings, serving_version),
         "data": str(data_dir),
         "output_dir": str(run_dir),
         "max_steps": settings.retrain_max_steps,
         "lr": settings.retrain_learning_rate,
         "seed": settings.retrain_seed,
     }
+    adapter = serving_version.path / ADAPTER_DIR
     if adapter.is_dir():
         train_settings["init_adapter"] = str(adapter)
     run_training_child(train_settings, work, status, settings.retrain_nice)
@@ -479,7 +474,7 @@ def _cycle(
     candidate = evaluate_numbers(run_dir, data_dir, settings, work / "eval-candidate")
     status.update(progress=0.5)
     current = evaluate_numbers(
-        serving_run_dir(serving_version, str(base), work), data_dir, settings, work / "eval-serving"
+        serving_run_dir(serving_version, run_dir, work), data_dir, settings, work / "eval-serving"
     )
     decision = gate(
         candidate,
@@ -536,15 +531,38 @@ def _cycle(
     )
 
 
+def base_model_of(settings: RetrainSettings, version) -> dict:
+    """The base the serving adapter applies to: the setting, else what its export recorded."""
+    if settings.retrain_base_model:
+        return {"base_model": settings.retrain_base_model}
+    source = version.manifest.get("base_source") or {}
+    if source.get("source"):
+        return {"base_model": str(source["source"]), "gguf_file": source.get("gguf_file")}
+    if version.manifest.get("base"):
+        return {"base_model": str(version.manifest["base"])}
+    raise InputError(version.path / "manifest.json", "names no base model; set TWIN_RETRAIN_BASE_MODEL")
+
+
 def _row(sample: object) -> dict:
     """A sample as a dataset line in the OpenAI `messages` format (what train.jsonl holds)."""
     messages = sample["messages"] if isinstance(sample, dict) else sample.messages  # type: ignore[attr-defined]
     return {"messages": messages}
 
 
-def serving_run_dir(version, base: str, work: Path) -> Path:
-    """A run directory for the serving version's adapter, so it is evaluated exactly like the candidate."""
-    return version.path
+def serving_run_dir(version, candidate_run: Path, work: Path) -> Path:
+    """The serving adapter as a run directory like the candidate's (same base, same settings),
+    so that both are evaluated by exactly the same code on exactly the same data."""
+    run = work / "serving-run"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir()
+    for name in ("settings.json", "metrics.json"):
+        if (candidate_run / name).is_file():
+            shutil.copy2(candidate_run / name, run / name)
+    adapter = version.path / ADAPTER_DIR
+    if not adapter.is_dir():
+        raise InputError(adapter, "the serving version has no adapter to evaluate or continue from")
+    shutil.copytree(adapter, run / ADAPTER_DIR)
+    return run
 
 
 def evaluate_numbers(run_dir: Path, data_dir: Path, settings: RetrainSettings, out: Path) -> EvalNumbers:
