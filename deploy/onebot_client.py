@@ -29,6 +29,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from pipeline.chatformat import face_placeholder
+
 Segments = str | Sequence[dict[str, Any]]
 
 
@@ -50,13 +52,13 @@ class SentMessage:
 
     @property
     def text(self) -> str:
-        """Text segments joined; faces shown as `[face:ID]`."""
+        """The message as the pipeline renders it: text as is, QQ faces as `[名字]`."""
         parts = []
         for segment in self.segments:
             if segment["type"] == "text":
                 parts.append(segment["data"].get("text", ""))
             elif segment["type"] == "face":
-                parts.append(f"[face:{segment['data'].get('id')}]")
+                parts.append(face_placeholder(segment["data"].get("id")))
         return "".join(parts)
 
 

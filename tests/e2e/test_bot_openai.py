@@ -184,7 +184,8 @@ async def test_faces_and_stickers_reach_the_model_as_placeholders(qq: OneBotClie
     ]
     await qq.send_private(20002, segments)
     replies = await qq.wait_reply(user_id=20002, timeout=20)
-    assert replies[0].text == "收到:看[face:14]"  # [微笑] goes out as face 14; [动画表情] cannot be sent
+    assert replies[0].text == "收到:看[微笑]"  # sent as QQ face 14; [动画表情] cannot be sent
+    assert {"type": "face", "data": {"id": "14"}} in replies[0].segments
     prompt = fake.requests_mentioning("看[微笑][动画表情]")[-1]["messages"]
     assert prompt[0]["role"] == "system" and prompt[-1] == {"role": "user", "content": "看[微笑][动画表情]"}
 
