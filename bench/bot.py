@@ -92,7 +92,7 @@ async def run(args: argparse.Namespace) -> None:
                 await qq.send_private(user, text)
                 try:
                     replies = await qq.wait_reply(user_id=user, timeout=120)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     print(f"trial {trial}: no reply (empty output), skipped")
                     continue
                 bot_latency = replies[0].time - started

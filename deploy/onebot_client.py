@@ -327,13 +327,17 @@ class OneBotClient:
         timeout: float = 30.0,
         after: int = 0,
     ) -> list[SentMessage]:
-        """Wait until the chat has `count` new messages beyond the first `after`; TimeoutError if not."""
+        """Wait until the chat has `count` new messages beyond the first `after` (else TimeoutError)."""
 
         def ready() -> bool:
             return len(self.replies(user_id=user_id, group_id=group_id)) >= after + count
 
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+        except asyncio.TimeoutError:  # the builtin TimeoutError on every Python (3.10's differs)
+            got = len(self.replies(user_id=user_id, group_id=group_id)) - after
+            raise TimeoutError(f"{got} of {count} replies within {timeout:g}s") from None
         return self.replies(user_id=user_id, group_id=group_id)[after:]
 
     async def wait_quiet(

@@ -73,7 +73,7 @@ def simulate(
         target = {"group_id": group} if group else {"user_id": user_id}
         try:
             got = await client.wait_reply(after=before, timeout=wait, **target)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             console.print("[dim](no reply)[/]")
             return
         shown = before
@@ -83,7 +83,7 @@ def simulate(
             shown += len(got)
             try:
                 got = await client.wait_reply(after=shown, timeout=3.0, **target)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
 
     try:
