@@ -10,7 +10,7 @@ __plugin_meta__ = PluginMetadata(
     usage=(
         "Talks by itself in private chats and when @-mentioned, quoted or called by name in groups.\n"
         "Superusers: /twin status | pause | resume | reset | prob <0..1> | model [version] | retrain"
-        " | block <uin> | unblock <uin>"
+        " | block <uin> | unblock <uin> | approve (quoting a twin reply: train on it)"
     ),
     type="application",
     homepage="https://github.com/qq-twin/qq-twin",

@@ -306,7 +306,7 @@ admin = on_command("twin", permission=SUPERUSER, priority=1, block=True)
 
 ADMIN_HELP = (
     "/twin status | pause | resume | reset | prob <0..1> | model [version] | retrain"
-    " | block <uin> | unblock <uin>"
+    " | block <uin> | unblock <uin> | approve (quoting a twin reply)"
 )
 
 
@@ -369,6 +369,13 @@ async def run_admin(event: MessageEvent, words: list[str]) -> str:
         return f"serving {rest[0]}"
     if verb == "retrain":
         return twin.start_retrain(tell_superusers)
+    if verb in ("approve", "unapprove"):
+        quoted = next((seg.data.get("id") for seg in event.original_message if seg.type == "reply"), None)
+        if quoted is None:
+            return f"quote one of the twin's replies with /twin {verb}"
+        assert twin.store is not None
+        changed = await twin.store.approve_sent(str(quoted), verb == "approve")
+        return f"{verb}d for retraining" if changed else "that is not one of the twin's replies"
     if verb in ("block", "unblock"):
         if not rest or not rest[0].isdigit():
             return f"usage: /twin {verb} <uin>"

@@ -225,6 +225,14 @@ class Store:
         )
         await self._conn.commit()
 
+    async def approve_sent(self, msg_id: str, approved: bool = True) -> int:
+        """Approve the twin's bubble with this OneBot message id; returns how many rows changed."""
+        cursor = await self._conn.execute(
+            "UPDATE messages SET approved = ? WHERE msg_id = ? AND origin = 'twin'", (int(approved), msg_id)
+        )
+        await self._conn.commit()
+        return cursor.rowcount
+
     async def get_state(self, key: str, default: Any = None) -> Any:
         rows = list(await self._conn.execute_fetchall("SELECT value FROM state WHERE key = ?", (key,)))
         return json.loads(rows[0][0]) if rows else default

@@ -381,3 +381,18 @@ async def test_refuses_to_listen_beyond_loopback_without_a_token(fake: FakeOpenA
     with pytest.raises(RuntimeError, match="bot exited"):
         process.start(timeout=60)
     assert "ONEBOT_ACCESS_TOKEN is empty: refusing to start" in process.log()
+
+
+async def test_a_superuser_approves_a_twin_reply_by_quoting_it(qq: OneBotClient, bot: BotProcess) -> None:
+    before = len(qq.replies(user_id=SUPERUSER))
+    await qq.send_private(SUPERUSER, "今天天气不错")
+    (good,) = await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=20)
+    quote = [
+        {"type": "reply", "data": {"id": str(good.message_id)}},
+        {"type": "text", "data": {"text": "/twin approve"}},
+    ]
+    await qq.send_private(SUPERUSER, quote)
+    (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=before + 1, timeout=20)
+    assert answer.text == "approved for retraining"
+    sql = "SELECT approved FROM messages WHERE origin = 'twin' AND msg_id = ?"
+    assert rows(db_of(bot), sql, str(good.message_id)) == [(1,)]
