@@ -29,6 +29,9 @@ nonebot.init()
 driver = nonebot.get_driver()
 driver.register_adapter(OneBotV11Adapter)
 nonebot.load_from_toml(str(Path(__file__).with_name("pyproject.toml")))
+if nonebot.get_plugin("bot") is None:  # NoneBot logs a failed plugin and runs on without it
+    logger.error("qq-twin: the plugin did not load (see the error above, usually a bad TWIN_* setting)")
+    sys.exit(2)
 
 if __name__ == "__main__":
     nonebot.run()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class Config(BaseModel):
@@ -73,3 +73,12 @@ class Config(BaseModel):
     # retraining
     twin_retrain_cron: str = Field("0 4 * * *", description="crontab of scheduled retrains; empty disables")
     twin_retrain_nice: int = Field(10, ge=0, le=19, description="niceness of the retrain child process")
+
+    @field_validator("twin_retrain_cron")
+    @classmethod
+    def _valid_crontab(cls, value: str) -> str:
+        if value.strip():
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(value)  # raises ValueError naming the bad field
+        return value.strip()

@@ -396,3 +396,12 @@ async def test_a_superuser_approves_a_twin_reply_by_quoting_it(qq: OneBotClient,
     assert answer.text == "approved for retraining"
     sql = "SELECT approved FROM messages WHERE origin = 'twin' AND msg_id = ?"
     assert rows(db_of(bot), sql, str(good.message_id)) == [(1,)]
+
+
+async def test_a_bad_setting_stops_the_bot_instead_of_running_without_the_plugin(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    process = BotProcess(bot_settings(fake, tmp_path / "bot.db", TWIN_GROUP_PROBABILITY="2"), cwd=tmp_path)
+    with pytest.raises(RuntimeError, match="bot exited with 2"):
+        process.start(timeout=60)
+    assert "twin_group_probability" in process.log() and "the plugin did not load" in process.log()
