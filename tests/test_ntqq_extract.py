@@ -291,3 +291,22 @@ def test_unknown_fields_in_a_stored_body_are_skipped(tmp_path):
     db = S.write_sample_db(tmp_path, key=KEY, rows=[row], uid_map=uid_map())
     (msg,) = iter_messages_from_db(db, key=KEY)
     assert msg.text == "正文"
+
+
+def test_replies_quoting_messages_older_than_the_recent_window_are_still_resolved(tmp_path, monkeypatch):
+    import pipeline.ntqq.extract as extract_module
+
+    monkeypatch.setattr(extract_module, "REPLY_WINDOW", 4)
+    rows = [c2c(i, [S.text(f"第{i}条")], t=T0 + i, seq=i) for i in range(1, 21)]
+    rows.append(c2c(21, [S.reply(2), S.text("回第二条")], t=T0 + 21, seq=21, reply_seq=2))
+    rows.append(c2c(22, [S.reply(3), S.text("只有元素里有 seq")], t=T0 + 22, seq=22))
+    rows.append(c2c(23, [S.reply(999), S.text("不存在的")], t=T0 + 23, seq=23, reply_seq=999))
+    rows.append(group(24, [S.text("群里第一条")], t=T0 + 24, seq=1, uin=2002, uid=MEMBER_UID))
+    rows += [
+        group(30 + i, [S.text("刷屏")], t=T0 + 30 + i, seq=2 + i, uin=2002, uid=MEMBER_UID) for i in range(8)
+    ]
+    rows.append(group(50, [S.reply(1), S.text("回群里第一条")], t=T0 + 50, seq=20, uin=2002, uid=MEMBER_UID,
+                      reply_seq=1))  # fmt: skip
+    db = S.write_sample_db(tmp_path, key=KEY, rows=rows, uid_map=uid_map())
+    replies = {m.msg_id: m.reply_to for m in iter_messages_from_db(db, key=KEY) if "reply" in m.kinds}
+    assert replies == {"21": "2", "22": "3", "23": None, "50": "24"}

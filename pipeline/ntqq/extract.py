@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +36,9 @@ STATUS_DELIVERED = 2
 
 DROP_REASONS = ("revoked", "gray_tip", "system", "failed_send", "empty", "undecodable")
 MAX_LISTED_UNDECODABLE = 1000
-PAGE_CACHE_KIB = 32 * 1024
-# Replies whose row lacks column 40850 are matched by the sequence in their reply element
-# against the most recent rows (at least half this many; quoted messages are recent).
-REPLY_WINDOW = 200_000
+# Quoted messages are looked up among the most recent rows first (at least half this many;
+# replies nearly always quote something recent), then in an index built on first need.
+REPLY_WINDOW = 50_000
 
 # (name in the query, required?) in the order the row tuple arrives.
 _COLUMNS: tuple[tuple[str, bool], ...] = (
@@ -55,6 +54,8 @@ _COLUMNS: tuple[tuple[str, bool], ...] = (
     ("40090", False),  # group card
     ("40093", False),  # nickname
     ("40800", True),  # body
+    ("40850", False),  # quoted message's sequence
+    ("40003", False),  # this message's sequence
 )
 
 
@@ -194,7 +195,7 @@ def _table_columns(conn: sqlcipher3.Connection, table: str) -> set[str]:
 
 
 def build_query(tables: dict[str, tuple[str, set[str]]], db: Path) -> str:
-    """One statement over the chosen tables, ordered by time then id, quoted replies resolved.
+    """One statement over the chosen tables, ordered by time then message id.
 
     `tables` maps a chat type to (table name, the columns it has).
     """
@@ -203,19 +204,39 @@ def build_query(tables: dict[str, tuple[str, set[str]]], db: Path) -> str:
         missing = [name for name, required in _COLUMNS if required and name not in present]
         if missing:
             raise InputError(db, f"unsupported QQ NT version: {table} has no column {', '.join(missing)}")
-        cols = [f'm."{name}"' if name in present else "NULL" for name, _ in _COLUMNS]
-        join = ""
-        if {"40850", "40003", "40021"} <= present:
-            # The quoted message: same chat, sequence number = 40850. SQLite builds a transient
-            # index for this join, so it is one extra pass, not one scan per reply.
-            cols += ['q."40001"', 'm."40850"', 'm."40003"']
-            join = (
-                f' LEFT JOIN "{table}" q ON m."40850" > 0 AND q."40021" = m."40021" AND q."40003" = m."40850"'
-            )
-        else:
-            cols += ["NULL", "NULL", 'm."40003"' if "40003" in present else "NULL"]
-        selects.append(f"SELECT '{chat_type}', {', '.join(cols)} FROM \"{table}\" m{join}")
+        cols = [f'"{name}"' if name in present else "NULL" for name, _ in _COLUMNS]
+        selects.append(f"SELECT '{chat_type}', {', '.join(cols)} FROM \"{table}\"")
     return " UNION ALL ".join(selects) + " ORDER BY 10, 2"  # time (40050), then msg id
+
+
+class _QuotedIndex:
+    """Exact lookup of a quoted message (chat, sequence) → id, for quotes older than the window.
+
+    Built on first need, per table, as an indexed TEMP table on the same connection (temp
+    storage lives in the private work directory); most histories never need it.
+    """
+
+    def __init__(self, conn: sqlcipher3.Connection, tables: dict[str, tuple[str, set[str]]]) -> None:
+        self._conn = conn
+        self._tables = tables
+        self._built: set[str] = set()
+
+    def lookup(self, chat_type: str, chat_key: object, seq: int) -> object | None:
+        table, present = self._tables[chat_type]
+        if not {"40021", "40003"} <= present:
+            return None
+        name = f"qqtwin_quoted_{chat_type}"
+        if chat_type not in self._built:
+            self._conn.execute(
+                f'CREATE TEMP TABLE {name} AS SELECT "40021" AS chat, "40003" AS seq, "40001" AS id '
+                f'FROM main."{table}" WHERE "40003" IS NOT NULL'
+            )
+            self._conn.execute(f"CREATE INDEX temp.{name}_key ON {name}(chat, seq)")
+            self._built.add(chat_type)
+        row = self._conn.execute(
+            f"SELECT id FROM temp.{name} WHERE chat = ? AND seq = ?", (chat_key, seq)
+        ).fetchone()
+        return row[0] if row else None
 
 
 def _iter_records(
@@ -257,15 +278,14 @@ def _read(
             wanted = {c: CHAT_TABLES[c] for c in chats if CHAT_TABLES[c] in present}
             if not wanted:
                 raise InputError(db, f"none of the chosen chats ({', '.join(chats)}) has a table here")
-            query = build_query({c: (t, _table_columns(conn, t)) for c, t in wanted.items()}, db)
+            tables = {c: (t, _table_columns(conn, t)) for c, t in wanted.items()}
+            query = build_query(tables, db)
             uid_map = _uid_map(conn)
             if bar is not None:
                 bar.stage("sorting by time")
-            # A bounded page cache (also the sorter's in-memory budget before it spills to disk).
-            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
             cursor = conn.execute(query)
             cursor.arraysize = 2048
-            yield from _rows_to_records(cursor, uid_map, report, bar)
+            yield from _rows_to_records(cursor, uid_map, report, bar, _QuotedIndex(conn, tables).lookup)
         except sqlcipher3.DatabaseError as exc:
             raise InputError(db, f"damaged or truncated database ({exc})") from None
 
@@ -286,7 +306,11 @@ def _uid_map(conn: sqlcipher3.Connection) -> dict[str, str]:
 
 
 def _rows_to_records(
-    rows: Iterator[tuple], uid_map: dict[str, str], report: ExtractReport, bar: _Progress | None = None
+    rows: Iterator[tuple],
+    uid_map: dict[str, str],
+    report: ExtractReport,
+    bar: _Progress | None = None,
+    find_quoted: Callable[[str, object, int], object | None] | None = None,
 ) -> Iterator[tuple]:
     """The per-row core: drop rules, body decoding, rendering; pure apart from `report`."""
     dropped: Counter[str] = Counter()
@@ -296,7 +320,6 @@ def _rows_to_records(
     undecodable_ids: list[str] = []
     n_rows = n_messages = unresolved = replies_ok = replies_missing = 0
     first_time = last_time = None
-    previous_id = previous_chat_type = None
     recent: dict[tuple, object] = {}
     older: dict[tuple, object] = {}
     # Local names: this loop runs once per row of a possibly multi-million-row history.
@@ -307,14 +330,10 @@ def _rows_to_records(
             if bar is not None and not n_rows & 0x3FF:
                 bar.update(n_rows)
             (chat_type, msg_id, msg_type, send_type, sender_uid, peer_uid, peer_uin, sender_uin,
-             status, time, card, nick, body, reply_id, reply_seq, seq) = row  # fmt: skip
-            if msg_id == previous_id and chat_type == previous_chat_type:
-                n_rows -= 1  # the reply join matched two quoted rows; the first one wins
-                continue
-            previous_id, previous_chat_type = msg_id, chat_type
-            if seq:  # remember recent sequences for replies that carry the seq only in their body
+             status, time, card, nick, body, reply_seq, seq) = row  # fmt: skip
+            if seq:  # recent (chat, sequence) → id: most replies quote something just said
                 recent[(chat_type, peer_uid, seq)] = msg_id
-                if len(recent) >= REPLY_WINDOW // 2:  # two generations: the last 100k-200k rows
+                if len(recent) >= REPLY_WINDOW // 2:  # two generations: the last 25k-50k rows
                     older, recent = recent, {}
             if send_type == SEND_TYPE_SYSTEM:
                 dropped["system"] += 1
@@ -360,9 +379,14 @@ def _rows_to_records(
                 chat = uid_of(peer_uid or "", "") or str(peer_uid or "")
             reply_to = None
             if reply_seq or "reply" in kinds:
-                if reply_id is None and (reply_seq or decoded.reply_seq):
-                    quoted = (chat_type, peer_uid, reply_seq or decoded.reply_seq)
+                # The quoted sequence: column 40850, else the reply element's own field.
+                quoted_seq = reply_seq or decoded.reply_seq
+                reply_id = None
+                if quoted_seq:
+                    quoted = (chat_type, peer_uid, quoted_seq)
                     reply_id = recent.get(quoted) or older.get(quoted)
+                    if reply_id is None and find_quoted is not None:
+                        reply_id = find_quoted(chat_type, peer_uid, quoted_seq)
                 if reply_id is not None:
                     reply_to = str(reply_id)
                     replies_ok += 1
