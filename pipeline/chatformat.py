@@ -9,11 +9,12 @@ any of this. Pure functions, standard library plus jinja2 only.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 # Placeholders for element kinds that carry no text of their own (ARCHITECTURE.md).
 IMAGE = "[图片]"
@@ -491,6 +492,18 @@ def render_chat_template(
     eos_token: str = "",
 ) -> str:
     """Render a HF/GGUF Jinja chat template the way transformers does, thinking disabled."""
+    return _compiled_template(template).render(
+        messages=list(messages),
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        **CHAT_TEMPLATE_KWARGS,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str) -> Any:
+    """Compiling a template costs milliseconds; training renders thousands of prefixes with one."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -503,13 +516,7 @@ def render_chat_template(
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = _tojson
-    return env.from_string(template).render(
-        messages=list(messages),
-        add_generation_prompt=add_generation_prompt,
-        bos_token=bos_token,
-        eos_token=eos_token,
-        **CHAT_TEMPLATE_KWARGS,
-    )
+    return env.from_string(template)
 
 
 def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None, **_: object) -> str:
