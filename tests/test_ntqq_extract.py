@@ -310,3 +310,14 @@ def test_replies_quoting_messages_older_than_the_recent_window_are_still_resolve
     db = S.write_sample_db(tmp_path, key=KEY, rows=rows, uid_map=uid_map())
     replies = {m.msg_id: m.reply_to for m in iter_messages_from_db(db, key=KEY) if "reply" in m.kinds}
     assert replies == {"21": "2", "22": "3", "23": None, "50": "24"}
+
+
+def test_a_received_row_is_not_dropped_for_its_send_status(tmp_path):
+    rows = [
+        c2c(1, [S.text("收到的")], t=T0, seq=1, status=0),
+        c2c(2, [S.text("我发失败的")], t=T0 + 1, seq=2, self_=True, status=S.STATUS_FAILED),
+    ]
+    db = S.write_sample_db(tmp_path, key=KEY, rows=rows, uid_map=uid_map())
+    report = ExtractReport()
+    assert [m.msg_id for m in iter_messages_from_db(db, key=KEY, report=report)] == ["1"]
+    assert report.dropped["failed_send"] == 1

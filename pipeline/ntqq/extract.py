@@ -338,7 +338,8 @@ def _rows_to_records(
             if send_type == SEND_TYPE_SYSTEM:
                 dropped["system"] += 1
                 continue
-            if status is not None and status != STATUS_DELIVERED:
+            # Only the owner's own sends can have failed; a received row is delivered by definition.
+            if status is not None and status != STATUS_DELIVERED and send_type in SEND_TYPE_SELF:
                 dropped["failed_send"] += 1
                 continue
             if msg_type in (MSG_TYPE_UNKNOWN, MSG_TYPE_EMPTY):
@@ -432,7 +433,7 @@ def _rows_to_records(
 def _stderr_is_terminal() -> bool:
     import sys
 
-    return sys.stderr.isatty()
+    return bool(sys.stderr is not None and sys.stderr.isatty())
 
 
 class _Progress:
