@@ -109,6 +109,7 @@ class LlamaCppBackend:
         self._unload()
 
     def _load(self, gguf: Path) -> None:
+        """Load `gguf`; the old model is freed only once the new one loaded (a bad file changes nothing)."""
         from llama_cpp import Llama
 
         llm = Llama(

@@ -6,6 +6,7 @@ matchers, `get_driver()` and `get_plugin_config()` need an initialised NoneBot.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from typing import Literal
@@ -175,7 +176,9 @@ async def _names_for(bot: Bot, event: MessageEvent) -> dict[str, str]:
             continue
         if target not in twin.names and isinstance(event, GroupMessageEvent):
             try:
-                info = await bot.get_group_member_info(group_id=event.group_id, user_id=int(target))
+                info = await asyncio.wait_for(
+                    bot.get_group_member_info(group_id=event.group_id, user_id=int(target)), 5
+                )
                 twin.names[target] = info.get("card") or info.get("nickname") or ""
             except Exception as exc:  # the name is a nicety; the number will do
                 logger.debug(f"get_group_member_info failed: {exc!r}")
@@ -364,8 +367,8 @@ async def run_admin(event: MessageEvent, words: list[str]) -> str:
             return f"serving {twin.backend.version}; versions: {versions}"
         try:
             await twin.switch_model(rest[0])
-        except (ValueError, FileNotFoundError) as exc:
-            return f"cannot switch: {exc}"
+        except Exception as exc:  # a version that does not load leaves the old one serving
+            return f"cannot switch to {rest[0]}, still serving {twin.backend.version}: {exc}"
         return f"serving {rest[0]}"
     if verb == "retrain":
         return twin.start_retrain(tell_superusers)

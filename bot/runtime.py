@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from bot.backends import Backend, BackendClosed, LlamaCppBackend, OpenAIBackend, SamplingSettings
 from bot.config import Config
@@ -24,6 +25,7 @@ from pipeline.chatformat import split_bubbles
 
 log = logging.getLogger("qq-twin")
 
+T = TypeVar("T")
 ChatKey = tuple[str, str]  # (chat_type, chat): ("c2c", "<uin>") or ("group", "<group code>")
 SendBubble = Callable[[str], Awaitable["int | str | None"]]  # sends one bubble, returns its message id
 
@@ -90,6 +92,7 @@ class Twin:
         self._sending: dict[ChatKey, list[str]] = {}  # bubbles on their way out (echo detection)
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task | None = None
+        self._model_lock = asyncio.Lock()  # one model switch at a time (watcher or /twin model)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -131,12 +134,39 @@ class Twin:
             return False
         return True
 
+    async def _unless_stopping(self, call: Awaitable[T]) -> T:
+        """Await `call`, giving up (BackendClosed) once shutdown starts.
+
+        NoneBot waits for running handlers before it exits, and an API call on a connection
+        that is closing only fails after API_TIMEOUT; shutdown must not wait that long.
+        """
+        task = asyncio.ensure_future(call)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not task.done():
+            task.cancel()
+            raise BackendClosed("shutting down")
+        return task.result()
+
     async def _watch_registry(self) -> None:
         assert self.registry is not None
+        failed: str | None = None  # a version that would not load is not retried until `current` moves
         while not await self._sleep(self.config.twin_model_poll):
             version = model_registry.current_version(self.registry)
-            if version and version != self.backend.version:
-                await self.use_version(version)
+            if not version or version in (self.backend.version, failed):
+                continue
+            async with self._model_lock:
+                if model_registry.current_version(self.registry) != version:
+                    continue  # `/twin model` moved it meanwhile
+                try:
+                    await self.use_version(version)
+                    failed = None
+                except Exception as exc:  # a broken version must not stop the bot or the watcher
+                    failed = version
+                    log.error("cannot serve %s, still serving %s: %s", version, self.backend.version, exc)
 
     async def use_version(self, version: str) -> None:
         """Serve `version` from the registry (requests already queued finish on the old model)."""
@@ -239,7 +269,9 @@ class Twin:
             outgoing = self._sending.setdefault(key, [])
             outgoing.append(bubble)
             try:
-                message_id = await send(bubble)
+                message_id = await self._unless_stopping(send(bubble))
+                if self.store is None:
+                    break
                 await self.store.add(
                     StoredMessage(
                         chat_type=key[0],
@@ -252,6 +284,8 @@ class Twin:
                         model_version=version,
                     )
                 )
+            except BackendClosed:
+                break
             except Exception as exc:
                 log.warning("sending a reply failed: %s", type(exc).__name__)
                 break
@@ -292,11 +326,14 @@ class Twin:
         await self.store.set_state("blocked", sorted(self.blocked))
 
     async def switch_model(self, version: str) -> None:
-        """Promote `version` in the registry and serve it now."""
+        """Serve `version` now and make it the registry's `current`."""
         if self.registry is None:
             raise ValueError("TWIN_MODEL is not a model registry")
-        model_registry.set_current(self.registry, version)
-        await self.use_version(version)
+        if not (self.registry / version).is_dir():
+            raise FileNotFoundError(f"no version {version} in the registry")
+        async with self._model_lock:
+            await self.use_version(version)  # `current` moves only once the version really serves
+            model_registry.set_current(self.registry, version)
 
     def versions(self) -> list[str]:
         if self.registry is None:

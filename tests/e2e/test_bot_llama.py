@@ -144,6 +144,24 @@ async def test_retrain_hands_over_to_the_job_and_reports_to_superusers(qq: OneBo
     assert "model: v1 (llama_cpp)" in await status(qq)
 
 
+async def test_a_version_that_does_not_load_leaves_the_old_one_serving(
+    qq: OneBotClient, registry: Path
+) -> None:
+    (registry / "v3").mkdir()
+    (registry / "v3" / gguf_name("Q4_1")).write_bytes(b"GGUF but not really")
+    before = len(qq.replies(user_id=SUPERUSER))
+    await qq.send_private(SUPERUSER, "/twin model v3")
+    (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=30)
+    assert answer.text.startswith("cannot switch to v3, still serving v1")
+    assert (registry / "current").read_text().strip() == "v1"
+    set_current(registry, "v3")  # promoted behind the bot's back: the watcher refuses it too
+    await asyncio.sleep(1.5)
+    assert "model: v1 (llama_cpp)" in await status(qq)
+    await qq.send_private(20040, "还活着吗")
+    assert await qq.wait_reply(user_id=20040, timeout=60)
+    set_current(registry, "v1")
+
+
 async def test_sigterm_during_generation_exits_within_10_seconds(qq: OneBotClient, bot: BotProcess) -> None:
     for user in range(20021, 20026):
         await qq.send_private(user, "讲个很长很长的故事")
