@@ -7,6 +7,7 @@ reads the registry's lock and status files (`pipeline.registry`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -80,21 +81,14 @@ async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None
     project = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
 
-    def lower_priority() -> None:
-        os.nice(nice)
-
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "deploy",
-        "retrain",
-        "--now",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-        cwd=cwd,
-        preexec_fn=lower_priority if nice else None,
-    )
+        sys.executable, "-m", "deploy", "retrain", "--now",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd,
+    )  # fmt: skip
+    if nice:
+        # Not preexec_fn: forking with a function to run is unsafe in a process with threads.
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, process.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
     output, _ = await process.communicate()
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
     summary = lines[-1].strip() if lines else ""
