@@ -56,6 +56,7 @@ def history() -> list[S.SampleRow]:
         c2c(151, [S.text("你们已成为好友")], t=T0 + 82, seq=10, send_type=S.SEND_SYSTEM),
         c2c(152, [S.text("没发出去")], t=T0 + 83, seq=11, self_=True, status=S.STATUS_FAILED),
         c2c(153, [], t=T0 + 84, seq=12, msg_type=S.MSG_EMPTY),
+        c2c(157, [S.text("类型未知")], t=T0 + 84, seq=17, msg_type=0),
         c2c(154, [S.reply(1)], t=T0 + 85, seq=13),  # a reply with nothing of its own
         c2c(155, [], t=T0 + 86, seq=14, body=S.truncated_body([S.text("坏掉的消息")])),
         c2c(156, [], t=T0 + 87, seq=15, body=S.wrong_wire_type_body()),
@@ -130,6 +131,7 @@ def test_report_counts_every_drop_reason_and_kind(sample):
         "gray_tip": 1,
         "system": 1,
         "failed_send": 1,
+        "unknown_type": 1,
         "empty": 2,  # an empty row and a reply with nothing of its own
         "undecodable": 2,
     }
@@ -144,7 +146,7 @@ def test_report_counts_every_drop_reason_and_kind(sample):
 
 def test_revoked_gray_tip_system_and_failed_rows_are_not_extracted(sample):
     ids = {m.msg_id for m in iter_messages_from_db(sample, key=KEY)}
-    assert ids.isdisjoint({"150", "151", "152", "153", "154", "155", "156", "250"})
+    assert ids.isdisjoint({"150", "151", "152", "153", "154", "155", "156", "157", "250"})
 
 
 def test_chats_option_selects_c2c_or_group(sample):

@@ -34,7 +34,7 @@ SEND_TYPE_SELF = (1, 2)
 SEND_TYPE_SYSTEM = 3
 STATUS_DELIVERED = 2
 
-DROP_REASONS = ("revoked", "gray_tip", "system", "failed_send", "empty", "undecodable")
+DROP_REASONS = ("revoked", "gray_tip", "system", "failed_send", "unknown_type", "empty", "undecodable")
 MAX_LISTED_UNDECODABLE = 1000
 # Quoted messages are looked up among the most recent rows first (at least half this many;
 # replies nearly always quote something recent), then in an index built on first need.
@@ -312,7 +312,10 @@ def _rows_to_records(
     bar: _Progress | None = None,
     find_quoted: Callable[[str, object, int], object | None] | None = None,
 ) -> Iterator[tuple]:
-    """The per-row core: drop rules, body decoding, rendering; pure apart from `report`."""
+    """The per-row core: drop rules, body decoding, rendering, reply resolution.
+
+    Pure apart from filling `report` and calling `find_quoted` for quotes older than the window.
+    """
     dropped: Counter[str] = Counter()
     kinds_count: dict[str, int] = {}
     chat_count: dict[str, int] = {}
@@ -343,7 +346,7 @@ def _rows_to_records(
                 dropped["failed_send"] += 1
                 continue
             if msg_type in (MSG_TYPE_UNKNOWN, MSG_TYPE_EMPTY):
-                dropped["empty" if msg_type == MSG_TYPE_EMPTY else "system"] += 1
+                dropped["empty" if msg_type == MSG_TYPE_EMPTY else "unknown_type"] += 1
                 continue
             try:
                 decoded = decode(body)
@@ -407,7 +410,7 @@ def _rows_to_records(
                 sender,
                 (card or nick or "") if chat_type == "group" else (nick or ""),
                 is_self,
-                int(time),
+                int(time or 0),
                 text,
                 reply_to,
                 kinds,
