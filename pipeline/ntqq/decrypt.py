@@ -143,17 +143,26 @@ def open_database(
     if hmac is not None and hmac.upper() not in HMAC_ALGORITHMS:
         raise InputError(src, f"unknown HMAC algorithm {hmac!r} (use one of {', '.join(HMAC_ALGORITHMS)})")
     info = DecryptInfo(source=str(src), layout=layout, header_hmac=header.hmac if header else None)
+    if layout != "sqlite":  # before copying what may be gigabytes
+        if key is None:
+            raise InputError(src, "not plain SQLite: encrypted (pass its key with --key) or not a database")
+        _check_key(src, key)
     with _private_workdir() as work:
         copy = work / "nt_msg.db"
         skip = QQ_HEADER_SIZE if layout == "qq-nt" else 0
-        body_size = _copy_body(src, copy, skip)
+        try:
+            body_size = _copy_body(src, copy, skip)
+            info.wal = _copy_wal(src, copy)
+        except OSError as exc:  # the source opened fine, so this is the temp directory (full disk?)
+            raise InputError(
+                src, f"cannot copy it to a private temp directory ({exc.strerror or exc})"
+            ) from None
         if layout != "sqlite" and body_size % PAGE_SIZE:
             raise InputError(
                 src, f"truncated: the SQLCipher body is not a whole number of {PAGE_SIZE}-byte pages"
             )
         if body_size == 0:
             raise InputError(src, "truncated: no database pages after the header")
-        info.wal = _copy_wal(src, copy)
         if layout == "sqlite":
             conn = _connect(copy, None, None)
             try:
@@ -162,11 +171,7 @@ def open_database(
                 conn.close()
                 raise InputError(src, f"damaged SQLite database ({exc})") from None
         else:
-            if key is None:
-                raise InputError(
-                    src, "not plain SQLite: encrypted (pass its key with --key) or not a database"
-                )
-            _check_key(src, key)
+            assert key is not None
             conn = _open_encrypted(src, copy, key, _hmac_order(hmac, info.header_hmac), info)
         # Sorts and transient indexes spill to files inside the private work directory, not
         # into RAM (bounded memory on multi-GB histories) and not into a shared /tmp.
