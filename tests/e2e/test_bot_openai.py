@@ -268,11 +268,15 @@ async def test_admin_commands_work_for_superusers_only(qq: OneBotClient, bot: Bo
     await qq.send_private(20009, "hello again")
     assert (await qq.wait_reply(user_id=20009, timeout=20))[0].text == "收到:hello again"
 
-    await qq.send_private(SUPERUSER, "/twin prob 0.5")
+    await qq.send_private(SUPERUSER, "/twin prob 1")
     (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=5, timeout=20)
-    assert answer.text == "group probability: 0.5"
+    assert answer.text == "group probability: 1"
+    await qq.send_group(301, 30009, "有人打游戏吗", card="路人")  # not addressed: joins by chance (1)
+    assert (await qq.wait_reply(group_id=301, timeout=20))[0].text == "收到:路人：有人打游戏吗"
     await qq.send_private(SUPERUSER, "/twin prob 0")
     await qq.wait_reply(user_id=SUPERUSER, after=6, timeout=20)
+    await qq.send_group(301, 30009, "还有人吗", card="路人")
+    assert await qq.wait_quiet(1.5, group_id=301) == []
     assert not rows(db_of(bot), "SELECT 1 FROM messages WHERE text LIKE '/twin%'")
 
 
