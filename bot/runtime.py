@@ -64,6 +64,11 @@ def make_backend(config: Config) -> Backend:
     )
 
 
+def _midnight() -> int:
+    """Unix time of today's local midnight (daily counts and the daily cap)."""
+    return int(time.mktime(time.strptime(time.strftime("%Y-%m-%d"), "%Y-%m-%d")))
+
+
 def settings_env(config: Config) -> dict[str, str]:
     """The plugin's settings as `TWIN_*` environment variables, for the retrain child."""
     env = {}
@@ -100,8 +105,7 @@ class Twin:
         self.paused = bool(await self.store.get_state("paused", False))
         self.probability = float(await self.store.get_state("probability", self.probability))
         self.blocked = {int(u) for u in await self.store.get_state("blocked", [])}
-        today = int(time.mktime(time.strptime(time.strftime("%Y-%m-%d"), "%Y-%m-%d")))
-        self.limiter.seed_today(await self.store.count_since(today, "twin"))
+        self.limiter.seed_today(await self.store.count_since(_midnight(), "twin"))
         await self.backend.start()
         if self.registry is not None:
             self._watcher = asyncio.create_task(self._watch_registry(), name="twin-registry-watch")
@@ -343,9 +347,8 @@ class Twin:
     async def status_text(self) -> str:
         assert self.store is not None
         uptime = int(time.time() - self.started)
-        today = int(time.mktime(time.strptime(time.strftime("%Y-%m-%d"), "%Y-%m-%d")))
-        received = await self.store.count_since(today, "incoming")
-        replied = await self.store.count_since(today, "twin")
+        received = await self.store.count_since(_midnight(), "incoming")
+        replied = await self.store.count_since(_midnight(), "twin")
         retrain = describe_status(read_status(self.registry))
         if self.retraining() and not retrain.startswith("running"):
             retrain = f"running (was: {retrain})"
