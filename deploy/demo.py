@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,9 +16,10 @@ from rich.table import Table
 
 from pipeline.files import private_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_SELF_ID = 10000
 DEMO_SUPERUSER = 10001
+BOT_REPLY_TIMEOUT = 60.0
+DEMO_TEMPERATURE = 0.7  # the bot's default sampling, for the twin and the base alike
 
 
 @dataclass(slots=True)
@@ -37,6 +33,7 @@ class DemoSettings:
     probe_messages: int = 16
     shown: int = 8
     n_threads: int = 2
+    persona: str = ""
 
 
 @dataclass(slots=True)
@@ -85,9 +82,8 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
     out = private_dir(settings.out_dir.resolve())
     art = result.artefacts
 
-    from pipeline.ntqq.extract import extract_messages
-
     from pipeline.ntqq import sampledb
+    from pipeline.ntqq.extract import extract_messages
 
     with stages.stage("twin sample-db: a synthetic encrypted QQ NT database"):
         art["database"] = sampledb.write_sample_db(
@@ -109,7 +105,7 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
     with stages.stage("twin build-dataset: conversations → cleaned, redacted samples"):
         art["dataset"] = out / "dataset"
         dataset_report = build_dataset(
-            art["messages"], art["dataset"], DatasetSettings(persona=sampledb.OWNER_NAME, seed=settings.seed)
+            art["messages"], art["dataset"], DatasetSettings(persona=settings.persona, seed=settings.seed)
         )
         console.print(f"  {_summary(dataset_report)}")
 
@@ -129,9 +125,8 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
         )
         console.print(f"  {_summary(train_result)}")
 
-    from trainer.export import export
-
     from pipeline import registry
+    from trainer.export import export
 
     with stages.stage("twin export: merge, convert to GGUF, quantise Q8_0"):
         art["registry"] = out / "models"
@@ -149,7 +144,7 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
         asyncio.run(_ask_the_bot(art, exchanges, settings, console))
 
     with stages.stage("the base model answers the same messages"):
-        _ask_the_base(exchanges, sampledb.OWNER_NAME, settings)
+        _ask_the_base(exchanges, settings)
 
     result.exchanges = exchanges
     result.style = _style_table(exchanges, sampledb)
@@ -179,70 +174,65 @@ def _probe_exchanges(dataset_dir: Path, count: int) -> list[Exchange]:
     return exchanges
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _ask_the_bot(
     art: dict[str, Path], exchanges: list[Exchange], settings: DemoSettings, console: Console
 ) -> None:
-    from deploy.onebot_client import OneBotClient
+    from rich.progress import Progress
 
-    port = _free_port()
-    token = secrets.token_urlsafe(16)
-    env = {
-        **os.environ,
-        "DRIVER": "~fastapi+~websockets",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "ONEBOT_ACCESS_TOKEN": token,
-        "SUPERUSERS": f'["{DEMO_SUPERUSER}"]',
-        "TWIN_MODEL": str(art["registry"]),
-        "TWIN_BACKEND": "llama_cpp",
-        "TWIN_DB": str(art["bot_db"]),
-        "TWIN_N_THREADS": str(settings.n_threads),
-        "TWIN_BURST_WINDOW": "0",
-        "TWIN_TYPING_DELAY": "0",
-        "TWIN_RETRAIN_CRON": "",
-        "LOG_LEVEL": "INFO",
-    }
+    from deploy.onebot_client import BotProcess
+
     private_dir(art["bot_db"].parent)
-    with art["bot_log"].open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "bot.py")], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
-        )
-        try:
-            with console.status("starting the bot (python bot.py) and loading the twin…"):
-                client = await OneBotClient.connect_when_ready(
-                    f"ws://127.0.0.1:{port}/onebot/v11/ws", token=token, self_id=DEMO_SELF_ID, timeout=120
-                )
-            async with client:
-                from rich.progress import Progress
+    bot = BotProcess(
+        {
+            "ONEBOT_ACCESS_TOKEN": secrets.token_urlsafe(16),
+            "SUPERUSERS": f'["{DEMO_SUPERUSER}"]',
+            "TWIN_MODEL": str(art["registry"]),
+            "TWIN_BACKEND": "llama_cpp",
+            "TWIN_DB": str(art["bot_db"]),
+            "TWIN_N_THREADS": str(settings.n_threads),
+            "TWIN_PERSONA": settings.persona,
+            "TWIN_BURST_WINDOW": "0",
+            "TWIN_TYPING_DELAY": "0",
+            "TWIN_TYPING_PER_CHAR": "0",
+            "TWIN_RETRAIN_CRON": "",
+            "TWIN_TEMPERATURE": str(DEMO_TEMPERATURE),
+            "TWIN_SEED": str(settings.seed),
+        },
+        cwd=art["bot_db"].parent,
+        log_file=art["bot_log"],
+    )
+    with console.status("starting the bot (python bot.py) and loading the twin…"):
+        bot.start(timeout=180)
+    try:
+        async with bot.client(self_id=DEMO_SELF_ID) as client:
+            with Progress(console=console) as progress:
+                task = progress.add_task("friends send messages over OneBot v11", total=len(exchanges))
+                for number, exchange in enumerate(exchanges):
+                    friend = 20000 + number
+                    await client.send_private(friend, exchange.prompt)
+                    try:
+                        await client.wait_reply(user_id=friend, timeout=BOT_REPLY_TIMEOUT)
+                        await client.wait_quiet(0.5, user_id=friend)  # later bubbles of the same reply
+                    except TimeoutError:
+                        pass  # the twin read it and chose not to answer
+                    exchange.twin = "\n".join(m.text for m in client.replies(user_id=friend))
+                    progress.advance(task)
+    finally:
+        bot.stop(timeout=15)
 
-                with Progress(console=console) as progress:
-                    task = progress.add_task("friends send messages", total=len(exchanges))
-                    for number, exchange in enumerate(exchanges):
-                        friend = 20000 + number
-                        replies = await client.ask_private(friend, exchange.prompt, timeout=120)
-                        exchange.twin = "\n".join(replies)
-                        progress.advance(task)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
-
-def _ask_the_base(exchanges: list[Exchange], persona: str, settings: DemoSettings) -> None:
+def _ask_the_base(exchanges: list[Exchange], settings: DemoSettings) -> None:
     """The untouched base GGUF, prompted exactly as the bot prompts the twin."""
     from trainer.chat import ChatModel
     from trainer.models import smollm2_gguf_path
 
-    model = ChatModel(smollm2_gguf_path(), persona=persona, n_threads=settings.n_threads)
+    model = ChatModel(
+        smollm2_gguf_path(),
+        persona=settings.persona,
+        n_threads=settings.n_threads,
+        temperature=DEMO_TEMPERATURE,
+        seed=settings.seed,
+    )
     try:
         for exchange in exchanges:
             exchange.base = model.reply([exchange.prompt])
