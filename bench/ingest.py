@@ -219,7 +219,9 @@ def write_section(table: list[str], summary: str) -> None:
         summary,
         "",
         "Memory stays bounded however long the history: rows stream from SQLite (which sorts",
-        "on disk inside the private work directory) and nothing is accumulated per message.",
+        "on disk inside the private work directory) and nothing is kept per message beyond a",
+        "fixed window of recent sequence numbers for replies. Of extract + build-dataset, extract",
+        "is under a fifth: the rest is `pipeline.dataset` (sessions, cleaning, redaction, samples).",
         "",
     ])  # fmt: skip
     DOCS.write_text(text[:start] + body + text[end:], encoding="utf-8")
