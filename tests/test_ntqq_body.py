@@ -71,6 +71,12 @@ def test_unknown_fields_are_skipped_not_scanned_for_text():
     assert render(body) == ("你好", ["text"])
 
 
+def test_non_utf8_bytes_in_an_element_that_is_not_rendered_do_not_sink_the_body():
+    odd = field_bytes(40800, field_varint(45002, 99) + field_bytes(45101, b"\xff\xfe binary"))
+    text = field_bytes(40800, field_varint(45002, 1) + field_bytes(45101, "还在".encode()))
+    assert render(odd + text) == ("还在", ["text"])
+
+
 def test_unknown_element_types_are_counted_and_add_nothing():
     body = S.encode_body([{"element_type": 99}, S.text("还在")])
     decoded = decode_body(body)

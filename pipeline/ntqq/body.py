@@ -48,7 +48,7 @@ def decode_body(body: bytes | None) -> DecodedBody:
         return DecodedBody([])
     try:
         parsed = _parse(body)
-    except DecodeError as exc:  # truncated, bad varint, invalid UTF-8 in a text field, ...
+    except DecodeError as exc:  # truncated, bad varint, wrong wire type for a sub-message, ...
         raise BodyError(f"not a protobuf element list ({exc})") from None
     raw_elements = parsed.elements
     if not raw_elements:
@@ -61,42 +61,44 @@ def decode_body(body: bytes | None) -> DecodedBody:
     gray_tip = revoked = False
     reply_seq = 0
     unknown: list[int] | None = None
-    for raw in raw_elements:
-        kind = raw.element_type
-        if kind == TEXT:
-            sub_type = raw.sub_type
-            if not sub_type:
-                append(Element("text", raw.text))
-            elif sub_type == AT_ONE:
-                append(Element("at", raw.text, raw.at_uid))
-            elif sub_type == AT_ALL:
-                append(Element("at", raw.text or AT_ALL_TEXT))
+    try:
+        for raw in raw_elements:
+            kind = raw.element_type
+            if kind == TEXT:
+                sub_type = raw.sub_type
+                if sub_type == AT_ONE:
+                    append(Element("at", raw.text.decode(), raw.at_uid.decode()))
+                elif sub_type == AT_ALL:
+                    append(Element("at", raw.text.decode() or AT_ALL_TEXT))
+                else:
+                    append(Element("text", raw.text.decode()))
+            elif kind in _FIXED:
+                append(_FIXED[kind])
+            elif kind == FACE:
+                face_id = str(raw.face_id) if raw.HasField("face_id") else ""
+                append(Element("face", raw.face_text.decode(), face_id))
+            elif kind == MARKET_STICKER:
+                append(Element("sticker", raw.sticker_text.decode()))
+            elif kind == IMAGE:
+                summary = raw.image_summary
+                append(Element("image", summary.decode()) if summary else _PLAIN_IMAGE)
+            elif kind == VOICE:
+                append(Element("voice", raw.voice_text.decode()))
+            elif kind == REPLY:
+                append(_REPLY)
+                reply_seq = raw.reply_seq
+            elif kind == GRAY_TIP:
+                gray_tip = True
+                if raw.HasField("revoke_operator_uid") or raw.HasField("revoke_suggestion"):
+                    revoked = True
+            elif not kind:  # 0 is no element type: field 45002 missing or of the wrong wire type
+                raise BodyError("element without a type (field 45002 missing or of the wrong wire type)")
             else:
-                append(Element("text", raw.text))
-        elif kind in _FIXED:
-            append(_FIXED[kind])
-        elif kind == FACE:
-            append(Element("face", raw.face_text, str(raw.face_id) if raw.HasField("face_id") else ""))
-        elif kind == MARKET_STICKER:
-            append(Element("sticker", raw.sticker_text))
-        elif kind == IMAGE:
-            summary = raw.image_summary
-            append(Element("image", summary) if summary else _PLAIN_IMAGE)
-        elif kind == VOICE:
-            append(Element("voice", raw.voice_text))
-        elif kind == REPLY:
-            append(_REPLY)
-            reply_seq = raw.reply_seq
-        elif kind == GRAY_TIP:
-            gray_tip = True
-            if raw.HasField("revoke_operator_uid") or raw.HasField("revoke_suggestion"):
-                revoked = True
-        elif not kind:  # 0 is no element type: field 45002 missing or of the wrong wire type
-            raise BodyError("element without a type (field 45002 missing or of the wrong wire type)")
-        else:
-            if unknown is None:
-                unknown = []
-            unknown.append(kind)
+                if unknown is None:
+                    unknown = []
+                unknown.append(kind)
+    except UnicodeDecodeError:
+        raise BodyError("a text field of a rendered element is not UTF-8") from None
     return DecodedBody(elements, gray_tip, revoked, reply_seq, tuple(unknown) if unknown else ())
 
 

@@ -150,7 +150,8 @@ def encode_body(elements: Iterable[dict]) -> bytes:
     """Serialise element dicts (the builders above) into a column-40800 body."""
     body = ntqq_body_pb2.MsgBody()
     for number, element in enumerate(elements, start=1):
-        body.elements.add(element_id=number, **element)
+        fields = {k: v.encode() if isinstance(v, str) else v for k, v in element.items()}
+        body.elements.add(element_id=number, **fields)
     return body.SerializeToString()
 
 
