@@ -409,3 +409,36 @@ async def test_a_bad_setting_stops_the_bot_instead_of_running_without_the_plugin
     with pytest.raises(RuntimeError, match="bot exited with 2"):
         process.start(timeout=60)
     assert "twin_group_probability" in process.log() and "the plugin did not load" in process.log()
+
+
+async def test_twin_simulate_chats_from_the_terminal(bot: BotProcess, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    project = str(Path(__file__).resolve().parents[2])
+    command = [
+        sys.executable,
+        "-m",
+        "deploy",
+        "simulate",
+        "--url",
+        bot.url,
+        "--token",
+        TOKEN,
+        "--user-id",
+        "20050",
+    ]
+    env = {**os.environ, "PYTHONPATH": project, "COLUMNS": "200"}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        input="你好呀\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "twin> 收到:你好呀" in done.stdout
