@@ -157,6 +157,7 @@ def test_too_few_new_samples_skips_the_cycle_and_says_so(tmp_path, monkeypatch, 
     monkeypatch.setenv("TWIN_MODEL", str(reg))
     monkeypatch.setenv("TWIN_DB", str(db))
     monkeypatch.setenv("TWIN_RETRAIN_MIN_SAMPLES", "5")
+    monkeypatch.setenv("TWIN_RETRAIN_NICE", "0")  # in-process here: leave pytest's priority alone
     assert twin(["retrain", "--now"]) == 0
     out = capsys.readouterr().out
     assert "not retraining: 3 new samples" in out and "fewer than the minimum 5" in out
@@ -172,6 +173,7 @@ def test_a_second_trigger_is_refused_while_a_cycle_runs(tmp_path, monkeypatch, c
     asyncio.run(_fill_store(db, _conversations(3)))
     monkeypatch.setenv("TWIN_MODEL", str(reg))
     monkeypatch.setenv("TWIN_DB", str(db))
+    monkeypatch.setenv("TWIN_RETRAIN_NICE", "0")
     with retrain_lock(reg):
         assert twin(["retrain", "--now"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -203,3 +205,26 @@ def test_the_last_result_is_kept_while_the_next_cycle_runs(tmp_path, state):
     run_cycle(_settings(tmp_path, reg, db))
     status = read_status(reg)
     assert status["last"]["state"] == state and "fewer than the minimum" in status["last"]["reason"]
+
+
+def test_twin_retrain_without_now_reports_the_last_cycle_and_the_schedule(tmp_path, monkeypatch, capsys):
+    reg = _registry(tmp_path)
+    db = tmp_path / "bot.db"
+    asyncio.run(_fill_store(db, _conversations(1)))
+    monkeypatch.setenv("TWIN_RETRAIN_CRON", "30 3 * * *")
+    assert twin(["retrain", "--registry", str(reg)]) == 0
+    out = capsys.readouterr().out
+    assert "serving v0001" in out and "30 3 * * *" in out and "no retrain cycle has run yet" in out
+    run_cycle(_settings(tmp_path, reg, db))
+    assert twin(["retrain", "--registry", str(reg)]) == 0
+    out = capsys.readouterr().out
+    assert "last cycle: skipped" in out and "fewer than the minimum" in out
+
+
+def test_a_cycle_that_died_without_an_end_shows_as_interrupted(tmp_path, capsys):
+    from pipeline.registry import write_status
+
+    reg = _registry(tmp_path)
+    write_status(reg, {"state": "running", "stage": "train", "started": "2026-01-01T00:00:00+00:00"})
+    assert twin(["retrain", "--registry", str(reg)]) == 0
+    assert "last cycle: interrupted (stage train" in capsys.readouterr().out
