@@ -146,10 +146,10 @@ def revoke(operator_uid: str, suggestion: str = "撤回了一条消息") -> dict
     return {"element_type": B.GRAY_TIP, "revoke_operator_uid": operator_uid, "revoke_suggestion": suggestion}
 
 
-def encode_body(elements: Iterable[dict]) -> bytes:
+def encode_body(elements: Iterable[dict], first_id: int = 1) -> bytes:
     """Serialise element dicts (the builders above) into a column-40800 body."""
     body = ntqq_body_pb2.MsgBody()
-    for number, element in enumerate(elements, start=1):
+    for number, element in enumerate(elements, start=first_id):
         fields = {k: v.encode() if isinstance(v, str) else v for k, v in element.items()}
         body.elements.add(element_id=number, **fields)
     return body.SerializeToString()
@@ -191,7 +191,9 @@ class SampleRow:
     reply_seq: int = 0  # column 40850
 
     def encoded_body(self) -> bytes:
-        return self.body if self.body is not None else encode_body(self.elements)
+        # QQ gives every element a large unique id, so bodies of equal text still differ.
+        element_id = (self.msg_id ^ 0x2B5A_5A5A) & 0x7FFF_FFFF_FFFF_FFFF
+        return self.body if self.body is not None else encode_body(self.elements, element_id)
 
 
 @dataclass(slots=True, frozen=True)
@@ -590,9 +592,8 @@ def _create_schema(conn: sqlcipher3.Connection) -> None:
     conn.execute("CREATE TABLE buddy_list (uid TEXT)")  # QQ keeps other tables too
 
 
-def _row_values(row: SampleRow, bodies: dict[bytes, bytes]) -> tuple:
+def _row_values(row: SampleRow) -> tuple:
     body = row.encoded_body()
-    body = bodies.setdefault(body, body)  # share identical bodies (stickers, "好耶")
     return (
         row.msg_id,
         row.msg_id & 0x7FFFFFFF,
@@ -623,9 +624,8 @@ def _row_values(row: SampleRow, bodies: dict[bytes, bytes]) -> tuple:
 
 def _insert(conn: sqlcipher3.Connection, rows: Iterable[SampleRow], uid_map: dict[str, int]) -> None:
     marks = ", ".join("?" * len(MSG_COLUMNS))
-    bodies: dict[bytes, bytes] = {}
-    c2c = [_row_values(r, bodies) for r in rows if r.chat_type != CHAT_GROUP]
-    group = [_row_values(r, bodies) for r in rows if r.chat_type == CHAT_GROUP]
+    c2c = [_row_values(r) for r in rows if r.chat_type != CHAT_GROUP]
+    group = [_row_values(r) for r in rows if r.chat_type == CHAT_GROUP]
     with conn:  # one transaction
         conn.executemany(f"INSERT INTO c2c_msg_table VALUES ({marks})", c2c)
         conn.executemany(f"INSERT INTO group_msg_table VALUES ({marks})", group)
