@@ -323,3 +323,13 @@ def test_a_received_row_is_not_dropped_for_its_send_status(tmp_path):
     report = ExtractReport()
     assert [m.msg_id for m in iter_messages_from_db(db, key=KEY, report=report)] == ["1"]
     assert report.dropped["failed_send"] == 1
+
+
+def test_generated_sequence_numbers_grow_with_time_in_every_chat():
+    rows, _ = S.generate_history(5000, seed=2)
+    last: dict[tuple[int, int], tuple[int, int]] = {}
+    for row in rows:  # time-ordered
+        key = (row.chat_type, row.peer)
+        if key in last:
+            assert (row.time, row.seq) >= last[key] and row.seq > last[key][1], key
+        last[key] = (row.time, row.seq)

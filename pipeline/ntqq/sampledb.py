@@ -299,10 +299,14 @@ def _owner_sticker(rng: random.Random) -> dict:
 
 
 class _History:
-    """Builds rows session by session; `rows()` yields them in time order."""
+    """Builds the synthetic history session by session (see `sessions`)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, messages: int) -> None:
         self.rng = random.Random(seed)
+        # Sessions start in time order, spread over the whole span (about 8 rows each), and
+        # never overlap within one chat: sequence numbers then grow with time, as in QQ.
+        self.mean_gap = _SPAN_DAYS * 86400 / max(1.0, messages / 8)
+        self.busy_until: dict[tuple[int, int], int] = {}
         rng = self.rng
         self.owner = Person(int(OWNER_UIN), OWNER_UID, OWNER_NAME)
         self.friends = [
@@ -385,8 +389,10 @@ class _History:
     def sessions(self) -> Iterator[list[SampleRow]]:
         """Endless conversation sessions, each a list of rows in time order."""
         rng = self.rng
+        start = float(_START)
         while True:
-            t = _START + rng.randrange(_SPAN_DAYS * 86400)
+            start += rng.expovariate(1 / self.mean_gap)
+            t = int(start)
             group = rng.random() < 0.35
             if group:
                 code, members = rng.choice(self.groups)
@@ -396,6 +402,7 @@ class _History:
                 friend = rng.choice(self.friends)
                 chat_type, peer, peer_uid, members = CHAT_C2C, friend.uin, friend.uid, [friend]
                 speakers = [friend]
+            t = max(t, self.busy_until.get((chat_type, peer), 0) + 600)
             rows: list[SampleRow] = []
             last_friend_seq = 0
             for _ in range(rng.randint(2, 6)):
@@ -431,6 +438,7 @@ class _History:
                         msg_type=MSG_REPLY if reply_seq else MSG_NORMAL,
                     )
                     rows.append(row)
+            self.busy_until[(chat_type, peer)] = t + 5
             yield rows
 
     def _noise(self, chat_type: int, peer: int, peer_uid: str, speaker: Person, members, t: int):
@@ -466,7 +474,7 @@ class _History:
 
 def generate_history(messages: int, seed: int = 0) -> tuple[list[SampleRow], dict[str, int]]:
     """`messages` rows of synthetic history (time-ordered) and the uid → uin map."""
-    history = _History(seed)
+    history = _History(seed, messages)
     rows: list[SampleRow] = []
     for session in history.sessions():
         rows.extend(session)
