@@ -303,9 +303,9 @@ class _History:
 
     def __init__(self, seed: int, messages: int) -> None:
         self.rng = random.Random(seed)
-        # Sessions start in time order, spread over the whole span (about 8 rows each), and
+        # Sessions start in time order, spread over the whole span (about 11 rows each), and
         # never overlap within one chat: sequence numbers then grow with time, as in QQ.
-        self.mean_gap = _SPAN_DAYS * 86400 / max(1.0, messages / 8)
+        self.mean_gap = _SPAN_DAYS * 86400 / max(1.0, messages / 11)
         self.busy_until: dict[tuple[int, int], int] = {}
         rng = self.rng
         self.owner = Person(int(OWNER_UIN), OWNER_UID, OWNER_NAME)
