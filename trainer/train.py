@@ -72,6 +72,15 @@ class TrainState:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where autocast is ~2× faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -119,7 +128,7 @@ def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
     accelerator = _accelerator()
     device = accelerator.device
     on_cuda = device.type == "cuda"
-    use_bf16 = settings.bf16 if settings.bf16 is not None else on_cuda
+    use_bf16 = settings.bf16 if settings.bf16 is not None else (on_cuda or cpu_has_native_bf16())
     if settings.qlora and not on_cuda:
         raise TwinError("--qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); train without --qlora on CPU")
     if settings.threads:
@@ -134,7 +143,8 @@ def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
             f"no sample keeps an assistant reply within max_seq_len={settings.max_seq_len} tokens",
         )
 
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    # CUDA keeps bf16 weights; on CPU weights stay fp32 and bf16 is autocast only (AMX/AVX512-BF16).
+    dtype = torch.bfloat16 if use_bf16 and on_cuda else torch.float32
     model = load_model(base, dtype=dtype, qlora=settings.qlora, device=str(device))
     model = _add_lora(model, settings, lora_target_modules(model, settings))
     model.config.use_cache = False
@@ -231,6 +241,7 @@ def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         metrics = _metrics(state, runtime, total_steps, resumed_from, settings, base.to_dict())
+        metrics["precision"] = ("bf16" if on_cuda else "fp32 + bf16 autocast") if use_bf16 else "fp32"
         write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, ensure_ascii=False, indent=2))
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
