@@ -428,6 +428,8 @@ async def test_twin_simulate_chats_from_the_terminal(bot: BotProcess, tmp_path: 
         TOKEN,
         "--user-id",
         "20050",
+        "--self-id",  # the QQ account of the module client is connected already
+        "10001",
     ]
     env = {**os.environ, "PYTHONPATH": project, "COLUMNS": "200"}
     done = await asyncio.to_thread(
