@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -97,17 +96,26 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
+_PEAK_PROBE = """
+import sys
+from deploy.cli import main
+code = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+sys.exit(code)
+"""
+
+
 def child_peak_rss_mb(db: Path, key: str, out: Path) -> float:
-    """Peak RSS of `twin extract` in a fresh process (bounded memory: no row lists)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "extract", str(db), "--key", key, "-o", str(out)],
+    """Peak RSS of `twin extract` in a fresh process (VmHWM: counted from its exec, not its fork)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE, "extract", str(db), "--key", key, "-o", str(out)],
         cwd=REPO,
         check=True,
         capture_output=True,
+        text=True,
     )
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(peak, before) / 1024
+    return int(done.stdout.split()[-1]) / 1024
 
 
 def main() -> int:
