@@ -471,11 +471,9 @@ def _cycle(
     run_training_child(train_settings, work, status, settings.retrain_nice)
 
     stage("evaluate")
-    candidate = evaluate_numbers(run_dir, data_dir, settings, work / "eval-candidate")
+    candidate = evaluate_numbers(run_dir, data_dir, settings)
     status.update(progress=0.5)
-    current = evaluate_numbers(
-        serving_run_dir(serving_version, run_dir, work), data_dir, settings, work / "eval-serving"
-    )
+    current = evaluate_numbers(serving_run_dir(serving_version, run_dir, work), data_dir, settings)
     decision = gate(
         candidate,
         current,
@@ -565,12 +563,34 @@ def serving_run_dir(version, candidate_run: Path, work: Path) -> Path:
     return run
 
 
-def evaluate_numbers(run_dir: Path, data_dir: Path, settings: RetrainSettings, out: Path) -> EvalNumbers:
-    """Perplexity and style distance of one adapter on the cycle's held-out set."""
+def style_distance(style: dict) -> float:
+    """One number for "how far from the owner's style" (0 = indistinguishable on these metrics).
+
+    The reply-length distance relative to the owner's mean reply length, plus the gaps in the
+    face/sticker, no-reply and catchphrase rates; every term is a fraction, so they add up.
+    """
+    length = float(style["length_distance"]) / max(float(style["reference_mean_length"]), 1.0)
+    gaps = (
+        abs(float(style[key]) - float(style[f"reference_{key}"]))
+        for key in ("face_sticker_rate", "no_reply_rate", "catchphrase_rate")
+    )
+    return round(length + sum(gaps), 4)
+
+
+def evaluate_numbers(run_dir: Path, data_dir: Path, settings: RetrainSettings) -> EvalNumbers:
+    """Held-out perplexity and style distance of one run's adapter on the cycle's held-out set."""
     from trainer.evaluate import evaluate
 
-    report = evaluate(run_dir, data_dir, out_dir=out, max_samples=settings.retrain_eval_samples)
-    return EvalNumbers(perplexity=float(report["perplexity"]), style_distance=float(report["style_distance"]))
+    report = evaluate(
+        run_dir,
+        data_dir,
+        max_samples=settings.retrain_eval_samples,
+        seed=settings.retrain_seed,
+        progress=False,
+    )
+    return EvalNumbers(
+        perplexity=float(report.twin_perplexity), style_distance=style_distance(report.twin_style)
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -37,7 +37,7 @@ class RetrainSettings(BaseSettings):
         0.02, ge=0, description="candidate perplexity may exceed the serving one by this fraction"
     )
     retrain_style_tolerance: float = Field(
-        0.05, ge=0, description="candidate style distance may exceed the serving one by this much"
+        0.1, ge=0, description="candidate style distance may exceed the serving one by this much"
     )
     retrain_max_steps: int = Field(200, ge=1, description="optimizer steps of one incremental run")
     retrain_learning_rate: float = Field(1e-4, gt=0)
