@@ -278,7 +278,12 @@ def run_training_child(train_settings: dict, work: Path, status: StatusFile, nic
             progress = _read_json(progress_file)
             if progress and progress != seen:
                 seen = progress
-                status.update(progress=progress.get("progress", 0.0), loss=progress.get("loss"))
+                status.update(
+                    progress=progress.get("progress", 0.0),
+                    step=progress.get("step"),
+                    steps=progress.get("steps"),
+                    loss=progress.get("loss"),
+                )
     status.update(child_pid=None)
     if code != 0:
         tail = _last_line(log_path)
@@ -362,7 +367,12 @@ def _report_progress(trainer_train, progress_file: Path) -> None:
             if now - last[0] < 1.0 and step < self.total:
                 return
             last[0] = now
-            progress = {"progress": round(step / max(self.total, 1), 3), "step": step, "loss": round(loss, 4)}
+            progress = {
+                "progress": round(step / max(self.total, 1), 4),
+                "step": step,
+                "steps": self.total,
+                "loss": round(loss, 4),
+            }
             tmp = progress_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(progress), encoding="utf-8")
             os.replace(tmp, progress_file)

@@ -17,6 +17,7 @@ from deploy.retrain import (
     replay_share,
     run_cycle,
     split_heldout,
+    style_distance,
 )
 from deploy.settings import RetrainSettings
 from pipeline.registry import current_version, read_status
@@ -57,6 +58,22 @@ def test_the_gate_rejects_a_diverged_candidate():
     assert not gate(
         EvalNumbers(math.inf, 0.1), EvalNumbers(10.0, 0.2), ppl_tolerance=1, style_tolerance=1
     ).passed
+
+
+def test_style_distance_adds_the_relative_length_gap_and_the_rate_gaps():
+    style = {
+        "length_distance": 2.0,
+        "reference_mean_length": 8.0,
+        "face_sticker_rate": 0.1,
+        "reference_face_sticker_rate": 0.3,
+        "no_reply_rate": 0.0,
+        "reference_no_reply_rate": 0.1,
+        "catchphrase_rate": 0.5,
+        "reference_catchphrase_rate": 0.5,
+    }
+    assert style_distance(style) == pytest.approx(0.25 + 0.2 + 0.1)
+    same = {**style, "length_distance": 0.0, "face_sticker_rate": 0.3, "no_reply_rate": 0.1}
+    assert style_distance(same) == 0.0
 
 
 # ---------------------------------------------------------------- data shares (pure)

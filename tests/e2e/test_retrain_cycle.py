@@ -361,7 +361,11 @@ async def test_a_training_crash_leaves_the_serving_version_and_records_why(
         child = cycle.get("child_pid") if cycle.get("stage") == "train" else None
         await asyncio.sleep(0.2)
     assert child, "the training child never started"
-    await asyncio.sleep(2)
+    while not read_status(world["registry"]).get("step") and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    cycle = read_status(world["registry"])
+    assert cycle["state"] == "running" and cycle["step"] >= 1 and cycle["steps"] == 10000  # progress shows
+    assert "running" in await status(qq)
     os.kill(child, signal.SIGKILL)  # what the OOM killer would do
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 1, out
