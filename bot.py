@@ -34,4 +34,10 @@ if nonebot.get_plugin("bot") is None:  # NoneBot logs a failed plugin and runs o
     sys.exit(2)
 
 if __name__ == "__main__":
+    from bot.handlers import startup_problem
+
+    problem = startup_problem()
+    if problem:  # one line and status 2, rather than uvicorn's startup traceback
+        logger.error(f"qq-twin: {problem}")
+        sys.exit(2)
     nonebot.run()

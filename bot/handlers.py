@@ -37,6 +37,7 @@ from bot.runtime import ChatKey, SendBubble, Twin  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
 from bot.store import StoredMessage  # noqa: E402
 from bot.triggers import answers_group, answers_private, is_ignored_sender  # noqa: E402
+from pipeline import registry as model_registry  # noqa: E402
 
 plugin_config = get_plugin_config(Config)
 driver = get_driver()
@@ -111,11 +112,26 @@ def _exposed_without_token() -> bool:
     return not loopback and not token
 
 
+def startup_problem() -> str | None:
+    """What would stop the bot from serving, as one line for the operator (None when all is well)."""
+    if _exposed_without_token():
+        return "HOST is not loopback and ONEBOT_ACCESS_TOKEN is empty: refusing to start"
+    if plugin_config.twin_backend == "llama_cpp":
+        if not plugin_config.twin_model:
+            return "TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
+        try:
+            model_registry.resolve_model(plugin_config.twin_model)
+        except (FileNotFoundError, ValueError) as exc:
+            return f"TWIN_MODEL: {exc}"
+    return None
+
+
 @driver.on_startup
 async def start_twin() -> None:
     global twin
-    if _exposed_without_token():
-        raise RuntimeError("HOST is not loopback and ONEBOT_ACCESS_TOKEN is empty: refusing to start")
+    problem = startup_problem()
+    if problem:
+        raise RuntimeError(problem)
     twin = Twin(plugin_config, nicknames=sorted(driver.config.nickname))
     await twin.start()
     if plugin_config.twin_retrain_cron:

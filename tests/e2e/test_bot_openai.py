@@ -385,6 +385,21 @@ async def test_refuses_to_listen_beyond_loopback_without_a_token(fake: FakeOpenA
     with pytest.raises(RuntimeError, match="bot exited"):
         process.start(timeout=60)
     assert "ONEBOT_ACCESS_TOKEN is empty: refusing to start" in process.log()
+    assert process.process is not None and process.process.returncode == 2
+    assert "Traceback" not in process.log()
+
+
+async def test_a_missing_model_stops_the_bot_with_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    process = BotProcess(
+        {"TWIN_BACKEND": "llama_cpp", "TWIN_MODEL": str(missing), "TWIN_DB": str(tmp_path / "bot.db")},
+        cwd=tmp_path,
+    )
+    with pytest.raises(RuntimeError, match="bot exited"):
+        process.start(timeout=60)
+    assert process.process is not None and process.process.returncode == 2
+    assert f"TWIN_MODEL: {missing}: no such model file or directory" in process.log()
+    assert "Traceback" not in process.log()
 
 
 async def test_a_superuser_approves_a_twin_reply_by_quoting_it(qq: OneBotClient, bot: BotProcess) -> None:
