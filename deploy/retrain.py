@@ -268,22 +268,27 @@ def run_training_child(train_settings: dict, work: Path, status: StatusFile, nic
         child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
         status.update(child_pid=child.pid)
         seen = None
-        while True:
-            try:
-                code = child.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            # One writer for the status file (this process): the child only writes its own progress.
-            progress = _read_json(progress_file)
-            if progress and progress != seen:
-                seen = progress
-                status.update(
-                    progress=progress.get("progress", 0.0),
-                    step=progress.get("step"),
-                    steps=progress.get("steps"),
-                    loss=progress.get("loss"),
-                )
+        try:
+            while True:
+                try:
+                    code = child.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                # One writer for the status file (this process): the child writes only its progress.
+                progress = _read_json(progress_file)
+                if progress and progress != seen:
+                    seen = progress
+                    status.update(
+                        progress=progress.get("progress", 0.0),
+                        step=progress.get("step"),
+                        steps=progress.get("steps"),
+                        loss=progress.get("loss"),
+                    )
+        finally:
+            if child.poll() is None:  # we are being interrupted: never leave training orphaned
+                child.kill()
+                child.wait()
     status.update(child_pid=None)
     if code != 0:
         tail = _last_line(log_path)
@@ -395,17 +400,27 @@ def run_cycle(settings: RetrainSettings, *, on_stage: Callable[[str], None] | No
         private_dir(work)
         try:
             result = _cycle(settings, registry, serving, status, work, on_stage or (lambda _: None))
+        except TwinError as exc:  # expected failures: the message is the whole story
+            result = _failed(serving, str(exc))
         except Exception as exc:  # a crash anywhere leaves the old model serving, with the reason
-            reason = str(exc) if isinstance(exc, TwinError) else f"{type(exc).__name__}: {exc}"
-            log.exception("retrain: cycle failed") if not isinstance(exc, TwinError) else None
-            result = CycleResult(
-                "failed", f"retrain failed, still serving {serving}: {reason}", reason=reason, serving=serving
+            log.exception("retrain: cycle failed")
+            result = _failed(serving, f"{type(exc).__name__}: {exc}")
+        except BaseException as exc:  # SIGTERM (as SystemExit) or Ctrl-C: record it, then go
+            status.finish(
+                _failed(serving, f"interrupted ({type(exc).__name__}) during {status.data['stage']}")
             )
+            raise
         status.finish(result)
         if result.state != "failed":
             shutil.rmtree(work, ignore_errors=True)  # keep a failed cycle's log for the operator
         log.info("retrain: %s", result.message)
         return result
+
+
+def _failed(serving: str | None, reason: str) -> CycleResult:
+    return CycleResult(
+        "failed", f"retrain failed, still serving {serving}: {reason}", reason=reason, serving=serving
+    )
 
 
 def _cycle(
@@ -524,6 +539,19 @@ def _cycle(
     )
     from deploy.registry import promote
 
+    now_serving = current_version(registry)
+    if now_serving != serving:  # an operator switched models meanwhile: their choice stands
+        reason = f"{now_serving} was promoted during the cycle; {version.name} is registered but not served"
+        return CycleResult(
+            "registered",
+            f"registered {version.name} without promoting it: {reason} "
+            f"(`twin models promote {version.name}` serves it)",
+            reason=reason,
+            version=version.name,
+            serving=now_serving,
+            new_samples=len(samples),
+            eval=eval_record,
+        )
     promote(registry, version.name, reason=f"retrain gate passed: {decision.reason}")
     removed = prune(registry, settings.retrain_keep)
     if removed:

@@ -107,10 +107,10 @@ def resolve_model(path: str | Path, quant: str | None = None) -> ResolvedModel:
 
 
 # Retrain status (`retrain-status.json`): written by deploy.retrain, read by `/twin status`.
-# Keys: state (idle|running|promoted|rejected|skipped|failed), stage (collect|build|train|
+# Keys: state (idle|running|promoted|rejected|skipped|registered|failed), stage (collect|build|train|
 # evaluate|export|promote), progress (0..1 within the stage), started, finished, updated (ISO
 # UTC), pid, version (candidate), serving (the version serving), reason (one line), eval.
-STATUS_STATES = ("idle", "running", "promoted", "rejected", "skipped", "failed")
+STATUS_STATES = ("idle", "running", "promoted", "rejected", "skipped", "registered", "failed")
 
 
 def read_status(registry: Path) -> dict:

@@ -121,14 +121,21 @@ def register(app: typer.Typer) -> None:
         if not now:
             _print_status(settings)
             return
+        import signal
+        import sys
+
         from deploy.retrain import lower_priority, run_cycle
 
+        # SIGTERM (the bot shutting down, systemd) unwinds like Ctrl-C: the cycle records it and
+        # stops its training child instead of leaving it orphaned.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         # The bot answers from the same cores: this whole cycle (evaluation and export too) yields.
         lower_priority(settings.retrain_nice)
         result = run_cycle(settings, on_stage=lambda stage: typer.echo(f"retrain: {stage}…"))
         typer.echo(result.message)
         if result.state == "failed":
             raise typer.Exit(1)
+        # promoted, rejected (by the gate), skipped (too little data), registered: exit 0
 
 
 def _print_status(settings) -> None:

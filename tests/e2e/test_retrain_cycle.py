@@ -309,6 +309,12 @@ async def _store_with_owner_replies(db: Path, count: int) -> None:
         await store.close()
 
 
+def training_step(registry: Path, pid: int) -> int:
+    """The step the cycle run by `pid` has trained to (0 before it trains)."""
+    cycle = read_status(registry)
+    return int(cycle.get("step") or 0) if cycle.get("pid") == pid and cycle.get("state") == "running" else 0
+
+
 def _run_cycle_cli(world: dict[str, Path], db: Path, **extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "deploy", "retrain", "--now"],
@@ -358,10 +364,14 @@ async def test_a_training_crash_leaves_the_serving_version_and_records_why(
     child = None
     while child is None and time.monotonic() < deadline:
         cycle = read_status(world["registry"])
-        child = cycle.get("child_pid") if cycle.get("stage") == "train" else None
+        child = (
+            cycle.get("child_pid")
+            if cycle.get("pid") == process.pid and cycle.get("stage") == "train"
+            else None
+        )
         await asyncio.sleep(0.2)
     assert child, "the training child never started"
-    while not read_status(world["registry"]).get("step") and time.monotonic() < deadline:
+    while not training_step(world["registry"], process.pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     cycle = read_status(world["registry"])
     assert cycle["state"] == "running" and cycle["step"] >= 1 and cycle["steps"] == 10000  # progress shows
@@ -376,4 +386,26 @@ async def test_a_training_crash_leaves_the_serving_version_and_records_why(
     assert (world["registry"] / ".retrain" / "train.log").is_file()  # kept for the operator
     text = await status(qq)
     assert "failed" in text and "training crashed" in text
+    await wait_serving(qq, serving, timeout=10)
+
+
+async def test_sigterm_stops_the_cycle_and_its_training_child_and_keeps_serving(
+    qq: OneBotClient, world: dict[str, Path], tmp_path: Path
+) -> None:
+    db = tmp_path / "bot.db"
+    await _store_with_owner_replies(db, 6)
+    serving = current_version(world["registry"])
+    process = _run_cycle_cli(world, db, TWIN_RETRAIN_MAX_STEPS="10000")
+    deadline = time.monotonic() + 120
+    while not training_step(world["registry"], process.pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    child = read_status(world["registry"])["child_pid"]
+    process.send_signal(signal.SIGTERM)  # the bot shutting down, or systemd stopping the job
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 143, out
+    cycle = read_status(world["registry"])
+    assert cycle["state"] == "failed" and "interrupted" in cycle["reason"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # no orphaned training left behind
+    assert current_version(world["registry"]) == serving
     await wait_serving(qq, serving, timeout=10)
