@@ -409,3 +409,24 @@ async def test_sigterm_stops_the_cycle_and_its_training_child_and_keeps_serving(
         os.kill(child, 0)  # no orphaned training left behind
     assert current_version(world["registry"]) == serving
     await wait_serving(qq, serving, timeout=10)
+
+
+async def test_an_operator_switch_during_a_cycle_is_not_overridden(
+    qq: OneBotClient, world: dict[str, Path], tmp_path: Path
+) -> None:
+    db = tmp_path / "bot.db"
+    await _store_with_owner_replies(db, 6)
+    assert current_version(world["registry"]) == "v0002"
+    process = _run_cycle_cli(world, db)
+    deadline = time.monotonic() + 120
+    while not training_step(world["registry"], process.pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    promote(world["registry"], "v0001", reason="operator")  # `twin models promote v0001` meanwhile
+    out, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, out
+    assert "registered v0003 without promoting it" in out.splitlines()[-1]
+    cycle = read_status(world["registry"])
+    assert cycle["state"] == "registered" and cycle["serving"] == "v0001"
+    assert current_version(world["registry"]) == "v0001"
+    assert [v.name for v in list_versions(world["registry"])] == ["v0001", "v0002", "v0003"]
+    await wait_serving(qq, "v0001", timeout=30)
