@@ -214,21 +214,29 @@ def to_record(stored) -> Message:
     )
 
 
-def dataset_settings_for(original: Path | None):
+def dataset_settings_for(settings: RetrainSettings):
     """The settings the original dataset was built with, so new samples are built the same way."""
+    from pydantic import ValidationError
+
     from pipeline.dataset.settings import DatasetSettings
 
-    if original is not None:
-        report = original / "report.json"
-        if report.is_file():
-            try:
-                recorded = json.loads(report.read_text(encoding="utf-8")).get("settings") or {}
-            except ValueError:
-                raise InputError(report, "corrupt dataset report, not JSON") from None
-            recorded.get("llm", {}).pop("api_key", None)
-            recorded["mix"], recorded["mix_ratio"] = "", 0.0  # general data is already in the replay share
-            return DatasetSettings.model_validate(recorded)
-    return DatasetSettings()
+    original = settings.retrain_dataset
+    if original is None:
+        # No original dataset: default build settings, with the persona the bot prompts with.
+        return DatasetSettings(persona=settings.persona) if settings.persona else DatasetSettings()
+    if not original.is_dir():
+        raise InputError(original, "no such dataset directory (TWIN_RETRAIN_DATASET)")
+    report = original / "report.json"
+    if not report.is_file():
+        raise InputError(report, "no report.json: build the original dataset with `twin build-dataset`")
+    try:
+        recorded = json.loads(report.read_text(encoding="utf-8")).get("settings") or {}
+        recorded.get("llm", {}).pop("api_key", None)
+        recorded["mix"], recorded["mix_ratio"] = "", 0.0  # general data is already in the replay share
+        return DatasetSettings.model_validate(recorded)
+    except (ValueError, AttributeError) as exc:
+        detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        raise InputError(report, f"unusable dataset settings ({detail})") from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -451,7 +459,7 @@ def _cycle(
     stage("build")
     from pipeline.dataset.build import build_samples
 
-    built = build_samples(messages, dataset_settings_for(settings.retrain_dataset))
+    built = build_samples(messages, dataset_settings_for(settings))
     samples = sorted(built, key=lambda sample: getattr(sample, "end", 0))
     status.update(new_samples=len(samples))
     if len(samples) < settings.retrain_min_samples:

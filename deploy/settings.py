@@ -19,6 +19,10 @@ class RetrainSettings(BaseSettings):
     db: Path = Field(Path("data/bot.db"), description="the bot's conversation store (TWIN_DB)")
     db_key: str | None = Field(None, repr=False, description="SQLCipher key of the store (TWIN_DB_KEY)")
 
+    persona: str | None = Field(
+        None, description="the name in the system prompt (TWIN_PERSONA), when no original dataset is set"
+    )
+
     retrain_cron: str = Field("0 4 * * *", description="when the bot's scheduler runs a cycle")
     retrain_min_samples: int = Field(20, ge=1, description="fewer new samples than this: skip the cycle")
     retrain_replay_ratio: float = Field(
@@ -50,7 +54,7 @@ class RetrainSettings(BaseSettings):
     )
     retrain_seed: int = 42
 
-    @field_validator("retrain_dataset", "db_key", "retrain_base_model", mode="before")
+    @field_validator("retrain_dataset", "db_key", "retrain_base_model", "persona", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

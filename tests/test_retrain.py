@@ -245,3 +245,34 @@ def test_a_cycle_that_died_without_an_end_shows_as_interrupted(tmp_path, capsys)
     write_status(reg, {"state": "running", "stage": "train", "started": "2026-01-01T00:00:00+00:00"})
     assert twin(["retrain", "--registry", str(reg)]) == 0
     assert "last cycle: interrupted (stage train" in capsys.readouterr().out
+
+
+def test_a_missing_original_dataset_fails_the_cycle_with_its_path(tmp_path):
+    reg = _registry(tmp_path)
+    db = tmp_path / "bot.db"
+    asyncio.run(_fill_store(db, _conversations(3)))
+    result = run_cycle(_settings(tmp_path, reg, db, retrain_dataset=tmp_path / "nowhere"))
+    assert result.state == "failed" and "nowhere: no such dataset directory" in result.reason
+    assert current_version(reg) == "v0001"
+
+
+def test_replay_needs_the_original_dataset_in_the_messages_format(tmp_path):
+    from pipeline.dataset.build import build_dataset
+    from pipeline.dataset.settings import DatasetSettings
+    from pipeline.records import Message
+
+    history = [
+        Message(
+            f"m{i}", "c2c", "1", OWNER if i % 2 else "1", "", bool(i % 2), 1_700_000_000 + i * 30, f"话{i}"
+        )
+        for i in range(12)
+    ]
+    original = tmp_path / "dataset"
+    build_dataset(history, original, DatasetSettings(format="sharegpt"), progress=False)
+    reg = _registry(tmp_path)
+    db = tmp_path / "bot.db"
+    asyncio.run(_fill_store(db, _conversations(3)))
+    result = run_cycle(_settings(tmp_path, reg, db, retrain_dataset=original, retrain_min_samples=2))
+    assert result.state == "failed"
+    assert "train.jsonl: line 1: not an OpenAI `messages` sample" in result.reason
+    assert read_status(reg)["stage"] == "build" and current_version(reg) == "v0001"
