@@ -14,6 +14,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +36,7 @@ from pipeline.chatformat import system_prompt
 from pipeline.dataset import formats, llm_clean
 from pipeline.dataset.clean import clean_messages
 from pipeline.dataset.conversations import iter_conversations, to_turns
-from pipeline.dataset.redact import redact, redact_found, redact_values
+from pipeline.dataset.redact import needs_redaction, redact, redact_found, redact_values
 from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_tokens, samples_from_turns
 from pipeline.dataset.settings import DatasetSettings
 from pipeline.errors import InputError
@@ -44,7 +45,10 @@ from pipeline.records import Message, iter_messages
 
 REPORT_FILE = "report.json"
 INFO_FILE = "dataset_info.json"
-_SCRATCH = ".samples.jsonl"
+# One line per sample: "conversation no_reply turns tokens owner_messages [content hash]\t" + output record.
+_SCRATCH = ".samples.tsv"
+_JUDGE_SCRATCH = ".samples.jsonl"  # whole samples, for the LLM pass
+_PROGRESS_BATCH = 2048  # rich redraws are not free; advance in batches
 DEFAULT_CACHE_NAME = "llm-clean-cache.jsonl"
 
 
@@ -136,10 +140,19 @@ def _redact_conversation(
     """Redact every message, then any value found anywhere in the conversation wherever it recurs."""
     found: dict[str, str] = {}
     out = []
+    # A conversation has a handful of speakers: redact each name once, count it every time.
+    speakers: dict[str, tuple[str, Counter[str], dict[str, str]]] = {}
+    no_hits: Counter[str] = Counter()
     for msg in messages:
-        text, hits, seen = redact_found(msg.text, names)
+        if needs_redaction(msg.text, names):
+            text, hits, seen = redact_found(msg.text, names)
+        else:
+            text, hits, seen = msg.text, no_hits, {}
         # Group cards are free text too ("张三 138…"), and they label turns in the output.
-        speaker, speaker_hits, speaker_seen = redact_found(msg.sender_name, names)
+        redacted_speaker = speakers.get(msg.sender_name)
+        if redacted_speaker is None:
+            redacted_speaker = speakers[msg.sender_name] = redact_found(msg.sender_name, names)
+        speaker, speaker_hits, speaker_seen = redacted_speaker
         if hits or speaker_hits:
             counts.update(hits)
             counts.update(speaker_hits)
@@ -203,13 +216,27 @@ def build_dataset(
     stats = BuildStats()
     with atomic_dir(out_dir) as tmp, _progress(progress) as bar:
         scratch = tmp / _SCRATCH
+        # Only a judge (or its cache) needs whole samples back; the split needs a few numbers.
+        judged = tmp / _JUDGE_SCRATCH if settings.llm.enabled else None
         conversations: dict[str, int] = {}
+        conversation_ids: dict[str, int] = {}
         reading = bar.add_task("reading messages", total=total, unit="msg")
         n_samples = 0
-        with _open_private(scratch) as out:
+        with ExitStack() as files:
+            out = files.enter_context(_open_private(scratch))
+            judge_out = files.enter_context(_open_private(judged)) if judged is not None else None
             for sample in build_samples(_advancing(stream, bar, reading), settings, stats=stats):
-                out.write(sample.to_json() + "\n")
                 conversations[sample.conversation] = sample.conversation_end
+                conversation = conversation_ids.setdefault(sample.conversation, len(conversation_ids))
+                content_hash = ""
+                if judge_out is not None:
+                    judge_out.write(sample.to_json() + "\n")
+                    content_hash = " " + sample.content_hash()
+                # The output record is encoded once, here; the split only copies the line.
+                out.write(
+                    f"{conversation} {sample.kind == 'no_reply':d} {sample.turns} {sample.tokens} "
+                    f"{sample.owner_messages}{content_hash}\t{_line(sample, settings.format)}"
+                )
                 n_samples += 1
         bar.update(reading, total=stats.messages, completed=stats.messages)
         if n_samples == 0:
@@ -219,8 +246,8 @@ def build_dataset(
                 f"({stats.owner_messages} from the owner): nothing the owner answered survived cleaning",
             )
 
-        verdicts = _llm_pass(scratch, n_samples, settings, out_dir, llm_state, bar)
-        val_ids = _latest(conversations, settings.val_fraction)
+        verdicts = _llm_pass(judged, n_samples, settings, out_dir, llm_state, bar) if judged else {}
+        val_ids = {conversation_ids[key] for key in _latest(conversations, settings.val_fraction)}
 
         counts: Counter[str] = Counter()
         turns: Counter[str] = Counter()
@@ -232,23 +259,29 @@ def build_dataset(
             _open_private(tmp / formats.VAL_FILE) as val,
             scratch.open(encoding="utf-8") as lines,
         ):
-            for line in lines:
-                sample = Sample.from_json(line)
-                bar.advance(splitting)
-                if not llm_clean.keeps(
-                    verdicts.get(llm_clean.cache_key(sample, settings.llm.model)), settings.llm.min_score
+            for done, line in enumerate(lines, start=1):
+                if done % _PROGRESS_BATCH == 0:
+                    bar.advance(splitting, _PROGRESS_BATCH)
+                meta, record = line.split("\t", 1)
+                conversation, no_reply, n_turns, n_tokens, owner, *content_hash = meta.split(" ")
+                if verdicts and not llm_clean.keeps(
+                    verdicts.get(llm_clean.key_for_hash(content_hash[0], settings.llm.model)),
+                    settings.llm.min_score,
                 ):
                     counts["llm_dropped"] += 1
                     continue
-                split = "val" if sample.conversation in val_ids else "train"
-                (val if split == "val" else train).write(_line(sample, settings.format))
+                split = "val" if int(conversation) in val_ids else "train"
+                (val if split == "val" else train).write(record)
                 counts[split] += 1
-                counts["no_reply"] += sample.kind == "no_reply"
-                turns[split] += sample.turns
-                tokens[split] += estimate_messages_tokens(sample.messages)
-                owner_in_training += sample.owner_messages
+                counts["no_reply"] += int(no_reply)
+                turns[split] += int(n_turns)
+                tokens[split] += int(n_tokens)
+                owner_in_training += int(owner)
+            bar.update(splitting, completed=n_samples)
             counts["mix"] = _write_mix(train, mix_path, counts["train"], settings, stats, turns, tokens)
         scratch.unlink()
+        if judged is not None:
+            judged.unlink()
 
         info = formats.dataset_info(settings.format)
         report = DatasetReport(
@@ -323,7 +356,7 @@ def _llm_preflight(settings: DatasetSettings) -> dict[str, Any]:
 
 
 def _llm_pass(
-    scratch: Path,
+    judged: Path,
     n_samples: int,
     settings: DatasetSettings,
     out_dir: Path,
@@ -333,7 +366,7 @@ def _llm_pass(
     cache_path = Path(settings.llm.cache) if settings.llm.cache else out_dir.parent / DEFAULT_CACHE_NAME
 
     def samples() -> Iterator[Sample]:
-        with scratch.open(encoding="utf-8") as lines:
+        with judged.open(encoding="utf-8") as lines:
             for line in lines:
                 yield Sample.from_json(line)
 
@@ -472,7 +505,7 @@ def _advancing(stream: Iterable[Message], bar: Progress, task: Any) -> Iterator[
     for msg in stream:
         yield msg
         batch += 1
-        if batch == 2048:  # rich redraws are not free; advance in batches
+        if batch == _PROGRESS_BATCH:
             bar.advance(task, batch)
             batch = 0
     bar.advance(task, batch)

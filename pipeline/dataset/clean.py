@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pipeline.chatformat import ANIMATED_STICKER, CARD, FORWARD, is_placeholder_only
 from pipeline.dataset.redact import has_url, strip_urls
@@ -48,9 +48,15 @@ def drop_reason(msg: Message, rules: RuleSettings) -> str | None:
         return FORWARD_OR_CARD
     if len(text) > rules.max_message_chars:
         return LONG_PASTE
-    if rules.drop_link_only and has_url(text) and len(strip_urls(text).strip()) <= _LINK_ONLY_REST:
+    if (
+        rules.drop_link_only
+        and ("." in text or "/" in text)  # every link has one; most chat lines have neither
+        and has_url(text)
+        and len(strip_urls(text).strip()) <= _LINK_ONLY_REST
+    ):
         return LINK_ONLY
-    if is_placeholder_only(text):
+    # Every placeholder starts with "[", so without one only an empty text is placeholder-only.
+    if (not text or "[" in text) and is_placeholder_only(text):
         if msg.is_self:
             sticker = "sticker" in msg.kinds or ANIMATED_STICKER in text
             if rules.placeholder_only_owner and not (rules.keep_owner_stickers and sticker):
@@ -60,7 +66,9 @@ def drop_reason(msg: Message, rules: RuleSettings) -> str | None:
     return None
 
 
-def _is_command(text: str, prefixes: Iterable[str]) -> bool:
+def _is_command(text: str, prefixes: Sequence[str]) -> bool:
+    if not text.startswith(tuple(prefixes)):  # one C call rules out nearly every message
+        return False
     for prefix in prefixes:
         if prefix and text.startswith(prefix):
             rest = text[len(prefix) :]

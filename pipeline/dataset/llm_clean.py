@@ -46,7 +46,12 @@ class LLMUnavailable(TwinError):
 
 def cache_key(sample: Sample, model: str) -> str:
     """Content hash + judge model + prompt version: a different judge re-judges."""
-    return f"{PROMPT_VERSION}:{model}:{sample.content_hash()}"
+    return key_for_hash(sample.content_hash(), model)
+
+
+def key_for_hash(content_hash: str, model: str) -> str:
+    """`cache_key` of a sample whose `content_hash()` is already known."""
+    return f"{PROMPT_VERSION}:{model}:{content_hash}"
 
 
 def render_for_judge(sample: Sample) -> str:

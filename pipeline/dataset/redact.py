@@ -141,6 +141,21 @@ def redact_found(text: str, names: Iterable[str] = ()) -> tuple[str, Counter[str
     return text, counts, found
 
 
+def needs_redaction(text: str, names: Iterable[str] = ()) -> bool:
+    """False when `redact_found` would certainly find nothing: none of its cheap gates opens.
+
+    Lets a caller skip the call (and its counters) for the plain chat lines that make up
+    most of a history; whatever passes a gate still goes through every pattern.
+    """
+    return (
+        "@" in text
+        or "." in text
+        or "/" in text
+        or _NUMBERISH.search(text) is not None
+        or any(name in text for name in _longest_first(tuple(names)))
+    )
+
+
 def redact_values(text: str, values: Mapping[str, str]) -> tuple[str, Counter[str]]:
     """Replace known personal values (from `redact_found`) wherever they appear on their own."""
     counts: Counter[str] = Counter()
