@@ -139,42 +139,76 @@ def load_model(base: BaseModelRef, *, dtype: torch.dtype, qlora: bool = False, d
 # ---------------------------------------------------------------- LoRA targets
 
 LINEAR_EXCLUDE = ("lm_head", "embed_out", "output_layer")
+# transformers 5 stores a layer's experts fused as 3-D tensors; peft adapts them as parameters.
+FUSED_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "w1", "w2", "w3", "up_proj", "gate_proj")
 
 
-def lora_target_modules(model: Any, settings: TrainSettings) -> list[str]:
-    """Full names of the linear modules that get adapters, after the MoE scope and expert cap."""
+@dataclass(slots=True)
+class LoraTargets:
+    """What gets adapters: linear modules by name, and fused expert/router tensors by name."""
+
+    modules: list[str]
+    parameters: list[str]
+
+    def listing(self) -> list[str]:
+        return [*self.modules, *(f"{name}  (parameter)" for name in self.parameters)]
+
+
+def lora_targets(model: Any, settings: TrainSettings) -> LoraTargets:
+    """Modules and parameters that get LoRA, after `target_modules`, the MoE scope and the expert cap."""
     import torch
 
-    names: list[str] = []
     explicit = None if settings.target_modules == "all-linear" else set(settings.target_modules)
     experts = [re.compile(p) for p in settings.expert_patterns]
     routers = [re.compile(p) for p in settings.router_patterns]
+    scope = settings.moe_lora_scope
+    modules: list[str] = []
+    parameters: list[str] = []
     for name, module in model.named_modules():
-        if not _is_linear(module, torch) or name.split(".")[-1] in LINEAR_EXCLUDE:
-            continue
-        if explicit is not None and name.split(".")[-1] not in explicit:
-            continue
-        expert = _expert_index(name, experts)
-        is_router = any(p.search(name) for p in routers)
-        if settings.moe_lora_scope == "expert_only" and expert is None:
-            continue
-        if settings.moe_lora_scope == "router_only" and not is_router:
-            continue
-        if expert is not None and settings.max_experts is not None and expert >= settings.max_experts:
-            continue
-        names.append(name)
-    if not names:
+        leaf = name.rsplit(".", 1)[-1]
+        is_router = any(p.search(name) for p in routers) or "Router" in type(module).__name__
+        if _is_linear(module, torch):
+            if leaf in LINEAR_EXCLUDE or (explicit is not None and leaf not in explicit):
+                continue
+            expert = _expert_index(name, experts)
+            if scope == "expert_only" and expert is None:
+                continue
+            if scope == "router_only" and not is_router:
+                continue
+            if expert is not None and settings.max_experts is not None and expert >= settings.max_experts:
+                continue
+            modules.append(name)
+        elif is_router and scope in ("router_only", "all") and _has_weight(module, torch):
+            parameters.append(f"{name}.weight")
+        elif type(module).__name__.endswith("Experts") and scope in ("expert_only", "all"):
+            fused = [
+                f"{name}.{p}"
+                for p, value in module.named_parameters(recurse=False)
+                if p in FUSED_EXPERT_WEIGHTS and value.dim() == 3
+            ]
+            if fused and settings.max_experts is not None:
+                raise TwinError(
+                    f"--max-experts needs one module per expert, but {type(module).__name__} fuses its "
+                    "experts into single tensors; adapt all experts or none (--moe-lora-scope)"
+                )
+            parameters += fused
+    if not modules and not parameters:
         raise TwinError(
             f"no modules match the LoRA targets (target_modules={settings.target_modules!r}, "
             f"moe_lora_scope={settings.moe_lora_scope!r}); run with --dry-run to list candidates"
         )
-    return names
+    return LoraTargets(modules, parameters)
 
 
 def _is_linear(module: Any, torch: Any) -> bool:
     if isinstance(module, torch.nn.Linear):
         return True
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _has_weight(module: Any, torch: Any) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.nn.Parameter) and weight.dim() == 2
 
 
 def _expert_index(name: str, patterns: list[re.Pattern[str]]) -> int | None:

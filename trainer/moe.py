@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.config import TrainSettings
-from trainer.models import lora_target_modules, resolve_base
+from trainer.models import lora_targets, resolve_base
 
 
 def skeleton_model(settings: TrainSettings) -> Any:
@@ -21,5 +21,5 @@ def skeleton_model(settings: TrainSettings) -> Any:
 
 
 def dry_run_targets(settings: TrainSettings) -> list[str]:
-    """Full names of the modules that `twin train` would adapt with these settings."""
-    return lora_target_modules(skeleton_model(settings), settings)
+    """Full names of the modules (and fused expert/router tensors) `twin train` would adapt."""
+    return lora_targets(skeleton_model(settings), settings).listing()

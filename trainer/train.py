@@ -31,6 +31,7 @@ from pipeline.errors import InputError, TwinError
 from pipeline.files import atomic_dir, private_dir, write_text_atomic
 from trainer.config import SETTINGS_FILE, TrainSettings
 from trainer.data import IGNORE, Batch, dataset_hash, encode_all, iter_micro_batches, load_split
+from trainer.models import LoraTargets
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def owner_loss(model: Any, batch: Batch) -> tuple[Any, int]:
 
 def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
     """Fine-tune `settings.base_model` on `settings.data`; resumes a killed run in the same directory."""
-    from trainer.models import load_model, load_tokenizer, lora_target_modules, resolve_base
+    from trainer.models import load_model, load_tokenizer, lora_targets, resolve_base
 
     run_dir = Path(settings.output_dir)
     if (run_dir / METRICS_FILE).is_file() and (run_dir / ADAPTER_DIR).is_dir():
@@ -146,7 +147,7 @@ def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
     # CUDA keeps bf16 weights; on CPU weights stay fp32 and bf16 is autocast only (AMX/AVX512-BF16).
     dtype = torch.bfloat16 if use_bf16 and on_cuda else torch.float32
     model = load_model(base, dtype=dtype, qlora=settings.qlora, device=str(device))
-    model = _add_lora(model, settings, lora_target_modules(model, settings))
+    model = _add_lora(model, settings, lora_targets(model, settings))
     model.config.use_cache = False
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -293,7 +294,7 @@ def _seed_everything(seed: int) -> None:
         pass
 
 
-def _add_lora(model: Any, settings: TrainSettings, targets: list[str]) -> Any:
+def _add_lora(model: Any, settings: TrainSettings, targets: LoraTargets) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if settings.qlora:
@@ -304,7 +305,8 @@ def _add_lora(model: Any, settings: TrainSettings, targets: list[str]) -> Any:
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules=targets,
+        target_modules=targets.modules,
+        target_parameters=targets.parameters or None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
