@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
-from pipeline.chatformat import system_prompt
+from pipeline.chatformat import system_prompt, to_messages
 from pipeline.dataset.build import BuildStats, build_samples
 from pipeline.dataset.clean import clean_messages
 from pipeline.dataset.conversations import iter_conversations, to_turns
-from pipeline.dataset.samples import estimate_tokens
+from pipeline.dataset.samples import estimate_messages_tokens, estimate_tokens
 from pipeline.dataset.settings import DatasetSettings, RuleSettings
 from pipeline.records import Message
 
@@ -226,3 +227,33 @@ def test_a_conversation_that_never_falls_silent_is_cut_at_the_message_cap():
     messages = [msg(i * 10, "1" if i % 2 else OWNER, f"m{i}") for i in range(25)]
     convs = list(iter_conversations(messages, session_gap=3600, max_messages=10))
     assert [len(c.messages) for c in convs] == [10, 10, 5]
+
+
+def test_sample_messages_are_chatformat_messages_of_their_turns_and_tokens_their_estimate():
+    """Samples build their messages from turns labelled once; they must equal `to_messages`."""
+    rng = random.Random(7)
+    senders = [OWNER, "1", "2", "3"]
+    messages = []
+    t = 0
+    for i in range(400):
+        t += rng.choice([5, 60, 200, 4000])
+        sender = rng.choice(senders)
+        text = rng.choice(["好", "哈哈 ok", "在吗？", "see you  tomorrow", "[图片]", "嗯\n对", "。。。"])
+        messages.append(msg(t, sender, f"{text}{i}", group=True, name=f"群友{sender}"))
+    settings = DatasetSettings(no_reply_samples=0.5, context_turns=6, max_context_tokens=90)
+    stats = BuildStats()
+    built = list(build_samples(messages, settings, stats=stats))
+    assert {s.kind for s in built} == {"reply", "no_reply"}
+    assert stats.skipped["over_token_budget"] > 0  # some windows were trimmed to fit
+    by_time = {}
+    for conv in iter_conversations(messages, settings.session_gap):
+        for turn in to_turns(conv.messages, settings.burst_gap):
+            by_time.setdefault(turn.turn.time, []).append(turn.turn)
+    system = system_prompt(settings.persona)
+    for sample in built:
+        turns = [t for time in sorted(by_time) if sample.start <= time <= sample.end for t in by_time[time]]
+        expected = to_messages(turns, "group", system=system)
+        if sample.kind == "no_reply":
+            expected.append({"role": "assistant", "content": ""})
+        assert sample.messages == expected
+        assert sample.tokens == estimate_messages_tokens(sample.messages)

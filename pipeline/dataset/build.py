@@ -181,9 +181,10 @@ def write_samples(samples: Iterable[Sample], path: Path, fmt: str = "openai") ->
     return count
 
 
-def _open_private(path: Path, mode: str = "w") -> IO[str]:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
-    return os.fdopen(os.open(path, flags, 0o600), mode, encoding="utf-8")
+def _open_private(path: Path, mode: str = "w") -> IO[Any]:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    return os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")
 
 
 # ---------------------------------------------------------------- the whole build
@@ -254,18 +255,19 @@ def build_dataset(
         tokens: Counter[str] = Counter()
         owner_in_training = 0
         splitting = bar.add_task("writing samples", total=n_samples, unit="samples")
+        # Bytes in, bytes out: the records were encoded once already, in the first pass.
         with (
-            _open_private(tmp / formats.TRAIN_FILE) as train,
-            _open_private(tmp / formats.VAL_FILE) as val,
-            scratch.open(encoding="utf-8") as lines,
+            _open_private(tmp / formats.TRAIN_FILE, "wb") as train,
+            _open_private(tmp / formats.VAL_FILE, "wb") as val,
+            scratch.open("rb") as lines,
         ):
             for done, line in enumerate(lines, start=1):
                 if done % _PROGRESS_BATCH == 0:
                     bar.advance(splitting, _PROGRESS_BATCH)
-                meta, record = line.split("\t", 1)
-                conversation, no_reply, n_turns, n_tokens, owner, *content_hash = meta.split(" ")
+                meta, record = line.split(b"\t", 1)
+                conversation, no_reply, n_turns, n_tokens, owner, *content_hash = meta.split(b" ")
                 if verdicts and not llm_clean.keeps(
-                    verdicts.get(llm_clean.key_for_hash(content_hash[0], settings.llm.model)),
+                    verdicts.get(llm_clean.key_for_hash(content_hash[0].decode(), settings.llm.model)),
                     settings.llm.min_score,
                 ):
                     counts["llm_dropped"] += 1
@@ -316,8 +318,12 @@ def build_dataset(
     return report
 
 
+# `json.dumps(record, ensure_ascii=False)` builds this encoder anew for every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
 def _line(sample: Sample, fmt: str) -> str:
-    return json.dumps(formats.to_record(sample, fmt), ensure_ascii=False) + "\n"
+    return _ENCODER.encode(formats.to_record(sample, fmt)) + "\n"
 
 
 def _latest(conversations: dict[str, int], fraction: float) -> set[str]:
@@ -416,7 +422,7 @@ def _cached_verdicts(
 
 
 def _write_mix(
-    train: IO[str],
+    train: IO[bytes],
     mix_path: Path | None,
     n_owner: int,
     settings: DatasetSettings,
@@ -440,7 +446,7 @@ def _write_mix(
             stats.redactions.update(hits)
             clean.append({"role": m["role"], "content": content})
         sample = Sample(messages=clean, source="mix", kind="mix", chat_type="mix")
-        train.write(_line(sample, settings.format))
+        train.write(_line(sample, settings.format).encode("utf-8"))
         turns["mix"] += sample.turns
         tokens["mix"] += estimate_messages_tokens(clean)
         written += 1

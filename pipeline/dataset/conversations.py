@@ -85,29 +85,25 @@ def _closed(conv: Conversation) -> Conversation:
 def to_turns(messages: list[Message], burst_gap: int) -> list[ChatTurn]:
     """Consecutive messages of one sender within `burst_gap` seconds become one turn."""
     turns: list[ChatTurn] = []
-    texts: list[str] = []
-    first: Message | None = None
-    last: Message | None = None
+    burst: list[Message] = []
     for msg in messages:
-        if last is not None and (msg.sender != last.sender or msg.time - last.time > burst_gap):
-            turns.append(_turn(first, texts))
-            texts = []
-            first = None
-        if first is None:
-            first = msg
-        texts.append(msg.text)
-        last = msg
-    if first is not None:
-        turns.append(_turn(first, texts))
-    return [t for t in turns if t.turn.text]
+        if burst and (msg.sender != burst[-1].sender or msg.time - burst[-1].time > burst_gap):
+            _add_turn(turns, burst)
+            burst = []
+        burst.append(msg)
+    if burst:
+        _add_turn(turns, burst)
+    return turns
 
 
-def _turn(first: Message | None, texts: list[str]) -> ChatTurn:
-    assert first is not None
-    role = "assistant" if first.is_self else "user"
-    speaker = "" if first.is_self else first.sender_name
-    return ChatTurn(
-        turn=Turn(role=role, text=join_burst(texts), speaker=speaker, time=first.time),
-        sender=first.sender,
-        messages=len(texts),
-    )
+def _add_turn(turns: list[ChatTurn], burst: list[Message]) -> None:
+    first = burst[0]
+    # Most bursts are one message, and `join_burst` of one text is that text stripped.
+    text = first.text.strip() if len(burst) == 1 else join_burst([m.text for m in burst])
+    if not text:
+        return
+    if first.is_self:
+        turn = Turn("assistant", text, "", first.time)
+    else:
+        turn = Turn("user", text, first.sender_name, first.time)
+    turns.append(ChatTurn(turn, first.sender, len(burst)))

@@ -104,6 +104,8 @@ _NUMBER_RULES: tuple[_Rule, ...] = (
 )
 # Every numeric pattern needs at least five digits, possibly split by separators.
 _NUMBERISH = re.compile(r"\d[\d \-()（）]{3,}\d")
+# The gates of `redact_found` in one search: "@" (e-mail), "." or "/" (links), numbers.
+_ANY_GATE = re.compile(rf"[@./]|{_NUMBERISH.pattern}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -147,13 +149,9 @@ def needs_redaction(text: str, names: Iterable[str] = ()) -> bool:
     Lets a caller skip the call (and its counters) for the plain chat lines that make up
     most of a history; whatever passes a gate still goes through every pattern.
     """
-    return (
-        "@" in text
-        or "." in text
-        or "/" in text
-        or _NUMBERISH.search(text) is not None
-        or any(name in text for name in _longest_first(tuple(names)))
-    )
+    if _ANY_GATE.search(text) is not None:
+        return True
+    return any(name in text for name in _longest_first(tuple(names))) if names else False
 
 
 def redact_values(text: str, values: Mapping[str, str]) -> tuple[str, Counter[str]]:

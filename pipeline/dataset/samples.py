@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.chatformat import Turn, label_turn, to_messages
+from pipeline.chatformat import Turn, label_turn
 from pipeline.dataset.conversations import ChatTurn
 
 Source = Literal["owner", "mix"]
@@ -121,7 +121,7 @@ def samples_from_turns(
             while start > 0 and turns[start - 1].turn.role == "assistant":
                 start -= 1
             first = max(0, start - options.context_turns)
-            fitted = _fit(rendered, first, start, i + 1, chat_type, options, system_tokens)
+            fitted = _fit(rendered, first, start, i + 1, options, system_tokens)
             if fitted is None:
                 continue
             owner = sum(t.messages for t in turns[start : i + 1])
@@ -135,16 +135,16 @@ def samples_from_turns(
             if rng.random() >= options.no_reply_rate:
                 continue
             first = max(0, i + 1 - options.context_turns)
-            fitted = _fit(rendered, first, i + 1, i + 1, chat_type, options, system_tokens)
+            fitted = _fit(rendered, first, i + 1, i + 1, options, system_tokens)
             if fitted is None:
                 continue
             owner, kind = 0, "no_reply"
-        messages, first_time, tokens = fitted
+        messages, first, tokens = fitted
         yield Sample(
             messages=messages,
             chat_type=chat_type,
             chat=chat,
-            start=first_time,
+            start=turns[first].turn.time,
             end=current.turn.time,
             kind=kind,
             conversation=conversation,
@@ -154,15 +154,15 @@ def samples_from_turns(
         )
 
 
-# A turn with its speaker folded into the text (so `to_messages` keeps the text as it is),
-# and the character counts of that text.
-_Rendered = tuple[Turn, int, int]
+# A turn as every sample that includes it shows it: role, labelled text (`label_turn`),
+# and that text's character counts for the token estimate.
+_Rendered = tuple[str, str, int, int]
 
 
 def _render(turn: Turn, chat_type: str) -> _Rendered:
     text = label_turn(turn, chat_type)
-    labelled = turn if text is turn.text else Turn(role=turn.role, text=text, time=turn.time)
-    return (labelled, *_char_counts(text))
+    cjk = 0 if text.isascii() else sum(map(len, _CJK_RUNS.findall(text)))
+    return turn.role, text, cjk, len(text) - cjk - text.count(" ")
 
 
 def _fit(
@@ -170,54 +170,59 @@ def _fit(
     first: int,
     start: int,
     end: int,
-    chat_type: str,
     options: SampleOptions,
     system_tokens: int,
 ) -> tuple[list[dict[str, str]], int, int] | None:
     """Context is `rendered[first:start]`, the reply `rendered[start:end]` (none when equal).
 
     Trim context from the left until it starts with a user turn and fits the token budget;
-    returns (messages, time of the first turn, estimated tokens).
+    returns (messages, index of the first turn kept, estimated tokens).
     """
     no_reply = start == end
     while True:
-        while first < start and rendered[first][0].role == "assistant":
+        while first < start and rendered[first][0] == "assistant":
             first += 1
         if first == start:
             options.skipped[NO_CONTEXT] += 1
             return None
-        window = rendered[first:end]
-        # Counted before anything is built: most windows fit, the rest are trimmed first.
-        tokens = system_tokens + _window_tokens(window) + (_MESSAGE_OVERHEAD if no_reply else 0)
+        messages, tokens = _messages(rendered[first:end], options.system, system_tokens)
+        if no_reply:
+            messages.append({"role": "assistant", "content": ""})
+            tokens += _MESSAGE_OVERHEAD
         if tokens <= options.max_tokens:
-            messages = to_messages([r[0] for r in window], chat_type, system=options.system)
-            if no_reply:
-                messages.append({"role": "assistant", "content": ""})
-            return messages, window[0][0].time, tokens
+            return messages, first, tokens
         if start - first == 1:
             options.skipped[OVER_BUDGET] += 1
             return None
         first += 1
 
 
-def _window_tokens(window: Sequence[_Rendered]) -> int:
-    """`estimate_messages_tokens(to_messages(turns))` from the turns' counts, without the strings.
+def _messages(
+    window: Sequence[_Rendered], system: str, system_tokens: int
+) -> tuple[list[dict[str, str]], int]:
+    """`to_messages` of already labelled turns, and `estimate_messages_tokens` of the result.
 
-    `to_messages` joins adjacent same-role turns with a newline, and the estimate of a
-    joined text is the sum of its parts' counts plus one "other" character per newline.
+    Adjacent same-role turns join with a newline, as `to_messages` joins them (a test holds
+    the two equal); the estimate of a joined text is the sum of its parts' counts plus one
+    "other" character per newline, so no text is scanned twice.
     """
-    total = 0
-    role = None
+    messages = [{"role": "system", "content": system}]
+    tokens = system_tokens
+    role = ""
+    parts: list[str] = []
     cjk = other = 0
-    for turn, turn_cjk, turn_other in window:
-        if turn.role == role and role != "system":
-            if turn.text:
+    for turn_role, text, turn_cjk, turn_other in window:
+        if turn_role == role and role != "system":
+            if text:
+                parts.append(text)
                 cjk += turn_cjk
                 other += turn_other + 1
-        else:
-            if role is not None:
-                total += _tokens(cjk, other) + _MESSAGE_OVERHEAD
-            role, cjk, other = turn.role, turn_cjk, turn_other
-    if role is not None:
-        total += _tokens(cjk, other) + _MESSAGE_OVERHEAD
-    return total
+            continue
+        if parts:
+            messages.append({"role": role, "content": parts[0] if len(parts) == 1 else "\n".join(parts)})
+            tokens += _tokens(cjk, other) + _MESSAGE_OVERHEAD
+        role, parts, cjk, other = turn_role, [text], turn_cjk, turn_other
+    if parts:
+        messages.append({"role": role, "content": parts[0] if len(parts) == 1 else "\n".join(parts)})
+        tokens += _tokens(cjk, other) + _MESSAGE_OVERHEAD
+    return messages, tokens
