@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.dataset.build import build_dataset
+from pipeline.dataset.formats import record_line, to_record
+from pipeline.dataset.samples import Sample
 from pipeline.dataset.settings import DEFAULT_RULES_FILE, DatasetSettings
 from pipeline.errors import InputError
 from pipeline.records import Message, write_messages
@@ -271,3 +273,17 @@ def test_bad_settings_name_the_file_and_the_key(tmp_path, content, cause):
     with pytest.raises(InputError, match=cause) as info:
         DatasetSettings.from_file(path)
     assert str(path) in str(info.value)
+
+
+def test_record_lines_are_exactly_what_json_dumps_writes():
+    """The hand-assembled OpenAI line matches `json.dumps(..., ensure_ascii=False)` on awkward text."""
+    awkward = ['"\\', "tab\there\r\n", "\u2028 \u2029", "😀 emoji", "\x00\x1f", "</script>", "引号", ""]
+    turns = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(awkward)]
+    samples = [
+        Sample(messages=[{"role": "system", "content": "系统"}, *turns], chat_type="group"),
+        Sample(messages=[{"content": "键序不同", "role": "user"}], chat_type="c2c"),
+        Sample(messages=[{"role": "user", "content": "多", "name": "x"}], source="mix", chat_type="mix"),
+    ]
+    for sample in samples:
+        for fmt in ("openai", "sharegpt"):
+            assert record_line(sample, fmt) == json.dumps(to_record(sample, fmt), ensure_ascii=False) + "\n"

@@ -176,7 +176,7 @@ def write_samples(samples: Iterable[Sample], path: Path, fmt: str = "openai") ->
     count = 0
     with _open_private(path) as out:
         for sample in samples:
-            out.write(json.dumps(formats.to_record(sample, fmt), ensure_ascii=False) + "\n")
+            out.write(formats.record_line(sample, fmt))
             count += 1
     return count
 
@@ -318,12 +318,8 @@ def build_dataset(
     return report
 
 
-# `json.dumps(record, ensure_ascii=False)` builds this encoder anew for every call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False)
-
-
 def _line(sample: Sample, fmt: str) -> str:
-    return _ENCODER.encode(formats.to_record(sample, fmt)) + "\n"
+    return formats.record_line(sample, fmt)
 
 
 def _latest(conversations: dict[str, int], fraction: float) -> set[str]:
