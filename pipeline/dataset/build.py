@@ -109,10 +109,12 @@ def build_samples(
         skipped=stats.skipped,
     )
     names = tuple(settings.redact_names)
-    for conv in iter_conversations(
-        _counted(messages, stats), settings.session_gap, settings.max_conversation_messages
-    ):
+    for conv in iter_conversations(messages, settings.session_gap, settings.max_conversation_messages):
         stats.conversations += 1
+        # Every message lands in exactly one conversation: count there, not message by message.
+        stats.messages += len(conv.messages)
+        stats.owner_messages += sum(msg.is_self for msg in conv.messages)
+        stats.chats.add((conv.chat_type, conv.chat))
         kept = clean_messages(conv.messages, settings.rules, stats.dropped)
         redacted = _redact_conversation(kept, names, stats.redactions)
         turns = to_turns(redacted, settings.burst_gap)
@@ -126,14 +128,6 @@ def build_samples(
         )
 
 
-def _counted(messages: Iterable[Message], stats: BuildStats) -> Iterator[Message]:
-    for msg in messages:
-        stats.messages += 1
-        stats.owner_messages += msg.is_self
-        stats.chats.add((msg.chat_type, msg.chat))
-        yield msg
-
-
 def _redact_conversation(
     messages: list[Message], names: tuple[str, ...], counts: Counter[str]
 ) -> list[Message]:
@@ -142,17 +136,16 @@ def _redact_conversation(
     out = []
     # A conversation has a handful of speakers: redact each name once, count it every time.
     speakers: dict[str, tuple[str, Counter[str], dict[str, str]]] = {}
-    no_hits: Counter[str] = Counter()
     for msg in messages:
-        if needs_redaction(msg.text, names):
-            text, hits, seen = redact_found(msg.text, names)
-        else:
-            text, hits, seen = msg.text, no_hits, {}
         # Group cards are free text too ("张三 138…"), and they label turns in the output.
         redacted_speaker = speakers.get(msg.sender_name)
         if redacted_speaker is None:
             redacted_speaker = speakers[msg.sender_name] = redact_found(msg.sender_name, names)
         speaker, speaker_hits, speaker_seen = redacted_speaker
+        if not speaker_hits and not needs_redaction(msg.text, names):
+            out.append(msg)  # the common case: nothing in the text could be personal data
+            continue
+        text, hits, seen = redact_found(msg.text, names)
         if hits or speaker_hits:
             counts.update(hits)
             counts.update(speaker_hits)

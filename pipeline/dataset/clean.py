@@ -37,10 +37,14 @@ _LINK_ONLY_REST = 6
 
 def drop_reason(msg: Message, rules: RuleSettings) -> str | None:
     """The rule that drops this message on its own, or None to keep it."""
-    text = msg.text.strip()
+    return _drop_reason(msg, msg.text.strip(), rules, tuple(rules.command_prefixes))
+
+
+def _drop_reason(msg: Message, text: str, rules: RuleSettings, prefixes: tuple[str, ...]) -> str | None:
     if msg.sender in rules.bot_senders:
         return BOT_SENDER
-    if _is_command(text, rules.command_prefixes):
+    # One C call rules out nearly every message before the per-prefix check.
+    if text.startswith(prefixes) and _is_command(text, prefixes):
         return BOT_COMMAND
     if rules.drop_forwards_and_cards and (
         "forward" in msg.kinds or "card" in msg.kinds or FORWARD in text or CARD in text
@@ -67,8 +71,6 @@ def drop_reason(msg: Message, rules: RuleSettings) -> str | None:
 
 
 def _is_command(text: str, prefixes: Sequence[str]) -> bool:
-    if not text.startswith(tuple(prefixes)):  # one C call rules out nearly every message
-        return False
     for prefix in prefixes:
         if prefix and text.startswith(prefix):
             rest = text[len(prefix) :]
@@ -81,14 +83,17 @@ def clean_messages(messages: Iterable[Message], rules: RuleSettings, dropped: Co
     kept: list[Message] = []
     run_key: tuple[str, str] | None = None
     run_length = 0
+    prefixes = tuple(rules.command_prefixes)
+    max_repeats = rules.max_repeats
     for msg in messages:
-        key = (msg.sender, msg.text.strip())
+        text = msg.text.strip()
+        key = (msg.sender, text)
         run_length = run_length + 1 if key == run_key else 1
         run_key = key
-        if run_length > rules.max_repeats:
+        if run_length > max_repeats:
             dropped[REPEATED_SPAM] += 1
             continue
-        reason = drop_reason(msg, rules)
+        reason = _drop_reason(msg, text, rules, prefixes)
         if reason is not None:
             dropped[reason] += 1
             continue

@@ -54,19 +54,21 @@ def iter_conversations(
     newest = None
     last_sweep = None
     for msg in messages:
+        time = msg.time
         key = (msg.chat_type, msg.chat)
         conv = open_convs.get(key)
         if conv is not None and (
-            msg.time - conv.messages[-1].time > session_gap or len(conv.messages) >= max_messages
+            time - conv.messages[-1].time > session_gap or len(conv.messages) >= max_messages
         ):
             yield _closed(open_convs.pop(key))
             conv = None
         if conv is None:
             conv = open_convs[key] = Conversation(msg.chat_type, msg.chat)
         conv.messages.append(msg)
-        newest = msg.time if newest is None else max(newest, msg.time)
-        if last_sweep is None:
-            last_sweep = newest
+        if newest is None or last_sweep is None:
+            newest = last_sweep = time
+        elif time > newest:
+            newest = time
         # Close every conversation that can no longer grow; this is what bounds memory.
         if newest - last_sweep > session_gap:
             for stale in [k for k, c in open_convs.items() if newest - c.messages[-1].time > session_gap]:
