@@ -103,7 +103,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, dataset, tmp_
     config = tmp_path / "train.yaml"
     config.write_text("save_every: 2\nmax_seq_len: 128\nbatch_size: 2\nthreads: 1\n", encoding="utf-8")
     args = ["--data", str(dataset), "-o", str(run), "--base-model", str(tiny_model), "--config", str(config)]
-    args += ["--max-steps", "400", "--quiet"]
+    args += ["--max-steps", "150", "--quiet"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy", "train", *args],
         cwd=REPO,
@@ -121,13 +121,13 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model, dataset, tmp_
     assert not (run / "adapter").exists() and not (run / METRICS_FILE).exists()
 
     # Re-running the same command (here through the Python API) continues, not restarts.
-    settings = settings_for(tiny_model, dataset, run, max_steps=400, save_every=2)
-    resumed = train(settings.model_copy(update={"max_steps": 400}), progress=False)
+    settings = settings_for(tiny_model, dataset, run, max_steps=150, save_every=2)
+    resumed = train(settings.model_copy(update={"max_steps": 150}), progress=False)
 
     metrics = json.loads((run / METRICS_FILE).read_text(encoding="utf-8"))
     assert resumed.resumed_from_step >= 2
     steps = [point["step"] for point in metrics["loss_curve"]]
-    assert steps == list(range(1, 401))
+    assert steps == list(range(1, 151))
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
