@@ -117,6 +117,8 @@ def build_samples(
         stats.chats.add((conv.chat_type, conv.chat))
         kept = clean_messages(conv.messages, settings.rules, stats.dropped)
         redacted = _redact_conversation(kept, names, stats.redactions)
+        if not any(msg.is_self for msg in redacted):
+            continue  # every sample ends at (or waits for) the owner: a lurked chat makes none
         turns = to_turns(redacted, settings.burst_gap)
         yield from samples_from_turns(
             turns,

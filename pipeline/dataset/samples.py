@@ -124,7 +124,7 @@ def samples_from_turns(
             fitted = _fit(rendered, first, start, i + 1, options, system_tokens)
             if fitted is None:
                 continue
-            owner = sum(t.messages for t in turns[start : i + 1])
+            owner = current.messages if start == i else sum(t.messages for t in turns[start : i + 1])
             kind: Kind = "reply"
         else:
             if not (owner_present and options.no_reply_rate > 0):
@@ -208,21 +208,20 @@ def _messages(
     """
     messages = [{"role": "system", "content": system}]
     tokens = system_tokens
-    role = ""
-    parts: list[str] = []
+    last: dict[str, str] = messages[0]
     cjk = other = 0
-    for turn_role, text, turn_cjk, turn_other in window:
-        if turn_role == role and role != "system":
+    for role, text, turn_cjk, turn_other in window:
+        if role == last["role"] and role != "system":
             if text:
-                parts.append(text)
+                last["content"] = f"{last['content']}\n{text}"
                 cjk += turn_cjk
                 other += turn_other + 1
             continue
-        if parts:
-            messages.append({"role": role, "content": parts[0] if len(parts) == 1 else "\n".join(parts)})
+        if last is not messages[0]:
             tokens += _tokens(cjk, other) + _MESSAGE_OVERHEAD
-        role, parts, cjk, other = turn_role, [text], turn_cjk, turn_other
-    if parts:
-        messages.append({"role": role, "content": parts[0] if len(parts) == 1 else "\n".join(parts)})
+        last = {"role": role, "content": text}
+        messages.append(last)
+        cjk, other = turn_cjk, turn_other
+    if last is not messages[0]:
         tokens += _tokens(cjk, other) + _MESSAGE_OVERHEAD
     return messages, tokens
