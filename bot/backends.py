@@ -42,6 +42,7 @@ class SamplingSettings:
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = -1
+    repeat_penalty: float = 1.1
 
 
 class Backend(Protocol):
@@ -153,6 +154,7 @@ class LlamaCppBackend:
             max_tokens=s.max_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
+            repeat_penalty=s.repeat_penalty,
             seed=s.seed if s.seed >= 0 else None,
             stop=[self._eos] if self._eos else None,
             stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: self._stopping.is_set()]),
@@ -270,7 +272,10 @@ class OpenAIBackend:
                 max_tokens=s.max_tokens,
                 temperature=s.temperature,
                 top_p=s.top_p,
-                extra_body={"chat_template_kwargs": CHAT_TEMPLATE_KWARGS},
+                extra_body={
+                    "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
+                    "repetition_penalty": s.repeat_penalty,  # vLLM / llama-server; others ignore it
+                },
                 **seed,
             )
         finally:

@@ -27,6 +27,9 @@ class Config(BaseModel):
     twin_max_tokens: int = Field(96, ge=1, description="longest reply, tokens")
     twin_temperature: float = Field(0.7, ge=0.0, description="sampling temperature (0 = greedy)")
     twin_top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling")
+    twin_repeat_penalty: float = Field(
+        1.1, ge=1.0, le=2.0, description="penalise repeated tokens (1 = off); small models loop without it"
+    )
     twin_seed: int = Field(-1, description="fixed seed for reproducible replies; -1 = random")
     twin_openai_base_url: str = Field("http://127.0.0.1:8000/v1", description="openai backend: server URL")
     twin_openai_model: str = Field("twin", description="openai backend: served model name (shown as version)")

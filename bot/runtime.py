@@ -41,7 +41,11 @@ class _ChatState:
 def make_backend(config: Config) -> Backend:
     """The configured backend; the llama.cpp one loads `TWIN_MODEL` (file, model dir or registry)."""
     sampling = SamplingSettings(
-        config.twin_max_tokens, config.twin_temperature, config.twin_top_p, config.twin_seed
+        config.twin_max_tokens,
+        config.twin_temperature,
+        config.twin_top_p,
+        config.twin_seed,
+        config.twin_repeat_penalty,
     )
     if config.twin_backend == "openai":
         return OpenAIBackend(

@@ -29,7 +29,13 @@ class DemoSettings:
     out_dir: Path = Path("demo-output")
     messages: int = 3000
     seed: int = 0
-    train_steps: int = 120
+    # Sized for 2 CPU cores and minutes, not for quality: short contexts, short packed rows,
+    # and a learning rate high enough for a few dozen LoRA steps to move a 135M model.
+    train_steps: int = 60
+    context_turns: int = 2
+    batch_size: int = 2
+    max_seq_len: int = 256
+    learning_rate: float = 1e-3
     probe_messages: int = 16
     shown: int = 8
     n_threads: int = 2
@@ -105,7 +111,11 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
     with stages.stage("twin build-dataset: conversations → cleaned, redacted samples"):
         art["dataset"] = out / "dataset"
         dataset_report = build_dataset(
-            art["messages"], art["dataset"], DatasetSettings(persona=settings.persona, seed=settings.seed)
+            art["messages"],
+            art["dataset"],
+            DatasetSettings(
+                persona=settings.persona, seed=settings.seed, context_turns=settings.context_turns
+            ),
         )
         console.print(f"  {_summary(dataset_report)}")
 
@@ -120,6 +130,10 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
                 data=art["dataset"],
                 output_dir=art["run"],
                 max_steps=settings.train_steps,
+                batch_size=settings.batch_size,
+                max_seq_len=settings.max_seq_len,
+                lr=settings.learning_rate,
+                threads=settings.n_threads,
                 seed=settings.seed,
             )
         )
@@ -140,11 +154,22 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
 
     with stages.stage("twin serve: the bot answers a simulated QQ client over OneBot v11"):
         art["bot_db"] = out / "data" / "bot.db"
-        art["bot_log"] = out / "bot.log"
-        asyncio.run(_ask_the_bot(art, exchanges, settings, console))
+        art["bot_log"] = out / "data" / "bot.log"
+        prompts = [e.prompt for e in exchanges]
+        twin_replies = asyncio.run(
+            _ask_a_bot(art["registry"], out / "data", prompts, settings, console, "twin")
+        )
+        for exchange, reply in zip(exchanges, twin_replies, strict=True):
+            exchange.twin = reply
 
-    with stages.stage("the base model answers the same messages"):
-        _ask_the_base(exchanges, settings)
+    with stages.stage("the same bot serving the untouched base model answers the same messages"):
+        from trainer.models import smollm2_gguf_path
+
+        base_replies = asyncio.run(
+            _ask_a_bot(smollm2_gguf_path(), out / "data-base", prompts, settings, console, "base")
+        )
+        for exchange, reply in zip(exchanges, base_replies, strict=True):
+            exchange.base = reply
 
     result.exchanges = exchanges
     result.style = _style_table(exchanges, sampledb)
@@ -174,21 +199,22 @@ def _probe_exchanges(dataset_dir: Path, count: int) -> list[Exchange]:
     return exchanges
 
 
-async def _ask_the_bot(
-    art: dict[str, Path], exchanges: list[Exchange], settings: DemoSettings, console: Console
-) -> None:
+async def _ask_a_bot(
+    model: Path, data_dir: Path, prompts: list[str], settings: DemoSettings, console: Console, who: str
+) -> list[str]:
+    """Start `python bot.py` serving `model`, send each prompt from a new friend, collect the replies."""
     from rich.progress import Progress
 
     from deploy.onebot_client import BotProcess
 
-    private_dir(art["bot_db"].parent)
+    private_dir(data_dir)
     bot = BotProcess(
         {
             "ONEBOT_ACCESS_TOKEN": secrets.token_urlsafe(16),
             "SUPERUSERS": f'["{DEMO_SUPERUSER}"]',
-            "TWIN_MODEL": str(art["registry"]),
+            "TWIN_MODEL": str(model),
             "TWIN_BACKEND": "llama_cpp",
-            "TWIN_DB": str(art["bot_db"]),
+            "TWIN_DB": str(data_dir / "bot.db"),
             "TWIN_N_THREADS": str(settings.n_threads),
             "TWIN_PERSONA": settings.persona,
             "TWIN_BURST_WINDOW": "0",
@@ -198,46 +224,29 @@ async def _ask_the_bot(
             "TWIN_TEMPERATURE": str(DEMO_TEMPERATURE),
             "TWIN_SEED": str(settings.seed),
         },
-        cwd=art["bot_db"].parent,
-        log_file=art["bot_log"],
+        cwd=data_dir,
+        log_file=data_dir / "bot.log",
     )
-    with console.status("starting the bot (python bot.py) and loading the twin…"):
+    with console.status(f"starting the bot (python bot.py) with the {who} model…"):
         bot.start(timeout=180)
+    replies: list[str] = []
     try:
         async with bot.client(self_id=DEMO_SELF_ID) as client:
             with Progress(console=console) as progress:
-                task = progress.add_task("friends send messages over OneBot v11", total=len(exchanges))
-                for number, exchange in enumerate(exchanges):
+                task = progress.add_task(f"friends message the {who} over OneBot v11", total=len(prompts))
+                for number, prompt in enumerate(prompts):
                     friend = 20000 + number
-                    await client.send_private(friend, exchange.prompt)
+                    await client.send_private(friend, prompt)
                     try:
                         await client.wait_reply(user_id=friend, timeout=BOT_REPLY_TIMEOUT)
                         await client.wait_quiet(0.5, user_id=friend)  # later bubbles of the same reply
                     except TimeoutError:
-                        pass  # the twin read it and chose not to answer
-                    exchange.twin = "\n".join(m.text for m in client.replies(user_id=friend))
+                        pass  # read, and chose not to answer
+                    replies.append("\n".join(m.text for m in client.replies(user_id=friend)))
                     progress.advance(task)
     finally:
         bot.stop(timeout=15)
-
-
-def _ask_the_base(exchanges: list[Exchange], settings: DemoSettings) -> None:
-    """The untouched base GGUF, prompted exactly as the bot prompts the twin."""
-    from trainer.chat import ChatModel
-    from trainer.models import smollm2_gguf_path
-
-    model = ChatModel(
-        smollm2_gguf_path(),
-        persona=settings.persona,
-        n_threads=settings.n_threads,
-        temperature=DEMO_TEMPERATURE,
-        seed=settings.seed,
-    )
-    try:
-        for exchange in exchanges:
-            exchange.base = model.reply([exchange.prompt])
-    finally:
-        model.close()
+    return replies
 
 
 # ---------------------------------------------------------------- reporting

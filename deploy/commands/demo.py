@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def demo(
         out: Path = typer.Option(Path("demo-output"), "--out", "-o", help="Where every artefact goes."),
         messages: int = typer.Option(3000, help="Messages in the synthetic QQ history."),
-        steps: int = typer.Option(120, help="LoRA training steps."),
+        steps: int = typer.Option(60, help="LoRA training steps."),
         probes: int = typer.Option(16, help="Held-out friend messages sent to the bot."),
         threads: int = typer.Option(2, help="CPU threads for llama.cpp generation."),
         seed: int = typer.Option(0, help="Seed for the synthetic history and training."),
