@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install $(TORCH_SPEC)
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install "llama-cpp-python>=0.3.7"
 	$(PIP) install -e ".[dev]"
+	# llama.cpp's own GGUF converter, matching the installed llama-cpp-python (cached once)
+	$(PY) -c "from trainer.export import ensure_converter; print(ensure_converter())"
 	touch $@
 
 demo: $(STAMP)
