@@ -45,7 +45,8 @@ from pipeline.records import Message, iter_messages
 
 REPORT_FILE = "report.json"
 INFO_FILE = "dataset_info.json"
-# One line per sample: "conversation no_reply turns tokens owner_messages [content hash]\t" + output record.
+# One line per sample: conversation number, tab, (with an LLM pass: samples no_reply turns
+# tokens owner_messages content_hash), tab, the output record.
 _SCRATCH = ".samples.tsv"
 _JUDGE_SCRATCH = ".samples.jsonl"  # whole samples, for the LLM pass
 _PROGRESS_BATCH = 2048  # rich redraws are not free; advance in batches
@@ -216,6 +217,8 @@ def build_dataset(
         judged = tmp / _JUDGE_SCRATCH if settings.llm.enabled else None
         conversations: dict[str, int] = {}
         conversation_ids: dict[str, int] = {}
+        # Per conversation: samples, no-reply samples, turns, tokens, owner messages.
+        totals: list[list[int]] = []
         reading = bar.add_task("reading messages", total=total, unit="msg")
         n_samples = 0
         with ExitStack() as files:
@@ -224,15 +227,16 @@ def build_dataset(
             for sample in build_samples(_advancing(stream, bar, reading), settings, stats=stats):
                 conversations[sample.conversation] = sample.conversation_end
                 conversation = conversation_ids.setdefault(sample.conversation, len(conversation_ids))
-                content_hash = ""
+                if conversation == len(totals):
+                    totals.append([0, 0, 0, 0, 0])
+                numbers = (1, sample.kind == "no_reply", sample.turns, sample.tokens, sample.owner_messages)
+                totals[conversation] = [a + b for a, b in zip(totals[conversation], numbers, strict=True)]
+                meta = ""
                 if judge_out is not None:
                     judge_out.write(sample.to_json() + "\n")
-                    content_hash = " " + sample.content_hash()
+                    meta = " ".join(map(str, (*map(int, numbers), sample.content_hash())))
                 # The output record is encoded once, here; the split only copies the line.
-                out.write(
-                    f"{conversation} {sample.kind == 'no_reply':d} {sample.turns} {sample.tokens} "
-                    f"{sample.owner_messages}{content_hash}\t{_line(sample, settings.format)}"
-                )
+                out.write(f"{conversation}\t{meta}\t{_line(sample, settings.format)}")
                 n_samples += 1
         bar.update(reading, total=stats.messages, completed=stats.messages)
         if n_samples == 0:
@@ -248,7 +252,6 @@ def build_dataset(
         counts: Counter[str] = Counter()
         turns: Counter[str] = Counter()
         tokens: Counter[str] = Counter()
-        owner_in_training = 0
         splitting = bar.add_task("writing samples", total=n_samples, unit="samples")
         # Bytes in, bytes out: the records were encoded once already, in the first pass.
         with (
@@ -259,22 +262,26 @@ def build_dataset(
             for done, line in enumerate(lines, start=1):
                 if done % _PROGRESS_BATCH == 0:
                     bar.advance(splitting, _PROGRESS_BATCH)
-                meta, record = line.split(b"\t", 1)
-                conversation, no_reply, n_turns, n_tokens, owner, *content_hash = meta.split(b" ")
-                if verdicts and not llm_clean.keeps(
-                    verdicts.get(llm_clean.key_for_hash(content_hash[0].decode(), settings.llm.model)),
-                    settings.llm.min_score,
-                ):
-                    counts["llm_dropped"] += 1
-                    continue
-                split = "val" if int(conversation) in val_ids else "train"
-                (val if split == "val" else train).write(record)
-                counts[split] += 1
-                counts["no_reply"] += int(no_reply)
-                turns[split] += int(n_turns)
-                tokens[split] += int(n_tokens)
-                owner_in_training += int(owner)
+                conversation_field, meta, record = line.split(b"\t", 2)
+                conversation = int(conversation_field)
+                if verdicts:
+                    *numbers, content_hash = meta.decode().split(" ")
+                    verdict = verdicts.get(llm_clean.key_for_hash(content_hash, settings.llm.model))
+                    if not llm_clean.keeps(verdict, settings.llm.min_score):
+                        counts["llm_dropped"] += 1
+                        for i, number in enumerate(numbers):
+                            totals[conversation][i] -= int(number)
+                        continue
+                (val if conversation in val_ids else train).write(record)
             bar.update(splitting, completed=n_samples)
+            owner_in_training = 0
+            for conversation, (n, no_reply, n_turns, n_tokens, owner) in enumerate(totals):
+                split = "val" if conversation in val_ids else "train"
+                counts[split] += n
+                counts["no_reply"] += no_reply
+                turns[split] += n_turns
+                tokens[split] += n_tokens
+                owner_in_training += owner
             counts["mix"] = _write_mix(train, mix_path, counts["train"], settings, stats, turns, tokens)
         scratch.unlink()
         if judged is not None:
