@@ -49,17 +49,18 @@ class Message:
     @classmethod
     def from_dict(cls, data: dict) -> Message:
         try:
+            # Positional, in field order: build-dataset reads every message through here.
             msg = cls(
-                msg_id=str(data["msg_id"]),
-                chat_type=data["chat_type"],
-                chat=str(data["chat"]),
-                sender=str(data["sender"]),
-                sender_name=str(data.get("sender_name") or ""),
-                is_self=bool(data["is_self"]),
-                time=int(data["time"]),
-                text=str(data["text"]),
-                reply_to=None if data.get("reply_to") is None else str(data["reply_to"]),
-                kinds=[str(k) for k in data.get("kinds") or []],
+                str(data["msg_id"]),
+                data["chat_type"],
+                str(data["chat"]),
+                str(data["sender"]),
+                str(data.get("sender_name") or ""),
+                bool(data["is_self"]),
+                int(data["time"]),
+                str(data["text"]),
+                None if data.get("reply_to") is None else str(data["reply_to"]),
+                list(map(str, data.get("kinds") or ())),
             )
         except KeyError as exc:
             raise ValueError(f"missing field {exc.args[0]!r}") from None
