@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.errors import InputError
 
 
 class RetrainSettings(BaseSettings):
@@ -62,3 +64,13 @@ class RetrainSettings(BaseSettings):
     @property
     def quant_list(self) -> list[str]:
         return [q.strip() for q in self.retrain_quants.split(",") if q.strip()]
+
+
+def load_settings(**overrides: object) -> RetrainSettings:
+    """The settings from the environment and `.env`; a bad value is one InputError naming it."""
+    try:
+        return RetrainSettings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = "TWIN_" + "_".join(str(p) for p in error["loc"]).upper()
+        raise InputError(".env / environment", f"{name}: {error['msg']}") from None

@@ -276,3 +276,10 @@ def test_replay_needs_the_original_dataset_in_the_messages_format(tmp_path):
     assert result.state == "failed"
     assert "train.jsonl: line 1: not an OpenAI `messages` sample" in result.reason
     assert read_status(reg)["stage"] == "build" and current_version(reg) == "v0001"
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TWIN_RETRAIN_MIN_SAMPLES", "many")
+    assert twin(["retrain", "--registry", str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "TWIN_RETRAIN_MIN_SAMPLES" in err[0]

@@ -12,9 +12,9 @@ REGISTRY_HELP = "model registry directory (default: TWIN_MODEL from the environm
 def _registry(path: Path | None) -> Path:
     if path is not None:
         return path
-    from deploy.settings import RetrainSettings
+    from deploy.settings import load_settings
 
-    return RetrainSettings().model
+    return load_settings().model
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -67,7 +67,10 @@ def _print_versions(registry: Path) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `twin models` and `twin retrain` to the `twin` app."""
-    models = typer.Typer(help="The model registry: list versions, promote one, roll back.")
+    models = typer.Typer(
+        help="The model registry: without a command, list the versions with their eval numbers "
+        "and which one serves; `promote V`; `rollback`."
+    )
 
     @models.callback(invoke_without_command=True)
     def models_list(
@@ -114,10 +117,10 @@ def register(app: typer.Typer) -> None:
         registry: Path | None = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP),
     ) -> None:
         """One incremental retrain cycle (with --now), else the last cycle's status and the schedule."""
-        from deploy.settings import RetrainSettings
+        from deploy.settings import load_settings
 
         overrides = {"model": registry} if registry is not None else {}
-        settings = RetrainSettings(**overrides)
+        settings = load_settings(**overrides)
         if not now:
             _print_status(settings)
             return
