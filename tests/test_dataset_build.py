@@ -283,7 +283,10 @@ def test_record_lines_are_exactly_what_json_dumps_writes():
         Sample(messages=[{"role": "system", "content": "系统"}, *turns], chat_type="group"),
         Sample(messages=[{"content": "键序不同", "role": "user"}], chat_type="c2c"),
         Sample(messages=[{"role": "user", "content": "多", "name": "x"}], source="mix", chat_type="mix"),
+        Sample(messages=[{"role": "user", "content": 5}]),
     ]
     for sample in samples:
         for fmt in ("openai", "sharegpt"):
             assert record_line(sample, fmt) == json.dumps(to_record(sample, fmt), ensure_ascii=False) + "\n"
+    odd = Sample(messages=[{"role": "user", "text": "缺内容"}])
+    assert record_line(odd, "openai") == json.dumps(to_record(odd, "openai"), ensure_ascii=False) + "\n"

@@ -65,18 +65,17 @@ def record_line(sample: Sample, fmt: str) -> str:
 def _messages_json(messages: Sequence[Any]) -> str | None:
     """JSON of a list of {"role": str, "content": str} dicts (keys in that order), else None."""
     parts = []
-    for message in messages:
-        if type(message) is not dict or len(message) != 2:
-            return None
-        (role_key, role), (content_key, content) = message.items()
-        if (
-            role_key != "role"
-            or content_key != "content"
-            or type(role) is not str
-            or type(content) is not str
-        ):
-            return None
-        parts.append(f'{{"role": {_JSON_STR(role)}, "content": {_JSON_STR(content)}}}')
+    try:
+        for message in messages:
+            # Two keys, "role" first, and "content" present: exactly role then content.
+            if type(message) is not dict or len(message) != 2 or next(iter(message)) != "role":
+                return None
+            # encode_basestring raises TypeError for anything but a string.
+            parts.append(
+                f'{{"role": {_JSON_STR(message["role"])}, "content": {_JSON_STR(message["content"])}}}'
+            )
+    except (KeyError, TypeError):
+        return None
     return f"[{', '.join(parts)}]"
 
 

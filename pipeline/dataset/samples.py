@@ -111,25 +111,25 @@ def samples_from_turns(
     # A turn shows up in up to `context_turns` + 1 samples: label and count it once, here.
     rendered = [_render(t.turn, chat_type) for t in turns]
     system_tokens = _tokens(*_char_counts(options.system)) + _MESSAGE_OVERHEAD
-    owner_present = any(t.turn.role == "assistant" for t in turns)
-    for i, current in enumerate(turns):
-        nxt = turns[i + 1] if i + 1 < len(turns) else None
-        if current.turn.role == "assistant":
-            if nxt is not None and nxt.turn.role == "assistant":
+    roles = [r[0] for r in rendered]
+    no_reply_wanted = "assistant" in roles and options.no_reply_rate > 0
+    last = len(roles) - 1
+    for i, role in enumerate(roles):
+        owner_next = i < last and roles[i + 1] == "assistant"
+        if role == "assistant":
+            if owner_next:
                 continue  # the reply goes on: the sample ends at the last turn of the run
             start = i
-            while start > 0 and turns[start - 1].turn.role == "assistant":
+            while start > 0 and roles[start - 1] == "assistant":
                 start -= 1
             first = max(0, start - options.context_turns)
             fitted = _fit(rendered, first, start, i + 1, options, system_tokens)
             if fitted is None:
                 continue
-            owner = current.messages if start == i else sum(t.messages for t in turns[start : i + 1])
+            owner = turns[i].messages if start == i else sum(t.messages for t in turns[start : i + 1])
             kind: Kind = "reply"
         else:
-            if not (owner_present and options.no_reply_rate > 0):
-                continue
-            if nxt is not None and nxt.turn.role == "assistant":
+            if not no_reply_wanted or owner_next:
                 continue
             rng = random.Random(f"{options.seed}:{conversation}:{i}")
             if rng.random() >= options.no_reply_rate:
@@ -145,7 +145,7 @@ def samples_from_turns(
             chat_type=chat_type,
             chat=chat,
             start=turns[first].turn.time,
-            end=current.turn.time,
+            end=turns[i].turn.time,
             kind=kind,
             conversation=conversation,
             conversation_end=conversation_end,
