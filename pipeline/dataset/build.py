@@ -229,12 +229,18 @@ def build_dataset(
                 conversation = conversation_ids.setdefault(sample.conversation, len(conversation_ids))
                 if conversation == len(totals):
                     totals.append([0, 0, 0, 0, 0])
-                numbers = (1, sample.kind == "no_reply", sample.turns, sample.tokens, sample.owner_messages)
-                totals[conversation] = [a + b for a, b in zip(totals[conversation], numbers, strict=True)]
+                no_reply = int(sample.kind == "no_reply")
+                row = totals[conversation]
+                row[0] += 1
+                row[1] += no_reply
+                row[2] += sample.turns
+                row[3] += sample.tokens
+                row[4] += sample.owner_messages
                 meta = ""
                 if judge_out is not None:
                     judge_out.write(sample.to_json() + "\n")
-                    meta = " ".join(map(str, (*map(int, numbers), sample.content_hash())))
+                    numbers = (1, no_reply, sample.turns, sample.tokens, sample.owner_messages)
+                    meta = " ".join(map(str, (*numbers, sample.content_hash())))
                 # The output record is encoded once, here; the split only copies the line.
                 out.write(f"{conversation}\t{meta}\t{_line(sample, settings.format)}")
                 n_samples += 1
