@@ -208,20 +208,21 @@ def _messages(
     """
     messages = [{"role": "system", "content": system}]
     tokens = system_tokens
-    last: dict[str, str] = messages[0]
+    last: dict[str, str] | None = None
+    last_role = "system"
     cjk = other = 0
     for role, text, turn_cjk, turn_other in window:
-        if role == last["role"] and role != "system":
+        if role == last_role and role != "system" and last is not None:
             if text:
                 last["content"] = f"{last['content']}\n{text}"
                 cjk += turn_cjk
                 other += turn_other + 1
             continue
-        if last is not messages[0]:
-            tokens += _tokens(cjk, other) + _MESSAGE_OVERHEAD
+        if last is not None:
+            tokens += cjk + (other + 3) // 4 + _MESSAGE_OVERHEAD  # _tokens, inline: once per message
         last = {"role": role, "content": text}
         messages.append(last)
-        cjk, other = turn_cjk, turn_other
-    if last is not messages[0]:
+        last_role, cjk, other = role, turn_cjk, turn_other
+    if last is not None:
         tokens += _tokens(cjk, other) + _MESSAGE_OVERHEAD
     return messages, tokens
