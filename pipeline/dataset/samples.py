@@ -161,8 +161,7 @@ _Rendered = tuple[str, str, int, int]
 
 def _render(turn: Turn, chat_type: str) -> _Rendered:
     text = label_turn(turn, chat_type)
-    cjk = 0 if text.isascii() else sum(map(len, _CJK_RUNS.findall(text)))
-    return turn.role, text, cjk, len(text) - cjk - text.count(" ")
+    return (turn.role, text, *_char_counts(text))
 
 
 def _fit(
@@ -219,7 +218,7 @@ def _messages(
                 other += turn_other + 1
             continue
         if last is not None:
-            tokens += cjk + (other + 3) // 4 + _MESSAGE_OVERHEAD  # _tokens, inline: once per message
+            tokens += _tokens(cjk, other) + _MESSAGE_OVERHEAD
         last = {"role": role, "content": text}
         messages.append(last)
         last_role, cjk, other = role, turn_cjk, turn_other
