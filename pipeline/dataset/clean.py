@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from pipeline.chatformat import ANIMATED_STICKER, CARD, FORWARD, is_placeholder_only
+from pipeline.chatformat import ANIMATED_STICKER, CARD, FORWARD, PLACEHOLDERS, is_placeholder_only
 from pipeline.dataset.redact import has_url, strip_urls
 from pipeline.dataset.settings import RuleSettings
 from pipeline.records import Message
@@ -31,6 +31,8 @@ RULE_NAMES = (
 )
 
 _WORDISH = re.compile(r"[A-Za-z\u4e00-\u9fff]")
+_PLACEHOLDER_STARTS = tuple({p[0] for p in PLACEHOLDERS})
+_PLACEHOLDER_ENDS = tuple({p[-1] for p in PLACEHOLDERS})
 # What is left of a link share once the link is gone: a few words of punctuation or a label.
 _LINK_ONLY_REST = 6
 
@@ -59,8 +61,7 @@ def _drop_reason(msg: Message, text: str, rules: RuleSettings, prefixes: tuple[s
         and len(strip_urls(text).strip()) <= _LINK_ONLY_REST
     ):
         return LINK_ONLY
-    # Every placeholder starts with "[", so without one only an empty text is placeholder-only.
-    if (not text or "[" in text) and is_placeholder_only(text):
+    if _placeholder_only(text):
         if msg.is_self:
             sticker = "sticker" in msg.kinds or ANIMATED_STICKER in text
             if rules.placeholder_only_owner and not (rules.keep_owner_stickers and sticker):
@@ -68,6 +69,13 @@ def _drop_reason(msg: Message, text: str, rules: RuleSettings, prefixes: tuple[s
         elif rules.placeholder_only_others:
             return PLACEHOLDER_ONLY
     return None
+
+
+def _placeholder_only(text: str) -> bool:
+    """`is_placeholder_only` of a stripped text, which then starts and ends like a placeholder."""
+    if text and not (text.startswith(_PLACEHOLDER_STARTS) and text.endswith(_PLACEHOLDER_ENDS)):
+        return False  # most chat lines: no need to try every placeholder
+    return is_placeholder_only(text)
 
 
 def _is_command(text: str, prefixes: Sequence[str]) -> bool:
