@@ -205,7 +205,7 @@ def build_dataset(
     bad_lines: list[int] = []
     total = None
     if isinstance(messages, (str, Path)):
-        total = _count_lines(Path(messages))
+        total = _count_lines(Path(messages)) if progress else None  # only the bar needs it
         stream: Iterable[Message] = iter_messages(messages, skip_bad=settings.skip_bad, bad_lines=bad_lines)
     else:
         stream = messages
@@ -224,7 +224,8 @@ def build_dataset(
         with ExitStack() as files:
             out = files.enter_context(_open_private(scratch))
             judge_out = files.enter_context(_open_private(judged)) if judged is not None else None
-            for sample in build_samples(_advancing(stream, bar, reading), settings, stats=stats):
+            shown = _advancing(stream, bar, reading) if progress else stream
+            for sample in build_samples(shown, settings, stats=stats):
                 conversations[sample.conversation] = sample.conversation_end
                 conversation = conversation_ids.setdefault(sample.conversation, len(conversation_ids))
                 if conversation == len(totals):
