@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.errors import InputError
 from pipeline.files import atomic_path
@@ -71,6 +71,26 @@ class Message:
         return msg
 
 
+_DECODER = json.JSONDecoder()
+
+
+def _loads_line(line: str) -> Any:
+    """`json.loads(line)`, minus its per-call checks for the usual `{...}` + newline line.
+
+    Anything else (leading space or BOM, trailing text, a syntax error) goes through
+    `json.loads` itself, so results and error messages are exactly its own.
+    """
+    if line.startswith("{"):
+        try:
+            value, end = _DECODER.raw_decode(line)
+        except json.JSONDecodeError:
+            pass
+        else:
+            if end == len(line) or line[end:] == "\n":
+                return value
+    return json.loads(line)
+
+
 def iter_messages(
     path: str | Path, *, skip_bad: bool = False, bad_lines: list[int] | None = None
 ) -> Iterator[Message]:
@@ -93,7 +113,7 @@ def iter_messages(
                 if not line.strip():
                     continue
                 try:
-                    yield Message.from_dict(json.loads(line))
+                    yield Message.from_dict(_loads_line(line))
                 except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
                     if not skip_bad:
                         raise InputError(
