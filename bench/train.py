@@ -186,7 +186,7 @@ def run_baseline(args: argparse.Namespace) -> dict:
         max_steps=args.steps,
         learning_rate=2e-4,
         lr_scheduler_type="cosine",
-        warmup_ratio=0.05,
+        warmup_steps=round(args.steps * 0.05),
         logging_steps=10**6,
         save_strategy="no",
         report_to=[],

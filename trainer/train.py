@@ -242,6 +242,7 @@ def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
         metrics = _metrics(state, runtime, total_steps, resumed_from, settings, base.to_dict())
+        metrics["processes"] = accelerator.num_processes
         metrics["precision"] = ("bf16" if on_cuda else "fp32 + bf16 autocast") if use_bf16 else "fp32"
         write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, ensure_ascii=False, indent=2))
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
