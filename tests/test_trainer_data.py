@@ -18,7 +18,7 @@ from trainer.data import (
     load_split,
     pack_rows,
 )
-from trainer.tiny import cached_tiny_model
+from trainer.tiny import cached_tiny_model, fixture_cache_dir
 
 CONVERSATION = [
     {"role": "system", "content": "你是小明，正在QQ上和朋友聊天。"},
@@ -44,7 +44,7 @@ QWEN3_LIKE_TEMPLATE = (
 def tokenizer(request):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(cached_tiny_model(request.config.cache.mkdir("qq-twin")))
+    return AutoTokenizer.from_pretrained(cached_tiny_model(fixture_cache_dir(request)))
 
 
 def labelled_text(tokenizer, sample: Encoded) -> list[str]:

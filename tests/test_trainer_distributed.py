@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.tiny import cached_tiny_model
+from trainer.tiny import cached_tiny_model, fixture_cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def test_two_cpu_processes_train_one_run(request, tmp_path):
-    tiny = cached_tiny_model(request.config.cache.mkdir("qq-twin"))
+    tiny = cached_tiny_model(fixture_cache_dir(request))
     data = tmp_path / "data"
     data.mkdir()
     rows = [

@@ -19,7 +19,7 @@ from trainer.style import (
     style_metrics,
     top_catchphrases,
 )
-from trainer.tiny import cached_tiny_model
+from trainer.tiny import cached_tiny_model, fixture_cache_dir
 from trainer.train import train
 
 OWNER = ["绝绝子 好耶[贴贴]", "哈哈哈绝绝子", "在的", "[doge]", "好耶", "绝绝子", "明天吧[图片]", "哈哈哈"]
@@ -74,7 +74,7 @@ def test_a_probe_stops_before_the_last_reply_to_a_friend():
 
 @pytest.fixture(scope="module")
 def run_and_data(request, tmp_path_factory) -> tuple[Path, Path]:
-    tiny = cached_tiny_model(request.config.cache.mkdir("qq-twin"))
+    tiny = cached_tiny_model(fixture_cache_dir(request))
     data = tmp_path_factory.mktemp("dataset")
     rows = []
     for i, reply in enumerate(OWNER * 2):

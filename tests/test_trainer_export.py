@@ -12,13 +12,13 @@ from pipeline.registry import gguf_name, resolve_model
 from trainer.chat import ChatModel
 from trainer.config import TrainSettings
 from trainer.export import ensure_converter, export
-from trainer.tiny import cached_tiny_model
+from trainer.tiny import cached_tiny_model, fixture_cache_dir
 from trainer.train import train
 
 
 @pytest.fixture(scope="module")
 def trained_run(request, tmp_path_factory) -> Path:
-    tiny = cached_tiny_model(request.config.cache.mkdir("qq-twin"))
+    tiny = cached_tiny_model(fixture_cache_dir(request))
     data = tmp_path_factory.mktemp("dataset")
     sample = {
         "messages": [

@@ -10,7 +10,7 @@ import pytest
 from deploy.cli import main as twin
 from trainer.config import TrainSettings
 from trainer.moe import dry_run_targets
-from trainer.tiny import cached_tiny_model
+from trainer.tiny import cached_tiny_model, fixture_cache_dir
 from trainer.train import train
 
 
@@ -18,7 +18,7 @@ from trainer.train import train
 def tiny_moe(request, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig
 
-    tokenizer_dir = cached_tiny_model(request.config.cache.mkdir("qq-twin"))
+    tokenizer_dir = cached_tiny_model(fixture_cache_dir(request))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen3MoeConfig(
         vocab_size=len(tokenizer),

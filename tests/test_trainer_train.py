@@ -17,7 +17,7 @@ from deploy.cli import main as twin
 from trainer.config import TrainSettings
 from trainer.data import collate_padded, encode_all, epoch_batches
 from trainer.models import load_model, load_tokenizer, resolve_base
-from trainer.tiny import cached_tiny_model
+from trainer.tiny import cached_tiny_model, fixture_cache_dir
 from trainer.train import CHECKPOINTS_DIR, METRICS_FILE, owner_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ PROMPTS = ["在吗", "晚上吃火锅？", "看新闻了吗", "周末打游戏�
 
 @pytest.fixture(scope="module")
 def tiny_model(request) -> Path:
-    return cached_tiny_model(request.config.cache.mkdir("qq-twin"))
+    return cached_tiny_model(fixture_cache_dir(request))
 
 
 def conversation(i: int) -> dict:

@@ -51,3 +51,11 @@ def cached_tiny_model(cache_dir: Path) -> Path:
         with atomic_dir(dest) as tmp:
             build_tiny_model(tmp)
     return dest
+
+
+def fixture_cache_dir(request: Any) -> Path:
+    """pytest's cache directory for the tiny model, or a session temp dir when caching is off."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("qq-twin"))
+    return request.getfixturevalue("tmp_path_factory").mktemp("qq-twin")
