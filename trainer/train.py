@@ -164,6 +164,7 @@ def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
     state = TrainState()
     checkpoint = _latest_checkpoint(run_dir)
     if checkpoint is not None:
+        _check_same_run(run_dir, settings)
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
         log.info("resuming %s from step %d", run_dir, state.step)
     elif accelerator.is_main_process:
@@ -335,6 +336,26 @@ def _cosine_with_warmup(optimizer: Any, warmup: int, total: int) -> Any:
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+# Settings a checkpoint depends on: changing one makes "resume" silently train something else.
+RESUME_KEYS = ("base_model", "gguf_file", "data", "max_seq_len", "pack", "batch_size", "grad_accum", "seed")
+RESUME_KEYS += ("lora_r", "lora_alpha", "target_modules", "moe_lora_scope", "max_experts", "qlora")
+
+
+def _check_same_run(run_dir: Path, settings: TrainSettings) -> None:
+    try:
+        stored = json.loads((run_dir / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError):
+        return
+    current = settings.model_dump(mode="json")
+    changed = [k for k in RESUME_KEYS if stored.get(k) != current.get(k)]
+    if changed:
+        raise InputError(
+            run_dir,
+            f"has a checkpoint made with different {', '.join(changed)}; "
+            "re-run with the same settings to resume, or use a new run directory",
+        )
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
