@@ -316,9 +316,13 @@ def merge_adapter(base: BaseModelRef, adapter_dir: Path, out_dir: Path) -> None:
 def _write_base_config(base: BaseModelRef, adapter_dir: Path, out_dir: Path) -> None:
     """Config + tokenizer of the base (no weights): all `convert_lora_to_gguf.py` reads."""
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     kwargs = {"gguf_file": base.gguf_file} if base.gguf_file else {}
-    AutoConfig.from_pretrained(base.source, **kwargs).save_pretrained(out_dir)
+    config = AutoConfig.from_pretrained(base.source, **kwargs)
+    if not config.architectures:  # a config read from GGUF metadata does not name its class
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+    config.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out_dir)
 
 
