@@ -34,6 +34,7 @@ WORK_DIR = ".retrain"  # inside the registry; a dot-name is never taken for a ve
 STAGES = ("collect", "build", "train", "evaluate", "export", "promote")
 TRAIN_LOG = "train.log"
 PROGRESS_FILE = "train-progress.json"
+SETTLE_SECONDS = 5
 
 
 @dataclass(slots=True)
@@ -453,8 +454,10 @@ def _cycle(
         on_stage(name)
 
     stage("collect")
-    messages = collect_messages(settings, since)
-    until = max((m.time for m in messages), default=since)
+    # The newest few seconds wait for the next cycle: a message stamped just before the query
+    # but written just after it would otherwise fall between two windows.
+    until = int(time.time()) - SETTLE_SECONDS
+    messages = [m for m in collect_messages(settings, since) if m.time <= until]
 
     stage("build")
     from pipeline.dataset.build import build_samples

@@ -122,7 +122,7 @@ async def _fill_store(path, rows, key=""):
         await store.close()
 
 
-def _conversations(n, start=1_800_000_000, twin_replies=False):
+def _conversations(n, start=1_700_000_000, twin_replies=False):
     """n short private chats: a friend asks, the owner answers (or the twin does)."""
     rows = []
     for i in range(n):
@@ -169,7 +169,7 @@ def test_too_few_new_samples_skips_the_cycle_and_says_so(tmp_path, monkeypatch, 
     reg = _registry(tmp_path)
     db = tmp_path / "bot.db"
     asyncio.run(
-        _fill_store(db, _conversations(3) + _conversations(10, start=1_900_000_000, twin_replies=True))
+        _fill_store(db, _conversations(3) + _conversations(10, start=1_710_000_000, twin_replies=True))
     )
     monkeypatch.setenv("TWIN_MODEL", str(reg))
     monkeypatch.setenv("TWIN_DB", str(db))
