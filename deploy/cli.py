@@ -45,6 +45,11 @@ for module in (
 
 EXIT_BAD_INPUT = 2
 
+# Recent typer vendors its own copy of click: catch both families of exceptions.
+_ABORTS = (click.exceptions.Abort, typer.Abort)
+_EXITS = (click.exceptions.Exit, typer.Exit)
+_USAGE_ERRORS = (click.exceptions.ClickException, typer.exceptions.TyperException)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `twin` console script."""
@@ -55,17 +60,21 @@ def main(argv: list[str] | None = None) -> int:
     except TwinError as exc:
         print(f"twin: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except click.exceptions.Abort:
+    except _ABORTS:
         print("twin: aborted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("twin: interrupted", file=sys.stderr)
         return 130
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
+    except _EXITS as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _USAGE_ERRORS as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"twin: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", EXIT_BAD_INPUT) or EXIT_BAD_INPUT)
     if isinstance(result, int) and result != 0:
         if result == 130:
             print("twin: interrupted", file=sys.stderr)
