@@ -331,68 +331,37 @@ def lower_priority(niceness: int) -> None:
 
 
 def _train_child_main(spec: Path, progress_file: Path, nice: int) -> int:
-    """Entry of the training child: lower our priority, start from the serving adapter, train."""
+    """Entry of the training child: lower our priority, continue the serving adapter, train."""
     lower_priority(nice)
-    import trainer.train as trainer_train
     from trainer.config import TrainSettings
+    from trainer.train import train
 
     values = json.loads(spec.read_text(encoding="utf-8"))
-    init_adapter = values.pop("init_adapter", None)
-    if init_adapter and "init_adapter" in TrainSettings.model_fields:
-        values["init_adapter"] = init_adapter
-    elif init_adapter:
-        _start_from_adapter(trainer_train, Path(init_adapter))
-    _report_progress(trainer_train, progress_file)
-    trainer_train.train(TrainSettings(**values), progress=False)
+    train(TrainSettings(**values), progress=False, on_step=_progress_writer(progress_file))
     return 0
 
 
-def _start_from_adapter(trainer_train, adapter: Path) -> None:
-    """Continue the serving adapter instead of a fresh LoRA (its own config: rank, targets)."""
-
-    def add_serving_lora(model, settings, targets):
-        from peft import PeftModel, prepare_model_for_kbit_training
-
-        if settings.qlora:
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=settings.gradient_checkpointing
-            )
-        log.info("retrain: continuing adapter %s", adapter)
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-
-    trainer_train._add_lora = add_serving_lora
-
-
-def _report_progress(trainer_train, progress_file: Path) -> None:
-    """Mirror the trainer's step counter into `progress_file`, at most once a second."""
-    bar_class = getattr(trainer_train, "_ProgressBar", None)
-    if bar_class is None:
-        return
+def _progress_writer(progress_file: Path) -> Callable[[int, int, float], None]:
+    """An `on_step` callback mirroring the trainer's step into `progress_file`, at most once a second."""
     last = [0.0]
 
-    class StatusBar(bar_class):
-        def __init__(self, total: int, *, enabled: bool) -> None:
-            super().__init__(total, enabled=enabled)
-            self.total = total
+    def on_step(step: int, total: int, loss: float) -> None:
+        now = time.monotonic()
+        if now - last[0] < 1.0 and step < total:
+            return
+        last[0] = now
+        progress = {
+            "progress": round(step / max(total, 1), 4),
+            "step": step,
+            "steps": total,
+            "loss": round(loss, 4),
+        }
+        tmp = progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(progress), encoding="utf-8")
+        os.replace(tmp, progress_file)
+        log.info("retrain: step %d/%d loss %.4f", step, total, loss)
 
-        def update(self, step: int, loss: float, rate: float) -> None:
-            super().update(step, loss, rate)
-            now = time.monotonic()
-            if now - last[0] < 1.0 and step < self.total:
-                return
-            last[0] = now
-            progress = {
-                "progress": round(step / max(self.total, 1), 4),
-                "step": step,
-                "steps": self.total,
-                "loss": round(loss, 4),
-            }
-            tmp = progress_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(progress), encoding="utf-8")
-            os.replace(tmp, progress_file)
-            log.info("retrain: step %d/%d loss %.4f", step, self.total, loss)
-
-    trainer_train._ProgressBar = StatusBar
+    return on_step
 
 
 # ---------------------------------------------------------------- the cycle

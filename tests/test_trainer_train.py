@@ -172,3 +172,43 @@ def test_qlora_without_cuda_is_a_clear_error(tiny_model, dataset, tmp_path, caps
 
     assert code == 2
     assert "--qlora needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_run_can_continue_an_existing_adapter_and_reports_each_step(tiny_model, dataset, tmp_path):
+    from safetensors.torch import load_file
+
+    first = train(settings_for(tiny_model, dataset, tmp_path / "first", lora_r=4), progress=False)
+    steps: list[tuple[int, int, float]] = []
+    second = train(
+        settings_for(tiny_model, dataset, tmp_path / "second", max_steps=2, init_adapter=first.adapter_dir),
+        progress=False,
+        on_step=lambda step, total, loss: steps.append((step, total, loss)),
+    )
+    assert [(s, t) for s, t, _ in steps] == [(1, 2), (2, 2)]
+    before = load_file(str(Path(first.adapter_dir) / "adapter_model.safetensors"))
+    after = load_file(str(Path(second.adapter_dir) / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()  # the continued adapter keeps its own rank and targets
+    assert all(after[k].shape == before[k].shape for k in before)
+    assert all(v.shape[0] == 4 for k, v in after.items() if "lora_A" in k)
+
+
+def test_continuing_something_that_is_not_an_adapter_is_one_line(tiny_model, dataset, tmp_path):
+    run = tmp_path / "run"
+    code = twin(
+        [
+            "train",
+            "--data",
+            str(dataset),
+            "--base-model",
+            str(tiny_model),
+            "-o",
+            str(run),
+            "--max-steps",
+            "1",
+            "--init-adapter",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert not (run / "adapter").exists()

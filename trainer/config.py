@@ -57,6 +57,10 @@ class TrainSettings(BaseModel):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     qlora: bool = Field(False, description="4-bit NF4 base with double quantisation (CUDA only)")
+    init_adapter: Path | None = Field(
+        None,
+        description="continue this LoRA adapter (PEFT layout, its own rank and targets), not a fresh one",
+    )
     moe_lora_scope: MoeScope = "all"
     expert_patterns: list[str] = Field(
         default_factory=lambda: [r"\.experts\.(\d+)\.", r"\.block_sparse_moe\.experts\.(\d+)\."],

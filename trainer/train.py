@@ -21,6 +21,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,16 @@ def owner_loss(model: Any, batch: Batch) -> tuple[Any, int]:
 # ---------------------------------------------------------------- the run
 
 
-def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
-    """Fine-tune `settings.base_model` on `settings.data`; resumes a killed run in the same directory."""
+StepCallback = Callable[[int, int, float], None]
+
+
+def train(
+    settings: TrainSettings, *, progress: bool = True, on_step: StepCallback | None = None
+) -> TrainResult:
+    """Fine-tune `settings.base_model` on `settings.data`; resumes a killed run in the same directory.
+
+    `on_step(step, total_steps, loss)` is called after every optimizer step (for status files).
+    """
     from trainer.models import load_model, load_tokenizer, lora_targets, resolve_base
 
     run_dir = Path(settings.output_dir)
@@ -228,6 +237,8 @@ def train(settings: TrainSettings, *, progress: bool = True) -> TrainResult:
                 }
             )
             bar.update(state.step, step_loss, state.tokens / max(state.elapsed_s, 1e-9))
+            if on_step is not None and accelerator.is_main_process:
+                on_step(state.step, total_steps, step_loss)
             if accelerator.is_main_process and (
                 state.step % settings.save_every == 0 and state.step < total_steps
             ):
@@ -297,12 +308,18 @@ def _seed_everything(seed: int) -> None:
 
 
 def _add_lora(model: Any, settings: TrainSettings, targets: LoraTargets) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if settings.qlora:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
         )
+    if settings.init_adapter is not None:
+        adapter = Path(settings.init_adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise InputError(adapter, "not a LoRA adapter directory (no adapter_config.json)")
+        log.info("continuing adapter %s", adapter)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     config = LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,

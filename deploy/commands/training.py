@@ -36,6 +36,9 @@ def train_command(
     batch_size: int | None = typer.Option(None, "--batch-size"),
     grad_accum: int | None = typer.Option(None, "--grad-accum"),
     qlora: bool | None = typer.Option(None, "--qlora/--no-qlora", help="4-bit NF4 base (CUDA only)"),
+    init_adapter: Path | None = typer.Option(
+        None, "--init-adapter", help="continue this LoRA adapter instead of starting a fresh one"
+    ),
     pack: bool | None = typer.Option(None, "--pack/--no-pack", help="sequence packing (default on)"),
     gradient_checkpointing: bool | None = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing"
@@ -65,6 +68,7 @@ def train_command(
         batch_size=batch_size,
         grad_accum=grad_accum,
         qlora=qlora,
+        init_adapter=init_adapter,
         pack=pack,
         gradient_checkpointing=gradient_checkpointing,
         seed=seed,
