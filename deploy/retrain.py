@@ -27,6 +27,7 @@ from pipeline.errors import InputError, TwinError
 from pipeline.files import private_dir
 from pipeline.records import Message
 from pipeline.registry import ADAPTER_DIR, current_version, read_status, write_status
+from trainer.style import style_distance
 
 log = logging.getLogger("qq_twin.retrain")
 
@@ -579,20 +580,6 @@ def serving_run_dir(version, candidate_run: Path, work: Path) -> Path:
         raise InputError(adapter, "the serving version has no adapter to evaluate or continue from")
     shutil.copytree(adapter, run / ADAPTER_DIR)
     return run
-
-
-def style_distance(style: dict) -> float:
-    """One number for "how far from the owner's style" (0 = indistinguishable on these metrics).
-
-    The reply-length distance relative to the owner's mean reply length, plus the gaps in the
-    face/sticker, no-reply and catchphrase rates; every term is a fraction, so they add up.
-    """
-    length = float(style["length_distance"]) / max(float(style["reference_mean_length"]), 1.0)
-    gaps = (
-        abs(float(style[key]) - float(style[f"reference_{key}"]))
-        for key in ("face_sticker_rate", "no_reply_rate", "catchphrase_rate")
-    )
-    return round(length + sum(gaps), 4)
 
 
 def evaluate_numbers(run_dir: Path, data_dir: Path, settings: RetrainSettings) -> EvalNumbers:

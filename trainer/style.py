@@ -129,6 +129,20 @@ def style_metrics(replies: list[str], reference: list[str]) -> dict:
     }
 
 
+def style_distance(style: dict) -> float:
+    """One number for "how far from the owner's style" (0 = indistinguishable on these metrics).
+
+    The reply-length distance relative to the owner's mean reply length, plus the gaps in the
+    face/sticker, no-reply and catchphrase rates; every term is a fraction, so they add up.
+    """
+    length = float(style["length_distance"]) / max(float(style["reference_mean_length"]), 1.0)
+    gaps = (
+        abs(float(style[key]) - float(style[f"reference_{key}"]))
+        for key in ("face_sticker_rate", "no_reply_rate", "catchphrase_rate")
+    )
+    return round(length + sum(gaps), 4)
+
+
 def _share(replies: Sequence[str], test) -> float:
     return round(sum(1 for r in replies if test(r)) / len(replies), 4) if replies else 0.0
 
