@@ -214,23 +214,24 @@ async def _is_twin_echo(key: ChatKey, text: str, message_id: int) -> bool:
     return twin.is_own_echo(key, text) or await twin.store.is_twin_message(str(message_id))
 
 
-@chat.handle()
-async def handle_private(bot: Bot, event: PrivateMessageEvent) -> None:
-    if twin is None:
-        return
-    rendered = await _render(bot, event)
-    if not rendered.text:
-        return
-    key: ChatKey = ("c2c", str(event.user_id))
+async def _record_incoming(
+    key: ChatKey, event: MessageEvent, rendered: RenderedMessage, sender_name: str
+) -> int | None:
+    """Store a chat message before anything else: its row id, or None when the twin must not answer it.
+
+    The account's own messages are the owner's words unless they are NapCat's echo of a twin reply.
+    Ignored and blocked senders are stored (the owner may want the context) but never answered.
+    """
+    assert twin is not None
     origin = "owner" if event.user_id == event.self_id else "incoming"
     if origin == "owner" and await _is_twin_echo(key, rendered.text, event.message_id):
-        return
+        return None
     row = await twin.record(
         StoredMessage(
-            chat_type="c2c",
+            chat_type=key[0],
             chat=key[1],
             sender=str(event.user_id),
-            sender_name=event.sender.nickname or "",
+            sender_name=sender_name,
             origin=origin,
             text=rendered.text,
             time=event.time,
@@ -239,10 +240,24 @@ async def handle_private(bot: Bot, event: PrivateMessageEvent) -> None:
             kinds=rendered.kinds,
         )
     )
-    config = twin.config
-    ignored = config.twin_ignore_users
+    ignored = twin.config.twin_ignore_users
     if is_ignored_sender(event.user_id, event.self_id, ignored=ignored, blocked=twin.blocked):
+        return None
+    return row
+
+
+@chat.handle()
+async def handle_private(bot: Bot, event: PrivateMessageEvent) -> None:
+    if twin is None:
         return
+    rendered = await _render(bot, event)
+    if not rendered.text:
+        return
+    key: ChatKey = ("c2c", str(event.user_id))
+    row = await _record_incoming(key, event, rendered, event.sender.nickname or "")
+    if row is None:
+        return
+    config = twin.config
     if not answers_private(event.user_id, allow=config.twin_private_allow, deny=config.twin_private_deny):
         return
     await twin.answer(key, row, _sender(bot, key), self_id=str(event.self_id))
@@ -257,27 +272,10 @@ async def handle_group(bot: Bot, event: GroupMessageEvent) -> None:
         return
     key: ChatKey = ("group", str(event.group_id))
     name = event.sender.card or event.sender.nickname or ""
-    origin = "owner" if event.user_id == event.self_id else "incoming"
-    if origin == "owner" and await _is_twin_echo(key, rendered.text, event.message_id):
+    row = await _record_incoming(key, event, rendered, name)
+    if row is None:
         return
-    row = await twin.record(
-        StoredMessage(
-            chat_type="group",
-            chat=key[1],
-            sender=str(event.user_id),
-            sender_name=name,
-            origin=origin,
-            text=rendered.text,
-            time=event.time,
-            msg_id=str(event.message_id),
-            reply_to=rendered.reply_to,
-            kinds=rendered.kinds,
-        )
-    )
     config = twin.config
-    ignored = config.twin_ignore_users
-    if is_ignored_sender(event.user_id, event.self_id, ignored=ignored, blocked=twin.blocked):
-        return
     quoted_twin = rendered.reply_to is not None and await twin.store.is_twin_message(rendered.reply_to)
     addressed = event.to_me or quoted_twin or str(event.self_id) in rendered.mentions
     if not answers_group(

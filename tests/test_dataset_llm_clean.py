@@ -221,7 +221,8 @@ def test_ctrl_c_keeps_finished_verdicts_and_the_rerun_resumes(tmp_path):
     write_messages(src, history(40))
     cache = tmp_path / "cache.jsonl"
     out = tmp_path / "d"
-    with FakeJudge(latency_s=0.05) as judge:
+    # Slow enough that 30 verdicts are still outstanding when the signal lands, even on a quiet machine.
+    with FakeJudge(latency_s=0.2) as judge:
         args = [sys.executable, "-m", "deploy.cli", "build-dataset", str(src), "-o", str(out), "--quiet",
                 "--llm-clean", "--api-base", judge.base, "--model", "judge", "--concurrency", "2",
                 "--cache", str(cache)]  # fmt: skip
