@@ -227,7 +227,9 @@ def test_ctrl_c_keeps_finished_verdicts_and_the_rerun_resumes(tmp_path):
                 "--llm-clean", "--api-base", judge.base, "--model", "judge", "--concurrency", "2",
                 "--cache", str(cache)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+        )
         deadline = time.monotonic() + 60
         while _lines(cache) < 10 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -243,6 +245,11 @@ def test_ctrl_c_keeps_finished_verdicts_and_the_rerun_resumes(tmp_path):
     assert report.llm["cached"] == done
     assert judge.requests - before == 40 - done
     assert report.samples["train"] == 39
+
+
+def _default_sigint() -> None:
+    """Ctrl-C as a terminal delivers it: a background job (as CI may be) inherits SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _lines(path: Path) -> int:
