@@ -287,6 +287,15 @@ def _hmac_order(forced: str | None, named: str | None) -> list[str]:
 
 def _connect(path: Path, key: str | None, hmac: str | None) -> sqlcipher3.Connection:
     conn = sqlcipher3.connect(str(path), check_same_thread=False)
+    apply_qq_cipher(conn, key, hmac)
+    return conn
+
+
+def apply_qq_cipher(conn: sqlcipher3.Connection, key: str | None, hmac: str | None) -> None:
+    """Set QQ NT's SQLCipher parameters on a fresh connection (none for a plain SQLite file).
+
+    The one place they are written: the reader and the sample-database generator both use it.
+    """
     # SQLCipher would print every failed HMAC check to stderr; the user gets one clear error instead.
     conn.execute("PRAGMA cipher_log_level = NONE")
     if key is not None:
@@ -295,7 +304,6 @@ def _connect(path: Path, key: str | None, hmac: str | None) -> sqlcipher3.Connec
         conn.execute(f"PRAGMA kdf_iter = {KDF_ITER}")
         conn.execute(f"PRAGMA cipher_hmac_algorithm = {hmac}")
         conn.execute(f"PRAGMA cipher_kdf_algorithm = {KDF_ALGORITHM}")
-    return conn
 
 
 def _probe(conn: sqlcipher3.Connection) -> None:

@@ -24,14 +24,12 @@ from pipeline.files import PRIVATE_DIR_MODE, atomic_path
 from pipeline.ntqq import body as B
 from pipeline.ntqq import ntqq_body_pb2
 from pipeline.ntqq.decrypt import (
-    KDF_ALGORITHM,
-    KDF_ITER,
     PAGE_SIZE,
     QQ_HEADER_MAGIC,
     QQ_HEADER_SIZE,
     QQ_MAGIC,
     QQ_MAGIC_OFFSET,
-    quote_key,
+    apply_qq_cipher,
 )
 from pipeline.ntqq.keys import android_key
 
@@ -574,14 +572,8 @@ def _damage(rows: list[SampleRow], count: int, rng: random.Random) -> None:
 
 def _open_new(path: Path, key: str | None, hmac: str) -> sqlcipher3.Connection:
     conn = sqlcipher3.connect(str(path))
-    conn.execute("PRAGMA cipher_log_level = NONE")
-    if key is not None:
-        conn.execute(f"PRAGMA key = {quote_key(key)}")
-        conn.execute(f"PRAGMA cipher_page_size = {PAGE_SIZE}")
-        conn.execute(f"PRAGMA kdf_iter = {KDF_ITER}")
-        conn.execute(f"PRAGMA cipher_hmac_algorithm = {hmac}")
-        conn.execute(f"PRAGMA cipher_kdf_algorithm = {KDF_ALGORITHM}")
-    else:
+    apply_qq_cipher(conn, key, hmac)
+    if key is None:
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
     return conn
 
