@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import sqlcipher3  # noqa: E402
+from _docs import DOCS, replace_section  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 from pipeline.ntqq import extract as extract_module  # noqa: E402
 from pipeline.ntqq import sampledb  # noqa: E402
 from pipeline.ntqq.decrypt import QQ_HEADER_SIZE, _connect, decrypt_db  # noqa: E402
 from pipeline.ntqq.extract import extract_messages  # noqa: E402
 
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Ingest (`bench/ingest.py`)"
 EXTRACT_GOAL = 4.0
 BUILD_GOAL = 8.0
@@ -205,13 +205,7 @@ def main() -> int:
 
 def write_section(table: list[str], summary: str) -> None:
     """Replace only this benchmark's section of docs/benchmarks.md (others own the rest)."""
-    text = DOCS.read_text(encoding="utf-8")
-    start = text.index(SECTION) + len(SECTION)
-    end = text.find("\n## ", start)
-    end = len(text) if end == -1 else end
-    body = "\n".join([
-        "",
-        "",
+    replace_section(SECTION, [
         "A generated 300,000-row QQ NT database (`twin sample-db`: 1024-byte header, SQLCipher 4",
         "with QQ's parameters, protobuf bodies, C2C and groups) is read several ways in one run,",
         "interleaved over rounds so that noise from other processes hits every step alike. The",
@@ -228,11 +222,10 @@ def write_section(table: list[str], summary: str) -> None:
         "",
         "Memory stays bounded however long the history: rows stream from SQLite (which sorts",
         "on disk inside the private work directory) and nothing is kept per message beyond a",
-        "fixed window of recent sequence numbers for replies. Of extract + build-dataset, extract",
-        "is under a fifth: the rest is `pipeline.dataset` (sessions, cleaning, redaction, samples).",
+        "fixed window of recent sequence numbers for replies. What extract + build-dataset adds",
+        "to extract alone is `pipeline.dataset` (sessions, cleaning, redaction, samples).",
         "",
     ])  # fmt: skip
-    DOCS.write_text(text[:start] + body + text[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":

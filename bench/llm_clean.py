@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _docs import DOCS, replace_section  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 from pipeline.dataset.build import build_samples  # noqa: E402
 from pipeline.dataset.llm_clean import (  # noqa: E402
     JUDGE_PROMPT,
@@ -37,7 +39,6 @@ from pipeline.dataset.samples import Sample  # noqa: E402
 from pipeline.dataset.settings import DatasetSettings, LLMSettings  # noqa: E402
 from pipeline.records import Message  # noqa: E402
 
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## LLM cleaning pass (`bench/llm_clean.py`)"
 
 
@@ -168,13 +169,7 @@ def main() -> int:
 
 def write_section(table: list[str], summary: str) -> None:
     """Replace only this benchmark's section of docs/benchmarks.md (others own the rest)."""
-    text = DOCS.read_text(encoding="utf-8")
-    start = text.index(SECTION) + len(SECTION)
-    end = text.find("\n## ", start)
-    end = len(text) if end == -1 else end
-    body = "\n".join([
-        "",
-        "",
+    replace_section(SECTION, [
         "A local fake OpenAI-compatible server (`http.server`, one thread per request) answers",
         "every chat completion after a fixed latency, standing in for a judge model that spends",
         "its time generating. The same samples are judged by a plain sequential loop over the",
@@ -190,7 +185,6 @@ def write_section(table: list[str], summary: str) -> None:
         "set `--concurrency` to the server's parallel slots. The cache makes re-runs free.",
         "",
     ])  # fmt: skip
-    DOCS.write_text(text[:start] + body + text[end:], encoding="utf-8")
 
 
 if __name__ == "__main__":
