@@ -72,11 +72,20 @@ def test_all_adds_attention_projections(tiny_moe, tmp_path):
     assert not any("lm_head" in n for n in names)
 
 
-def test_an_expert_cap_on_fused_experts_is_a_clear_error(tiny_moe, tmp_path, capsys):
-    args = ["train", "--data", str(tmp_path), "-o", str(tmp_path / "run"), "--base-model", str(tiny_moe)]
-    code = twin([*args, "--moe-lora-scope", "expert_only", "--max-experts", "2", "--dry-run"])
+def test_a_dry_run_shows_the_expert_cap_on_fused_tensors(tiny_moe, tmp_path):
+    names = dry_run_targets(settings(tiny_moe, tmp_path, moe_lora_scope="expert_only", max_experts=2))
 
-    assert code == 2 and "fuses its experts" in capsys.readouterr().err
+    assert names == [
+        f"model.layers.{i}.mlp.experts.{w}  (parameter, experts 0-1 of 4)"
+        for i in (0, 1)
+        for w in ("gate_up_proj", "down_proj")
+    ]
+
+
+def test_a_cap_at_or_above_the_expert_count_caps_nothing(tiny_moe, tmp_path):
+    capped = dry_run_targets(settings(tiny_moe, tmp_path, moe_lora_scope="expert_only", max_experts=4))
+
+    assert capped == dry_run_targets(settings(tiny_moe, tmp_path, moe_lora_scope="expert_only"))
 
 
 def test_dry_run_prints_the_modules_and_writes_nothing(tiny_moe, tmp_path, capsys):
@@ -100,3 +109,45 @@ def test_an_expert_only_run_trains_and_saves_expert_adapters(tiny_moe, tmp_path)
 
     keys = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors")).keys()
     assert keys and all(".mlp.experts." in k for k in keys)
+
+
+def test_an_expert_cap_trains_only_the_first_experts_of_each_fused_tensor(tiny_moe, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    chats = [
+        ("在吗", "在的，刚下班"),
+        ("明天吃火锅？", "哈哈哈好啊，明天见"),
+        ("他去不去", "我也不知道，问问他吧"),
+    ]
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        for q, a in chats
+    ]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # A large learning rate, so that the experts under the cap clearly move in three steps.
+    extra = {"max_steps": 3, "threads": 1, "lr": 0.05}
+    capped = settings(tiny_moe, tmp_path, moe_lora_scope="expert_only", max_experts=2, **extra)
+    train(capped, progress=False)
+
+    deltas = expert_deltas(tmp_path / "run" / "adapter", rank=capped.lora_r, experts=4)
+    assert len(deltas) == 4  # gate_up_proj and down_proj in both layers
+    for name, per_expert in deltas.items():
+        assert all(d.abs().max() > 0 for d in per_expert[:2]), name
+        assert all(d.abs().max() == 0 for d in per_expert[2:]), name
+
+
+def expert_deltas(adapter: Path, *, rank: int, experts: int) -> dict[str, list]:
+    """Each fused tensor's per-expert LoRA delta B_e·A_e, unpacked as peft's ParamWrapper packs it."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    deltas = {}
+    for key, lora_a in weights.items():
+        if ".lora_A." not in key:
+            continue
+        lora_b = weights[key.replace(".lora_A.", ".lora_B.")]
+        a = lora_a.reshape(experts, rank, -1)  # expert e owns rows e*r .. (e+1)*r-1
+        b = lora_b.reshape(lora_b.shape[0], rank, experts)  # expert e owns columns c with c % E == e
+        deltas[key] = [b[:, :, e] @ a[e] for e in range(experts)]
+    return deltas

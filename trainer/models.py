@@ -145,13 +145,24 @@ FUSED_EXPERT_WEIGHTS = ("gate_up_proj", "down_proj", "w1", "w2", "w3", "up_proj"
 
 @dataclass(slots=True)
 class LoraTargets:
-    """What gets adapters: linear modules by name, and fused expert/router tensors by name."""
+    """What gets adapters: linear modules by name, and fused expert/router tensors by name.
+
+    `capped` maps a fused expert tensor whose adapter covers only some experts to (kept, total).
+    """
 
     modules: list[str]
     parameters: list[str]
+    capped: dict[str, tuple[int, int]]
 
     def listing(self) -> list[str]:
-        return [*self.modules, *(f"{name}  (parameter)" for name in self.parameters)]
+        return [*self.modules, *(self._describe(name) for name in self.parameters)]
+
+    def _describe(self, name: str) -> str:
+        if name not in self.capped:
+            return f"{name}  (parameter)"
+        kept, total = self.capped[name]
+        experts = "expert 0" if kept == 1 else f"experts 0-{kept - 1}"
+        return f"{name}  (parameter, {experts} of {total})"
 
 
 def lora_targets(model: Any, settings: TrainSettings) -> LoraTargets:
@@ -164,6 +175,7 @@ def lora_targets(model: Any, settings: TrainSettings) -> LoraTargets:
     scope = settings.moe_lora_scope
     modules: list[str] = []
     parameters: list[str] = []
+    capped: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         is_router = any(p.search(name) for p in routers) or "Router" in type(module).__name__
@@ -181,23 +193,55 @@ def lora_targets(model: Any, settings: TrainSettings) -> LoraTargets:
         elif is_router and scope in ("router_only", "all") and _has_weight(module, torch):
             parameters.append(f"{name}.weight")
         elif type(module).__name__.endswith("Experts") and scope in ("expert_only", "all"):
-            fused = [
-                f"{name}.{p}"
-                for p, value in module.named_parameters(recurse=False)
-                if p in FUSED_EXPERT_WEIGHTS and value.dim() == 3
-            ]
-            if fused and settings.max_experts is not None:
-                raise TwinError(
-                    f"--max-experts needs one module per expert, but {type(module).__name__} fuses its "
-                    "experts into single tensors; adapt all experts or none (--moe-lora-scope)"
-                )
-            parameters += fused
+            for p, value in module.named_parameters(recurse=False):
+                if p not in FUSED_EXPERT_WEIGHTS or value.dim() != 3:
+                    continue
+                parameters.append(f"{name}.{p}")
+                total = value.shape[0]
+                if settings.max_experts is not None and settings.max_experts < total:
+                    capped[f"{name}.{p}"] = (settings.max_experts, total)
     if not modules and not parameters:
         raise TwinError(
             f"no modules match the LoRA targets (target_modules={settings.target_modules!r}, "
             f"moe_lora_scope={settings.moe_lora_scope!r}); run with --dry-run to list candidates"
         )
-    return LoraTargets(modules, parameters)
+    return LoraTargets(modules, parameters, capped)
+
+
+def cap_fused_experts(model: Any, max_experts: int | None) -> int:
+    """Keep LoRA on fused expert tensors to experts < `max_experts`; returns how many tensors it capped.
+
+    peft packs one LoRA per expert into two matrices: expert e owns rows e*r..(e+1)*r-1 of
+    `lora_A` (r*E, in) and the columns c with c % E == e of `lora_B` (out, r*E). Zeroing the
+    capped experts' `lora_B` columns and their gradients (both factors) keeps their delta B·A
+    exactly zero for the whole run: AdamW never moves a zero-gradient weight, and weight decay
+    keeps a zero column zero. The hooks live on the parameters, so a resumed run re-creates them.
+    """
+    import torch
+    from peft.tuners.lora.layer import ParamWrapper
+
+    if max_experts is None:
+        return 0
+    count, dropped = 0, False
+    for wrapper in model.modules():
+        if not isinstance(wrapper, ParamWrapper) or wrapper.num_experts <= max_experts:
+            continue
+        for adapter, lora_a in wrapper.lora_A.items():
+            rank, total = wrapper.r[adapter], wrapper.num_experts
+            lora_b = wrapper.lora_B[adapter]
+            rows = torch.arange(rank * total, device=lora_a.weight.device)
+            keep_a = (rows // rank < max_experts).unsqueeze(1)  # (r*E, 1) over lora_A's rows
+            keep_b = (rows % total < max_experts).unsqueeze(0).to(lora_b.weight.device)  # (1, r*E)
+            with torch.no_grad():
+                dropped = dropped or bool(lora_b.weight.masked_select(~keep_b).any())
+                lora_b.weight.masked_fill_(~keep_b, 0.0)
+            for weight, keep in ((lora_a.weight, keep_a), (lora_b.weight, keep_b)):
+                if weight.requires_grad:
+                    weight.register_hook(lambda grad, keep=keep: grad.masked_fill(~keep, 0.0))
+        count += 1
+    if dropped:  # only a continued adapter trained without this cap has anything there
+        log.warning("--max-experts %d drops the continued adapter's updates to higher experts", max_experts)
+    return count
 
 
 def _is_linear(module: Any, torch: Any) -> bool:

@@ -310,6 +310,8 @@ def _seed_everything(seed: int) -> None:
 def _add_lora(model: Any, settings: TrainSettings, targets: LoraTargets) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    from trainer.models import cap_fused_experts
+
     if settings.qlora:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
@@ -319,16 +321,20 @@ def _add_lora(model: Any, settings: TrainSettings, targets: LoraTargets) -> Any:
         if not (adapter / "adapter_config.json").is_file():
             raise InputError(adapter, "not a LoRA adapter directory (no adapter_config.json)")
         log.info("continuing adapter %s", adapter)
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=targets.modules,
-        target_parameters=targets.parameters or None,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=targets.modules,
+            target_parameters=targets.parameters or None,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    if capped := cap_fused_experts(model, settings.max_experts):
+        log.info("LoRA on %d fused expert tensors limited to experts < %d", capped, settings.max_experts)
+    return model
 
 
 def _micro_batches_per_epoch(samples: list, settings: TrainSettings) -> int:
