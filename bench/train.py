@@ -70,19 +70,10 @@ def write_dataset(directory: Path, samples: int, seed: int = 0) -> None:
 
 
 def write_base(directory: Path) -> None:
-    """SmolLM2's GGUF dequantised once into a HF directory, so neither side pays for GGUF parsing."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """SmolLM2's cached HF copy (GGUF de-quantised once), so neither side pays for GGUF parsing."""
+    from trainer.models import hf_copy, resolve_base
 
-    from trainer.models import load_tokenizer, resolve_base
-
-    base = resolve_base("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(base.source, gguf_file=base.gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(directory)
-    load_tokenizer(base).save_pretrained(directory)
+    directory.symlink_to(hf_copy(resolve_base("smollm2")).source, target_is_directory=True)
 
 
 class PeakRss:

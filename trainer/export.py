@@ -33,7 +33,7 @@ from pipeline.errors import InputError, TwinError
 from pipeline.files import atomic_dir
 from trainer.config import SETTINGS_FILE
 from trainer.data import TRAIN_FILE
-from trainer.models import BaseModelRef
+from trainer.models import BaseModelRef, cache_root, hf_copy
 from trainer.train import ADAPTER_DIR, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,7 @@ def converter_cache_dir() -> Path:
     """`$QQ_TWIN_CACHE/llama.cpp-<ver>` (default `~/.cache/qq-twin/…`) for the installed version."""
     import llama_cpp
 
-    root = Path(os.environ.get("QQ_TWIN_CACHE") or Path.home() / ".cache" / "qq-twin")
-    return root / f"llama.cpp-{llama_cpp.__version__}"
+    return cache_root() / f"llama.cpp-{llama_cpp.__version__}"
 
 
 def ensure_converter() -> Path:
@@ -294,21 +293,12 @@ def _training_system_prompt(run: dict[str, Any], persona: str | None) -> str:
 
 
 def merge_adapter(base: BaseModelRef, adapter_dir: Path, out_dir: Path) -> None:
-    """Base (GGUF dequantised or HF) + LoRA → one HF safetensors model with the tokenizer."""
-    import torch
+    """Base (its cached HF copy when a GGUF) + LoRA → one HF safetensors model with the tokenizer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if base.gguf_file else "auto"}
-    if base.gguf_file:
-        kwargs["gguf_file"] = base.gguf_file
-    model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(hf_copy(base).source, dtype="auto")
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    if base.gguf_file:
-        # The GGUF weights were dequantised on load; what is saved is plain full precision.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
     model.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out_dir)
 
@@ -316,13 +306,8 @@ def merge_adapter(base: BaseModelRef, adapter_dir: Path, out_dir: Path) -> None:
 def _write_base_config(base: BaseModelRef, adapter_dir: Path, out_dir: Path) -> None:
     """Config + tokenizer of the base (no weights): all `convert_lora_to_gguf.py` reads."""
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    kwargs = {"gguf_file": base.gguf_file} if base.gguf_file else {}
-    config = AutoConfig.from_pretrained(base.source, **kwargs)
-    if not config.architectures:  # a config read from GGUF metadata does not name its class
-        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
-    config.save_pretrained(out_dir)
+    AutoConfig.from_pretrained(hf_copy(base).source).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out_dir)
 
 

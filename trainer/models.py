@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import importlib.util
 import logging
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, TwinError
+from pipeline.files import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -91,12 +97,85 @@ def _hub_snapshot(repo_id: str) -> str:
         ) from None
 
 
+def cache_root() -> Path:
+    """`$QQ_TWIN_CACHE`, else `~/.cache/qq-twin`: converted bases and llama.cpp's converter."""
+    return Path(os.environ.get("QQ_TWIN_CACHE") or Path.home() / ".cache" / "qq-twin")
+
+
+# A dequantised copy is kept in fp32 (exactly what transformers computes from the GGUF) up to
+# this many parameters, and in bf16 above it, so an 8B base does not take 32 GB of disk.
+FP32_COPY_MAX_PARAMS = 1_000_000_000
+
+
+def hf_copy(base: BaseModelRef) -> BaseModelRef:
+    """A GGUF base as a HF model directory (dequantised weights + tokenizer), made once and cached.
+
+    transformers de-quantises a GGUF on every load (15 s for SmolLM2-135M on two cores); train,
+    eval and export each load the base, so they share one converted copy that loads in well
+    under a second. The copy is keyed by the GGUF's path, size and mtime and by the
+    transformers version. A HF base is returned as it is.
+    """
+    if not base.gguf_file:
+        return base
+    import transformers
+
+    gguf = Path(base.source) / base.gguf_file
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    dest = cache_root() / "bases" / f"{gguf.stem}-{digest}"
+    if not (dest / "config.json").is_file():
+        log.info("de-quantising %s into %s (once; later loads reuse it)", gguf.name, dest)
+        try:
+            with _cache_lock(dest):
+                if not (dest / "config.json").is_file():  # another process may have made it
+                    with atomic_dir(dest) as tmp:
+                        _save_dequantised(base, tmp)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise InputError(dest, "no space left on device for the converted base model") from None
+            raise
+    return BaseModelRef(str(dest), None, base.name)
+
+
+def _save_dequantised(base: BaseModelRef, dest: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": base.gguf_file}
+    model = AutoModelForCausalLM.from_pretrained(base.source, dtype=torch.float32, **kwargs)
+    # The weights were de-quantised on load; what is saved is plain floating point.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if model.num_parameters() > FP32_COPY_MAX_PARAMS:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base.source, **kwargs).save_pretrained(dest)
+
+
+@contextmanager
+def _cache_lock(dest: Path) -> Iterator[None]:
+    """One process converts at a time (torchrun starts several); others wait, then reuse it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: a race only converts twice
+        yield
+        return
+    with open(dest.parent / f".{dest.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load_tokenizer(base: BaseModelRef) -> Any:
     """The base's tokenizer; it must carry a chat template (the bot renders the same one)."""
     from transformers import AutoTokenizer
 
-    kwargs = {"gguf_file": base.gguf_file} if base.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(base.source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(hf_copy(base).source)
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(
             base.source, "the base model's tokenizer has no chat template; use an instruct model"
@@ -112,8 +191,6 @@ def load_model(base: BaseModelRef, *, dtype: torch.dtype, qlora: bool = False, d
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
-    if base.gguf_file:
-        kwargs["gguf_file"] = base.gguf_file
     if qlora:
         if not torch.cuda.is_available():
             raise TwinError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); train without --qlora on CPU")
@@ -130,7 +207,7 @@ def load_model(base: BaseModelRef, *, dtype: torch.dtype, qlora: bool = False, d
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(base.source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(hf_copy(base).source, **kwargs)
     if not qlora:
         model.to(device)
     return model
