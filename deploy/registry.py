@@ -58,7 +58,11 @@ class ModelVersion:
 
     @property
     def eval(self) -> dict:
-        return dict(self.manifest.get("eval") or {})
+        """The twin's numbers: a retrain's gate numbers, or those of `twin eval` (eval.json) on export."""
+        numbers = dict(self.manifest.get("eval") or {})
+        numbers.setdefault("perplexity", numbers.get("twin_perplexity"))
+        numbers.setdefault("style_distance", numbers.get("twin_style_distance"))
+        return numbers
 
 
 @dataclass(slots=True)

@@ -67,6 +67,17 @@ def test_register_writes_a_full_manifest_and_copies_the_export(tmp_path):
     assert current_version(reg) is None  # registering does not serve
 
 
+def test_an_exported_models_eval_json_numbers_show_as_its_perplexity_and_style(tmp_path):
+    export = _export(tmp_path)
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["eval"] = {"twin_perplexity": 4.25, "twin_style_distance": 0.3, "base_perplexity": 9.0}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+
+    v = register(tmp_path / "models", export)
+
+    assert v.eval["perplexity"] == 4.25 and v.eval["style_distance"] == 0.3
+
+
 def test_versions_are_numbered_in_order(tmp_path):
     reg = tmp_path / "models"
     names = [register(reg, _export(tmp_path, f"e{i}")).name for i in range(3)]

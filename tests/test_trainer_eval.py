@@ -16,6 +16,7 @@ from trainer.style import (
     face_sticker_rate,
     length_distance,
     no_reply_rate,
+    style_distance,
     style_metrics,
     top_catchphrases,
 )
@@ -103,7 +104,9 @@ def test_eval_writes_json_markdown_and_plot_and_is_deterministic(run_and_data):
     assert first.to_dict() == second.to_dict() == saved
     assert first.samples == 6 and first.base_perplexity > 0 and first.twin_perplexity > 0
     assert first.twin_perplexity != first.base_perplexity  # the adapter is really switched on and off
-    assert "| held-out perplexity" in (run / EVAL_MD).read_text(encoding="utf-8")
+    summary = (run / EVAL_MD).read_text(encoding="utf-8")
+    assert "| held-out perplexity" in summary and "| style distance to owner" in summary
+    assert saved["twin_style_distance"] == style_distance(first.twin_style)
     assert (run / EVAL_PNG).read_bytes().startswith(b"\x89PNG")
 
 

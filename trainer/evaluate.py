@@ -22,7 +22,7 @@ from pipeline.files import atomic_path, write_text_atomic
 from trainer.config import SETTINGS_FILE
 from trainer.data import VAL_FILE, encode_all, epoch_batches, load_split
 from trainer.models import BaseModelRef
-from trainer.style import style_metrics
+from trainer.style import style_distance, style_metrics
 from trainer.train import ADAPTER_DIR
 
 EVAL_JSON = "eval.json"
@@ -50,9 +50,19 @@ class EvalReport:
     twin_style: dict[str, Any]
     examples: list[dict[str, str]] = field(default_factory=list)
 
+    @property
+    def base_style_distance(self) -> float:
+        return style_distance(self.base_style)
+
+    @property
+    def twin_style_distance(self) -> float:
+        return style_distance(self.twin_style)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["run_dir"] = str(self.run_dir)
+        data["base_style_distance"] = self.base_style_distance
+        data["twin_style_distance"] = self.twin_style_distance
         return data
 
     def markdown(self) -> str:
@@ -67,6 +77,8 @@ class EvalReport:
         rows = [
             ("held-out perplexity (owner tokens)", f"{self.base_perplexity:.2f}",
              f"{self.twin_perplexity:.2f}", "—"),
+            ("style distance to owner (the retrain gate's)", f"{self.base_style_distance:.3f}",
+             f"{self.twin_style_distance:.3f}", "0"),
             ("reply-length distance to owner", f"{b['length_distance']:.2f}",
              f"{t['length_distance']:.2f}", "0"),
             ("mean reply length (chars)", f"{b['mean_length']:.1f}", f"{t['mean_length']:.1f}",
