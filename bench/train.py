@@ -27,6 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _docs import replace_section  # noqa: E402  (bench/ is on sys.path when a script runs)
+
 FRIENDS = [
     "在吗",
     "吃饭了吗",
@@ -204,42 +206,34 @@ def run_baseline(args: argparse.Namespace) -> dict:
     }
 
 
-def docs_section(results: dict[str, dict], args: argparse.Namespace) -> str:
+TRAIN_HEADING = "## Training (`bench/train.py`)"
+
+
+def docs_section(results: dict[str, dict], args: argparse.Namespace) -> list[str]:
     project, baseline = results["project"], results["baseline"]
     speedup = project["non_pad_tokens_per_s"] / baseline["non_pad_tokens_per_s"]
     memory = project["peak_rss_mb"] / baseline["peak_rss_mb"]
-    return "\n".join(
-        [
-            "## Training (`bench/train.py`)",
-            "",
-            "SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, "
-            f"{args.steps} steps × batch {args.batch}, max length {args.seq_len}, "
-            f"{args.threads} CPU threads, {project['precision']} on both sides; "
-            "synthetic short multi-turn QQ chats (system prompt + 1–4 turns). "
-            "Baseline: transformers `Trainer` + peft, every batch padded to the max length, "
-            "loss on all tokens "
-            f"({baseline['non_pad_share']:.0%} of its tokens are real). Project: `trainer.train` (packing, "
-            "owner-only loss, logits only at targets). Steady state (first step excluded), one run, shared "
-            "machine.",
-            "",
-            "| | non-pad tokens/s | peak RSS during training (MB) |",
-            "| --- | ---: | ---: |",
-            f"| baseline (Trainer + peft, padded) | {baseline['non_pad_tokens_per_s']:.0f} | "
-            f"{baseline['peak_rss_mb']:.0f} |",
-            f"| project (`twin train`) | {project['non_pad_tokens_per_s']:.0f} | "
-            f"{project['peak_rss_mb']:.0f} |",
-            f"| **project / baseline** | **{speedup:.2f}×** | **{memory:.2f}×** |",
-            "",
-            "Goal: ≥ 1.5× tokens/s on CPU. Re-run: `.venv/bin/python bench/train.py --write-docs`.",
-            "",
-        ]
-    )
-
-
-def replace_section(text: str, title: str, section: str) -> str:
-    start = text.index(title)
-    end = text.find("\n## ", start + len(title))
-    return text[:start] + section + ("" if end < 0 else text[end + 1 :])
+    return [
+        "SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, "
+        f"{args.steps} steps × batch {args.batch}, max length {args.seq_len}, "
+        f"{args.threads} CPU threads, {project['precision']} on both sides; "
+        "synthetic short multi-turn QQ chats (system prompt + 1–4 turns). "
+        "Baseline: transformers `Trainer` + peft, every batch padded to the max length, "
+        "loss on all tokens "
+        f"({baseline['non_pad_share']:.0%} of its tokens are real). Project: `trainer.train` (packing, "
+        "owner-only loss, logits only at targets). Steady state (first step excluded), one run, shared "
+        "machine.",
+        "",
+        "| | non-pad tokens/s | peak RSS during training (MB) |",
+        "| --- | ---: | ---: |",
+        f"| baseline (Trainer + peft, padded) | {baseline['non_pad_tokens_per_s']:.0f} | "
+        f"{baseline['peak_rss_mb']:.0f} |",
+        f"| project (`twin train`) | {project['non_pad_tokens_per_s']:.0f} | {project['peak_rss_mb']:.0f} |",
+        f"| **project / baseline** | **{speedup:.2f}×** | **{memory:.2f}×** |",
+        "",
+        "Goal: ≥ 1.5× tokens/s on CPU. Re-run: `.venv/bin/python bench/train.py --write-docs`.",
+        "",
+    ]
 
 
 def main() -> None:
@@ -273,13 +267,10 @@ def main() -> None:
                 sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
             results[side] = json.loads(lines[-1][len("RESULT ") :])
             print(side, results[side], flush=True)
-    section = docs_section(results, args)
-    print(section)
+    lines = docs_section(results, args)
+    print("\n".join(lines))
     if args.write_docs:
-        docs = REPO / "docs" / "benchmarks.md"
-        docs.write_text(
-            replace_section(docs.read_text(encoding="utf-8"), "## Training (`bench/train.py`)", section)
-        )
+        replace_section(TRAIN_HEADING, lines)
 
 
 if __name__ == "__main__":

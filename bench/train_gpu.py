@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -210,32 +211,76 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: check the script, not the GPU")
+    parser.add_argument(
+        "--write-docs", action="store_true", help="replace the GPU table in docs/benchmarks.md"
+    )
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.variant:  # one measurement, in its own process (see below)
+        mode, project, liger = args.variant.split(",")
+        result = run(args, qlora=mode == "qlora", project=project == "1", liger=liger == "1")
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    # Each variant runs in a fresh process: Liger patches transformers' classes for the rest of
+    # a process, and peak GPU memory must be each variant's own.
     results = []
     for mode in ("lora", "qlora") if args.mode == "both" else (args.mode,):
-        qlora = mode == "qlora"
-        if qlora and args.device != "cuda":
+        if mode == "qlora" and args.device != "cuda":
+            print("qlora needs CUDA (bitsandbytes); skipped on", args.device, flush=True)
             continue
         variants = [(False, False), (True, False)] + ([(True, True)] if args.liger else [])
         for project, liger in variants:
-            result = run(args, qlora=qlora, project=project, liger=liger)
+            variant = f"{mode},{int(project)},{int(liger)}"
+            done = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+                capture_output=True,
+                text=True,
+            )
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(lines[-1][len("RESULT ") :])
             print(json.dumps(result), flush=True)
             results.append(result)
-            import gc
+    lines = table(results, args)
+    print("\n".join(lines))
+    if args.write_docs:
+        from _docs import replace_section
 
-            import torch
+        replace_section(GPU_HEADING, lines)
 
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-    print("| mode | path | non-pad tokens/s | MFU (6N) | peak GPU memory (GB) |")
-    print("| --- | --- | ---: | ---: | ---: |")
+
+GPU_HEADING = "## Training on a GPU (`bench/train_gpu.py`)"
+
+
+def table(results: list[dict], args: argparse.Namespace) -> list[str]:
+    """The results as markdown, each project path also as a ratio to its mode's baseline."""
+    shape = "tiny test shapes" if args.tiny else "Qwen3-8B shapes, random weights"
+    lines = [
+        f"{shape}, {args.steps} steps after one warm-up, "
+        f"baseline batches {args.batch}×{args.max_len} padded, "
+        f"project rows {args.rows}×{args.row_len} packed, attention `{args.attn}`, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}, MFU against {args.peak_tflops:g} TFLOPS.",
+        "",
+        "| mode | path | non-pad tokens/s | × baseline | MFU (6N) | peak GPU memory (GB) | × baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    baseline: dict[str, dict] = {}
     for r in results:
-        print(
-            f"| {r['mode']} | {r['path']} | {r['non_pad_tokens_per_s']:.0f} | {r['mfu']:.1%} "
-            f"| {r['peak_mem_gb']} |"
+        base = baseline.setdefault(r["mode"], r)
+        speed = r["non_pad_tokens_per_s"] / base["non_pad_tokens_per_s"]
+        memory = (
+            (r["peak_mem_gb"] / base["peak_mem_gb"]) if r["peak_mem_gb"] and base["peak_mem_gb"] else None
         )
+        lines.append(
+            f"| {r['mode']} | {r['path']} | {r['non_pad_tokens_per_s']:.0f} | {speed:.2f}× | {r['mfu']:.1%} "
+            f"| {r['peak_mem_gb'] if r['peak_mem_gb'] is not None else '—'} "
+            f"| {f'{memory:.2f}×' if memory is not None else '—'} |"
+        )
+    lines += ["", "Goals (LoRA on an H100): ≥ 2× the baseline's tokens/s, ≥ 40% MFU, peak memory ≤ 0.6×.", ""]
+    return lines
 
 
 if __name__ == "__main__":

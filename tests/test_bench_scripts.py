@@ -1,0 +1,23 @@
+"""The GPU benchmark script runs end to end (tiny shapes, CPU), so it works the first time a GPU is lent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_gpu_bench_runs_every_variant_on_tiny_shapes():
+    command = [sys.executable, str(REPO / "bench" / "train_gpu.py"), "--tiny", "--device", "cpu"]
+    command += ["--mode", "both", "--steps", "2", "--samples", "24", "--max-len", "64"]
+    command += ["--batch", "4", "--rows", "1", "--row-len", "128"]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| lora |")]
+    assert len(rows) == 2 and "baseline" in rows[0] and "project" in rows[1]
+    assert "1.00×" in rows[0]  # the baseline row is its own reference
+    assert "qlora needs CUDA" in done.stdout  # skipped on CPU, said so
