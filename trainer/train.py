@@ -21,7 +21,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,19 +170,22 @@ def train(
     scheduler = _cosine_with_warmup(optimizer, round(total_steps * settings.warmup_ratio), total_steps)
 
     private_dir(run_dir)
-    state = TrainState()
     checkpoint = _latest_checkpoint(run_dir)
     if checkpoint is not None:
         _check_same_run(run_dir, settings)
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler)
-        log.info("resuming %s from step %d", run_dir, state.step)
     elif accelerator.is_main_process:
         stored = {"settings": settings.model_dump(mode="json"), "base": base.to_dict()}
         stored["dataset_hash"] = dataset_hash(settings.data)
         write_text_atomic(run_dir / SETTINGS_FILE, json.dumps(stored, ensure_ascii=False, indent=2))
-    resumed_from = state.step
 
     wrapped, optimizer = accelerator.prepare(OwnerLossModel(model), optimizer)
+    checkpointer = _checkpointer(accelerator, wrapped, model, optimizer)
+    # Resume after `prepare`: a sharded model's weights and optimizer state can only be set once wrapped.
+    state = TrainState()
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, checkpointer, scheduler)
+        log.info("resuming %s from step %d", run_dir, state.step)
+    resumed_from = state.step
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = iter_micro_batches(
         samples,
@@ -239,19 +242,18 @@ def train(
             bar.update(state.step, step_loss, state.tokens / max(state.elapsed_s, 1e-9))
             if on_step is not None and accelerator.is_main_process:
                 on_step(state.step, total_steps, step_loss)
-            if accelerator.is_main_process and (
-                state.step % settings.save_every == 0 and state.step < total_steps
-            ):
-                _save_checkpoint(run_dir, model, optimizer, scheduler, state, settings)
+            if state.step % settings.save_every == 0 and state.step < total_steps:
+                _save_checkpoint(run_dir, accelerator, checkpointer, scheduler, state, settings)
             accelerator.wait_for_everyone()
     finally:
         bar.close()
 
     runtime = time.perf_counter() - started
     adapter_dir = run_dir / ADAPTER_DIR
+    weights = checkpointer.adapter_weights()  # every process takes part; complete on the main one
     if accelerator.is_main_process:
         with atomic_dir(adapter_dir) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             tokenizer.save_pretrained(tmp)
         metrics = _metrics(state, runtime, total_steps, resumed_from, settings, base.to_dict())
         metrics["processes"] = accelerator.num_processes
@@ -388,38 +390,146 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _save_checkpoint(
-    run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState, settings: TrainSettings
+    run_dir: Path,
+    accelerator: Any,
+    checkpointer: _Checkpointer,
+    scheduler: Any,
+    state: TrainState,
+    settings: TrainSettings,
 ) -> None:
-    """`checkpoints/step-N/`: adapter weights, optimizer, scheduler, RNG and counters, all or nothing."""
+    """`checkpoints/step-N/`: adapter weights, optimizer, scheduler, RNG and counters, all or nothing.
 
-    checkpoints = private_dir(run_dir / CHECKPOINTS_DIR)
-    with atomic_dir(checkpoints / f"step-{state.step:07d}") as tmp:
-        model.save_pretrained(tmp)
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
+    Every process calls this: under FSDP and ZeRO-3 each one holds a shard of what is saved.
+    """
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    if accelerator.is_main_process:
+        private_dir(checkpoints)
+    weights = checkpointer.adapter_weights()
+    with _atomic_dir_for_every_process(accelerator, checkpoints / f"step-{state.step:07d}") as tmp:
+        saved = checkpointer.save(tmp, weights)
+        if accelerator.is_main_process:
+            checkpointer.model.save_pretrained(tmp, state_dict=weights)
+            saved |= {
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
                 "state": asdict(state),
-            },
-            tmp / STATE_FILE,
-        )
-    for old in sorted(checkpoints.glob("step-*"))[: -settings.keep_checkpoints]:
-        shutil.rmtree(old, ignore_errors=True)
+            }
+            torch.save(saved, tmp / STATE_FILE)
+    if accelerator.is_main_process:
+        for old in sorted(checkpoints.glob("step-*"))[: -settings.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+def _load_checkpoint(path: Path, checkpointer: _Checkpointer, scheduler: Any) -> TrainState:
+    """Restore a checkpoint into the prepared (wrapped) model and optimizer, on every process."""
     saved = torch.load(path / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    checkpointer.load(path, saved)
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     random.setstate(saved["python_rng"])
     return TrainState(**saved["state"])
+
+
+@contextlib.contextmanager
+def _atomic_dir_for_every_process(accelerator: Any, final: Path) -> Iterator[Path]:
+    """`atomic_dir` owned by the main process, its temporary path shared so that every process can
+    write its shard; `final` appears only after all of them have finished."""
+    main = accelerator.is_main_process
+    with atomic_dir(final) if main else contextlib.nullcontext() as tmp:
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            tmp = broadcast_object_list([tmp if main else None])[0]
+        yield Path(tmp)
+        accelerator.wait_for_everyone()
+
+
+# What a checkpoint holds and how it is gathered differs by backend; these two classes are the only
+# place that knows. Both keep just the trainable (LoRA) tensors, never the frozen base.
+
+# OwnerLossModel keeps the LoRA model under `.model`; peft names adapter tensors from below it.
+_INNER = "model."
+
+
+class _StateDictCheckpointer:
+    """One process, DDP, FSDP1 and FSDP2: torch's distributed state-dict API.
+
+    It gathers the LoRA tensors and their optimizer state, keyed by parameter name, onto the main
+    process (without sharding this is a plain copy). On resume every process reads the same small
+    file and keeps its own shard of it.
+    """
+
+    def __init__(self, wrapped: Any, model: Any, optimizer: Any) -> None:
+        self.wrapped, self.model = wrapped, model
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer under accelerate's
+
+    def adapter_weights(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights = get_model_state_dict(self.wrapped, options=options)
+        return {name.removeprefix(_INNER): tensor for name, tensor in weights.items()}
+
+    def save(self, tmp: Path, weights: dict[str, Any]) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer = get_optimizer_state_dict(self.wrapped, self.optimizer, options=options)
+        return {"weights": weights, "optimizer": optimizer}
+
+    def load(self, path: Path, saved: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        weights = {_INNER + name: tensor for name, tensor in saved["weights"].items()}
+        options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in it
+        set_model_state_dict(self.wrapped, weights, options=options)
+        set_optimizer_state_dict(self.wrapped, self.optimizer, saved["optimizer"], options=options)
+
+
+class _DeepSpeedCheckpointer:
+    """DeepSpeed ZeRO-3: parameters and optimizer state are partitioned across processes.
+
+    The engine's own checkpoint (every process writes its partition) holds the optimizer and the
+    fp32 LoRA weights; the adapter files are gathered from the trainable parameters alone.
+    """
+
+    DIR, TAG = "deepspeed", "state"
+
+    def __init__(self, engine: Any, model: Any) -> None:
+        self.engine, self.model = engine, model
+
+    def adapter_weights(self) -> dict[str, Any]:
+        import deepspeed
+
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        with deepspeed.zero.GatheredParameters(list(trainable.values())):
+            return {name: p.detach().cpu().clone() for name, p in trainable.items()}
+
+    def save(self, tmp: Path, weights: dict[str, Any]) -> dict[str, Any]:
+        self.engine.save_checkpoint(str(tmp / self.DIR), tag=self.TAG, exclude_frozen_parameters=True)
+        return {}
+
+    def load(self, path: Path, saved: dict[str, Any]) -> None:
+        self.engine.load_checkpoint(
+            str(path / self.DIR), tag=self.TAG, load_module_strict=False, load_lr_scheduler_states=False
+        )
+
+
+_Checkpointer = _StateDictCheckpointer | _DeepSpeedCheckpointer
+
+
+def _checkpointer(accelerator: Any, wrapped: Any, model: Any, optimizer: Any) -> _Checkpointer:
+    """How this run's backend saves and restores the LoRA weights and optimizer state."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _DeepSpeedCheckpointer(wrapped, model)
+    return _StateDictCheckpointer(wrapped, model, optimizer)
 
 
 # ---------------------------------------------------------------- metrics
