@@ -206,9 +206,9 @@ def export(
         work = Path(tempfile.mkdtemp(prefix=".export-", dir=tmp))
         hf_dir = work / "merged"
         if wanted:
-            with step("merge the LoRA adapter into the base"):
-                merge_adapter(base, run_dir / ADAPTER_DIR, hf_dir)
             intermediate = next((q for q in wanted if q in CONVERTER_OUTTYPES), "F16")
+            with step("merge the LoRA adapter into the base"):
+                merge_adapter(base, run_dir / ADAPTER_DIR, hf_dir, dtype=intermediate)
             converted = work / registry.gguf_name(intermediate)
             with step(f"convert to GGUF ({intermediate}) with llama.cpp's converter"):
                 _run_converter(
@@ -223,7 +223,7 @@ def export(
                     else:
                         quantize(converted, final, quant, n_threads=n_threads)
                 with step(f"verify {quant}: load in llama.cpp and generate"):
-                    replies[quant] = verify_gguf(final, system, n_threads=n_threads)
+                    replies[quant] = verify_gguf(final, system)
                 gguf[quant] = out_dir / final.name
         if lora_gguf:
             with step("write the adapter alone as GGUF (convert_lora_to_gguf.py)"):
@@ -235,9 +235,8 @@ def export(
                 )
             if base.gguf_file:
                 with step("verify the LoRA GGUF over its base GGUF"):
-                    replies["lora"] = verify_gguf(
-                        Path(base.source) / base.gguf_file, system, lora=tmp / LORA_GGUF, n_threads=n_threads
-                    )
+                    base_gguf = Path(base.source) / base.gguf_file
+                    replies["lora"] = verify_gguf(base_gguf, system, lora=tmp / LORA_GGUF)
             lora_path = out_dir / LORA_GGUF
         with step("write manifest.json, Modelfile and adapter/"):
             if keep_merged and hf_dir.is_dir():
@@ -292,14 +291,20 @@ def _training_system_prompt(run: dict[str, Any], persona: str | None) -> str:
     return system_prompt(DEFAULT_PERSONA)
 
 
-def merge_adapter(base: BaseModelRef, adapter_dir: Path, out_dir: Path) -> None:
-    """Base (its cached HF copy when a GGUF) + LoRA → one HF safetensors model with the tokenizer."""
+def merge_adapter(base: BaseModelRef, adapter_dir: Path, out_dir: Path, *, dtype: str = "F16") -> None:
+    """Base (its cached HF copy when a GGUF) + LoRA → one HF safetensors model with the tokenizer.
+
+    The merge is computed in the base's precision and saved in `dtype`, the GGUF type the
+    converter writes next: rounding once here is what the converter would do, at half the bytes.
+    """
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(hf_copy(base).source, dtype="auto")
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    model.to(torch_dtype).save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out_dir)
 
 
@@ -343,8 +348,12 @@ def native_output_captured() -> Iterator[Path]:
             os.close(saved[1])
 
 
-def verify_gguf(path: Path, system: str, *, lora: Path | None = None, n_threads: int = 2) -> str:
-    """Load a GGUF in llama.cpp and greedily answer a chat prompt; it must produce tokens."""
+def verify_gguf(path: Path, system: str, *, lora: Path | None = None, n_threads: int = 1) -> str:
+    """Load a GGUF in llama.cpp and greedily answer a chat prompt; it must produce tokens.
+
+    One thread by default: a 16-token check gains nothing from more, and two llama.cpp threads
+    on two busy cores can stall for seconds.
+    """
     from llama_cpp import Llama
 
     kwargs: dict[str, Any] = {"lora_path": str(lora)} if lora else {}
@@ -372,13 +381,15 @@ def _make_private(root: Path) -> None:
 
 
 def _gguf_template(model_dir: Path, quant: str) -> str:
-    from gguf import GGUFReader
+    """The chat template stored in a GGUF (llama.cpp reads only the vocabulary and metadata)."""
+    from llama_cpp import Llama
 
-    reader = GGUFReader(str(model_dir / registry.gguf_name(quant)))
-    field_ = reader.fields.get("tokenizer.chat_template")
-    if field_ is None:
-        return ""
-    return bytes(field_.parts[field_.data[0]]).decode("utf-8")
+    with native_output_captured():
+        llm = Llama(model_path=str(model_dir / registry.gguf_name(quant)), vocab_only=True, verbose=False)
+    try:
+        return str(llm.metadata.get("tokenizer.chat_template", ""))
+    finally:
+        llm.close()
 
 
 def _manifest(
