@@ -1,5 +1,5 @@
-"""Two CPU processes (gloo; what `accelerate launch` does on GPUs) train one run together, plain
-data-parallel and FSDP2, and a killed FSDP2 run resumes from its last checkpoint."""
+"""Two CPU processes over gloo (what `accelerate launch` starts on GPUs) train one run together, and a
+killed FSDP2 run resumes from its last checkpoint onto the loss curve of an unbroken DDP run."""
 
 from __future__ import annotations
 
@@ -132,12 +132,23 @@ def train_args(data: Path, run: Path, tiny: Path, config: Path, steps: int) -> l
     return [*args, "--config", str(config), "--max-steps", str(steps), "--quiet"]
 
 
+def torchrun() -> list[str]:
+    """Two plain data-parallel (DDP) processes, as `accelerate launch` with ddp.yaml starts them."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    return [*launch, "--master_port", str(free_port()), "-m", "deploy"]
+
+
+def accelerate_fsdp(launcher: Path) -> list[str]:
+    """`accelerate launch` with deploy/accelerate/fsdp.yaml on two CPU processes, through FSDP_ON_CPU."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    launch += ["--config_file", str(REPO / "deploy/accelerate/fsdp.yaml"), "--mixed_precision", "no"]
+    return [*launch, "--main_process_port", str(free_port()), str(launcher)]
+
+
 def test_two_cpu_processes_train_one_run(tiny, data, config, tmp_path):
     run = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    torchrun += ["--master_port", str(free_port()), "-m", "deploy"]
 
-    assert run_to_completion(torchrun + train_args(data, run, tiny, config, steps=3)) == 0
+    assert run_to_completion(torchrun() + train_args(data, run, tiny, config, steps=3)) == 0
 
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["processes"] == 2 and metrics["steps"] == 3
@@ -155,15 +166,10 @@ def test_a_killed_fsdp2_run_resumes_and_saves_the_same_adapter_as_one_process(ti
 
     launcher = tmp_path / "fsdp_on_cpu.py"
     launcher.write_text(FSDP_ON_CPU, encoding="utf-8")
-
-    def fsdp_train(run: Path) -> list[str]:
-        accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-        accelerate += [str(REPO / "deploy/accelerate/fsdp.yaml"), "--num_processes", "2"]
-        accelerate += ["--mixed_precision", "no", "--main_process_port", str(free_port()), str(launcher)]
-        return accelerate + train_args(data, run, tiny, config, steps=24)
-
     run = tmp_path / "fsdp-run"
-    with launched(fsdp_train(run)) as proc:
+    command = accelerate_fsdp(launcher) + train_args(data, run, tiny, config, steps=24)
+
+    with launched(command) as proc:
         deadline = time.monotonic() + 240
         while not list((run / "checkpoints").glob("step-*/trainer_state.pt")):
             assert proc.poll() is None, "training ended before it could be killed"
@@ -171,16 +177,18 @@ def test_a_killed_fsdp2_run_resumes_and_saves_the_same_adapter_as_one_process(ti
             time.sleep(0.05)
     assert not (run / "adapter").exists() and not (run / "metrics.json").exists()
 
-    assert run_to_completion(fsdp_train(run)) == 0  # the same command again continues the run
-    assert run_to_completion(fsdp_train(tmp_path / "uninterrupted")) == 0
+    assert run_to_completion(command) == 0  # the same command again continues the run
+    ddp = tmp_path / "ddp-run"
+    assert run_to_completion(torchrun() + train_args(data, ddp, tiny, config, steps=24)) == 0
 
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["processes"] == 2 and metrics["resumed_from_step"] >= 2
     assert [point["step"] for point in metrics["loss_curve"]] == list(range(1, 25))
-    # Weights, optimizer moments, schedule and data order all came back: the curve is the unbroken one.
-    straight = json.loads((tmp_path / "uninterrupted" / "metrics.json").read_text(encoding="utf-8"))
+    # Weights, optimizer moments, schedule and data order all came back, and sharding changed none of
+    # the arithmetic (gradient clipping included): the curve is an unbroken DDP run's.
+    unbroken = json.loads((ddp / "metrics.json").read_text(encoding="utf-8"))
     losses = [point["loss"] for point in metrics["loss_curve"]]
-    assert losses == pytest.approx([point["loss"] for point in straight["loss_curve"]], abs=1e-4)
+    assert losses == pytest.approx([point["loss"] for point in unbroken["loss_curve"]], abs=1e-4)
 
     sharded = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     one_process = TrainSettings(

@@ -178,7 +178,12 @@ def train(
         stored["dataset_hash"] = dataset_hash(settings.data)
         write_text_atomic(run_dir / SETTINGS_FILE, json.dumps(stored, ensure_ascii=False, indent=2))
 
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:
+        # accelerate sizes DeepSpeed's batch from a dataloader; this loop collates its own micro-batches.
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = settings.batch_size
     wrapped, optimizer = accelerator.prepare(OwnerLossModel(model), optimizer)
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]  # FSDP2 swapped in sharded ones
     checkpointer = _checkpointer(accelerator, wrapped, model, optimizer)
     # Resume after `prepare`: a sharded model's weights and optimizer state can only be set once wrapped.
     state = TrainState()
@@ -186,6 +191,7 @@ def train(
         state = _load_checkpoint(checkpoint, checkpointer, scheduler)
         log.info("resuming %s from step %d", run_dir, state.step)
     resumed_from = state.step
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = iter_micro_batches(
         samples,
