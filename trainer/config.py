@@ -19,8 +19,12 @@ else:  # pragma: no cover - Python 3.10
 
 DEFAULT_BASE_MODEL = "Qwen/Qwen3-8B"
 SETTINGS_FILE = "settings.json"
+# A finished run directory holds these two (written last, so their presence means "complete").
+ADAPTER_DIR = "adapter"
+METRICS_FILE = "metrics.json"
 
 MoeScope = Literal["expert_only", "router_only", "all"]
+LossOn = Literal["all", "final"]
 
 
 class TrainSettings(BaseModel):
@@ -39,6 +43,11 @@ class TrainSettings(BaseModel):
     # data
     max_seq_len: int = Field(384, ge=16, description="tokens per sample (longer samples are cut)")
     pack: bool = Field(True, description="pack samples into rows; attention never crosses samples")
+    loss_on: LossOn = Field(
+        "all",
+        description="which owner replies of a sample are learned: every one (`all`), or only the last "
+        "(`final`: a reply that also appears as context in later samples is learned once)",
+    )
     batch_size: int = Field(4, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
 

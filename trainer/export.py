@@ -31,10 +31,9 @@ from pipeline import registry
 from pipeline.chatformat import DEFAULT_PERSONA, render_chat_template, strip_think, system_prompt
 from pipeline.errors import InputError, TwinError
 from pipeline.files import atomic_dir
-from trainer.config import SETTINGS_FILE
+from trainer.config import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE
 from trainer.data import TRAIN_FILE
 from trainer.models import BaseModelRef, cache_root, hf_copy
-from trainer.train import ADAPTER_DIR, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,9 @@ CONVERTER_DIRS = ("conversion", "gguf-py")
 LORA_GGUF = "adapter.gguf"
 MODELFILE = "Modelfile"
 VERIFY_PROMPT = "在吗？今天晚上一起去吃火锅吧"
+# What `save_pretrained` of a tokenizer writes (the adapter directory holds them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES += ("chat_template.jinja",)
 # Unquantised outputs the converter writes directly.
 CONVERTER_OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 
@@ -309,11 +311,12 @@ def merge_adapter(base: BaseModelRef, adapter_dir: Path, out_dir: Path, *, dtype
 
 
 def _write_base_config(base: BaseModelRef, adapter_dir: Path, out_dir: Path) -> None:
-    """Config + tokenizer of the base (no weights): all `convert_lora_to_gguf.py` reads."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    AutoConfig.from_pretrained(hf_copy(base).source).save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(out_dir)
+    """The base's config.json and the tokenizer files, no weights: all `convert_lora_to_gguf.py` reads."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(hf_copy(base).source) / "config.json", out_dir / "config.json")
+    for name in TOKENIZER_FILES:
+        if (adapter_dir / name).is_file():
+            shutil.copyfile(adapter_dir / name, out_dir / name)
 
 
 def quantize(source: Path, dest: Path, quant: str, *, n_threads: int = 2) -> None:

@@ -117,11 +117,11 @@ def hf_copy(base: BaseModelRef) -> BaseModelRef:
     """
     if not base.gguf_file:
         return base
-    import transformers
+    from importlib.metadata import version
 
     gguf = Path(base.source) / base.gguf_file
     stat = gguf.stat()
-    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{version('transformers')}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     dest = cache_root() / "bases" / f"{gguf.stem}-{digest}"
     if not (dest / "config.json").is_file():
