@@ -66,6 +66,16 @@ def test_only_the_owners_replies_and_their_end_tokens_are_labels(tokenizer):
     assert labelled_text(tokenizer, sample) == ["在的[贴贴]<|im_end|>", "好耶\n冲冲冲<|im_end|>"]
 
 
+def test_loss_on_final_learns_only_the_last_reply_and_keeps_the_earlier_as_context(tokenizer):
+    every = encode(tokenizer, CONVERSATION, max_len=512)
+    final = encode(tokenizer, CONVERSATION, max_len=512, loss_on="final")
+
+    assert labelled_text(tokenizer, final) == ["好耶\n冲冲冲<|im_end|>"]
+    assert final.input_ids == every.input_ids
+    with pytest.raises(InputError, match="loss_on"):
+        load_settings(None, data="ds", output_dir="run", loss_on="last")
+
+
 def test_system_user_and_template_tokens_are_ignored(tokenizer):
     sample = encode(tokenizer, CONVERSATION, max_len=512)
     text = tokenizer.decode(sample.input_ids)

@@ -153,14 +153,21 @@ def assistant_spans(
     return full, spans
 
 
-def encode(tokenizer: Any, messages: Sequence[dict[str, str]], max_len: int) -> Encoded:
-    """Token ids of the rendered conversation; targets are -100 outside assistant replies."""
+def encode(
+    tokenizer: Any, messages: Sequence[dict[str, str]], max_len: int, *, loss_on: str = "all"
+) -> Encoded:
+    """Token ids of the rendered conversation; targets are -100 outside assistant replies.
+
+    `loss_on="final"` keeps only the last reply as a target (earlier ones stay context).
+    """
     text, spans = assistant_spans(
         tokenizer.chat_template,
         messages,
         bos_token=tokenizer.bos_token or "",
         eos_token=tokenizer.eos_token or "",
     )
+    if loss_on == "final":
+        spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     labels = [IGNORE] * len(ids)
@@ -175,10 +182,10 @@ def encode(tokenizer: Any, messages: Sequence[dict[str, str]], max_len: int) -> 
 
 
 def encode_all(
-    tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_len: int
+    tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_len: int, *, loss_on: str = "all"
 ) -> list[Encoded]:
     """Encode every conversation, dropping those left with nothing to learn after truncation."""
-    out = [encode(tokenizer, messages, max_len) for messages in conversations]
+    out = [encode(tokenizer, messages, max_len, loss_on=loss_on) for messages in conversations]
     return [e for e in out if e.label_tokens > 0]
 
 

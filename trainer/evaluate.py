@@ -19,11 +19,10 @@ from typing import Any
 from pipeline.chatformat import render_chat_template, strip_think
 from pipeline.errors import InputError
 from pipeline.files import atomic_path, write_text_atomic
-from trainer.config import SETTINGS_FILE
+from trainer.config import ADAPTER_DIR, SETTINGS_FILE
 from trainer.data import VAL_FILE, encode_all, epoch_batches, load_split
 from trainer.models import BaseModelRef
 from trainer.style import style_distance, style_metrics
-from trainer.train import ADAPTER_DIR
 
 EVAL_JSON = "eval.json"
 EVAL_MD = "eval.md"

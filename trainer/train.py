@@ -30,15 +30,13 @@ import torch
 
 from pipeline.errors import InputError, TwinError
 from pipeline.files import atomic_dir, private_dir, write_text_atomic
-from trainer.config import SETTINGS_FILE, TrainSettings
+from trainer.config import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE, TrainSettings
 from trainer.data import IGNORE, Batch, dataset_hash, encode_all, iter_micro_batches, load_split
 from trainer.models import LoraTargets
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
-METRICS_FILE = "metrics.json"
 STATE_FILE = "trainer_state.pt"
 
 
@@ -146,7 +144,7 @@ def train(
     _seed_everything(settings.seed)
 
     tokenizer = load_tokenizer(base)
-    samples = encode_all(tokenizer, conversations, settings.max_seq_len)
+    samples = encode_all(tokenizer, conversations, settings.max_seq_len, loss_on=settings.loss_on)
     if not samples:
         raise InputError(
             Path(settings.data) / "train.jsonl",
@@ -371,7 +369,7 @@ def _cosine_with_warmup(optimizer: Any, warmup: int, total: int) -> Any:
 
 # Settings a checkpoint depends on: changing one makes "resume" silently train something else.
 RESUME_KEYS = ("base_model", "gguf_file", "data", "max_seq_len", "pack", "batch_size", "grad_accum", "seed")
-RESUME_KEYS += ("lora_r", "lora_alpha", "target_modules", "moe_lora_scope", "max_experts", "qlora")
+RESUME_KEYS += ("lora_r", "lora_alpha", "target_modules", "moe_lora_scope", "max_experts", "qlora", "loss_on")
 
 
 def _check_same_run(run_dir: Path, settings: TrainSettings) -> None:

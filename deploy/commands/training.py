@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -40,6 +41,9 @@ def train_command(
         None, "--init-adapter", help="continue this LoRA adapter instead of starting a fresh one"
     ),
     pack: bool | None = typer.Option(None, "--pack/--no-pack", help="sequence packing (default on)"),
+    loss_on: str | None = typer.Option(
+        None, "--loss-on", help="all: learn every owner reply of a sample (default); final: only the last"
+    ),
     gradient_checkpointing: bool | None = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing"
     ),
@@ -70,6 +74,7 @@ def train_command(
         qlora=qlora,
         init_adapter=init_adapter,
         pack=pack,
+        loss_on=loss_on,
         gradient_checkpointing=gradient_checkpointing,
         seed=seed,
         threads=threads,
@@ -87,6 +92,8 @@ def train_command(
     from trainer.train import train
 
     result = train(settings, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, rank 0 reports
+        return
     table = Table(title=f"run {result.run_dir}", show_header=False)
     for key in ("steps", "train_tokens", "label_tokens", "train_runtime_s", "tokens_per_s", "final_loss"):
         table.add_row(key, str(getattr(result, key)))
