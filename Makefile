@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) bench/ingest.py
 	$(PY) bench/llm_clean.py
 	$(PY) bench/train.py
+	$(PY) bench/export.py
 	$(PY) bench/bot.py
 
 clean:
