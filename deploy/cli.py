@@ -6,6 +6,7 @@ assembles them and turns expected failures into one line on stderr and exit stat
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -59,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         result = command.main(args=argv, prog_name="twin", standalone_mode=False)
     except TwinError as exc:
         print(f"twin: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Outputs are written under temporary names, so a full disk leaves no half-written result.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"twin: error: {where}no space left on device; the output was not written", file=sys.stderr)
         return EXIT_BAD_INPUT
     except _ABORTS:
         print("twin: aborted", file=sys.stderr)

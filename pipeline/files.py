@@ -7,11 +7,14 @@ Chat logs are personal data, so every directory we create is 0700 and every file
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from pipeline.errors import InputError
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -68,3 +71,47 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a whole text file atomically (UTF-8, mode 0600)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------- a full disk
+
+# Free space below which a failed write is taken to mean "the disk is full" (see below).
+LOW_SPACE_BYTES = 64 * 2**20
+
+
+def is_disk_full(exc: BaseException, where: str | Path) -> bool:
+    """True when `exc`, raised while writing under `where`, means the disk (or quota) is full.
+
+    Libraries say so differently: Python raises OSError with errno 28; safetensors a
+    SafetensorError ending "No space left on device (os error 28)"; `torch.save` a bare
+    RuntimeError ("… unexpected pos 576 vs 534") that names no cause, so for that one the
+    free space left under `where` decides.
+    """
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    return isinstance(exc, RuntimeError) and "unexpected pos" in text and free_bytes(where) < LOW_SPACE_BYTES
+
+
+def free_bytes(where: str | Path) -> int:
+    """Free bytes on the filesystem holding `where` (its nearest existing parent)."""
+    path = Path(where).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return LOW_SPACE_BYTES * 2  # unknown: do not guess "full"
+
+
+@contextlib.contextmanager
+def disk_full_is_input_error(where: str | Path, consequence: str) -> Iterator[None]:
+    """Turn a full disk while writing `where` into a one-line `InputError` saying `consequence`."""
+    try:
+        yield
+    except Exception as exc:
+        if is_disk_full(exc, where):
+            raise InputError(where, f"no space left on device; {consequence}") from None
+        raise

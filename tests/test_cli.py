@@ -61,3 +61,23 @@ def test_the_console_entry_point_reports_bad_input_in_one_line(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "missing.db" in lines[0]
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_a_full_disk_in_any_command_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pipeline.dataset.build
+
+    out = tmp_path / "dataset"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "train.jsonl"))
+
+    monkeypatch.setattr(pipeline.dataset.build, "build_dataset", full_disk)
+    (tmp_path / "messages.jsonl").write_text("", encoding="utf-8")
+
+    code = main(["build-dataset", str(tmp_path / "messages.jsonl"), "-o", str(out)])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err == f"twin: error: {out / 'train.jsonl'}: no space left on device; the output was not written"

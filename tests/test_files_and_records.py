@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import stat
 
 import pytest
 
+from pipeline import files
 from pipeline.errors import InputError
-from pipeline.files import atomic_dir, atomic_path, private_dir
+from pipeline.files import atomic_dir, atomic_path, disk_full_is_input_error, is_disk_full, private_dir
 from pipeline.records import Message, iter_messages, write_messages
 
 
@@ -64,3 +66,30 @@ def test_malformed_line_is_reported_with_its_number(tmp_path):
 def test_missing_file_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no such file"):
         list(iter_messages(tmp_path / "nope.jsonl"))
+
+
+# The exceptions below are the ones each library really raised on a full 512 KiB tmpfs.
+TORCH_SAVE_FULL = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+def test_a_full_disk_is_recognised_however_the_library_reports_it(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert is_disk_full(SafetensorError(SAFETENSORS_FULL), tmp_path)
+    assert not is_disk_full(TORCH_SAVE_FULL, tmp_path)  # plenty of room here: something else broke
+    monkeypatch.setattr(files, "free_bytes", lambda where: 1024)
+    assert is_disk_full(TORCH_SAVE_FULL, tmp_path)
+    assert not is_disk_full(RuntimeError("shape mismatch"), tmp_path)
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
+
+
+def test_a_full_disk_becomes_one_input_error_naming_the_output(tmp_path):
+    guard = disk_full_is_input_error(tmp_path / "out", "nothing was written")
+    with pytest.raises(InputError, match="no space left on device; nothing was written") as caught, guard:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(tmp_path / "out") in str(caught.value)
+    guard = disk_full_is_input_error(tmp_path / "out", "nothing was written")
+    with pytest.raises(ValueError), guard:  # anything else passes through untouched
+        raise ValueError("bug")

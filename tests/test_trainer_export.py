@@ -77,3 +77,20 @@ def test_exporting_an_unfinished_run_is_an_input_error(tmp_path, capsys):
     assert twin(["export", str(tmp_path / "run"), "-o", str(tmp_path / "v1")]) == 2
     assert "not a finished training run" in capsys.readouterr().err
     assert not (tmp_path / "v1").exists()
+
+
+def test_a_full_disk_during_export_is_one_line_and_writes_nothing(trained_run, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    import trainer.export
+
+    def full_disk(*args, **kwargs):  # what safetensors raised on a full 512 KiB tmpfs
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(trainer.export, "merge_adapter", full_disk)
+    code = twin(["export", str(trained_run), "-o", str(tmp_path / "models" / "v1"), "--quant", "Q8_0"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "no space left on device; nothing was written" in err
+    assert not (tmp_path / "models" / "v1").exists()
+    assert not list((tmp_path / "models").iterdir())  # no temp directory beside it either

@@ -212,3 +212,26 @@ def test_continuing_something_that_is_not_an_adapter_is_one_line(tiny_model, dat
     )
     assert code == 2
     assert not (run / "adapter").exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_finished_run(
+    tiny_model, dataset, tmp_path, monkeypatch, capsys
+):
+    from pipeline import files
+
+    def full_disk(*args, **kwargs):  # what torch.save raised on a full 512 KiB tmpfs
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(files, "free_bytes", lambda where: 4096)
+    run = tmp_path / "run"
+    (tmp_path / "train.yaml").write_text("save_every: 1\nmax_seq_len: 128\nthreads: 1\n", encoding="utf-8")
+    args = ["train", "--data", str(dataset), "-o", str(run), "--base-model", str(tiny_model)]
+    code = twin([*args, "--config", str(tmp_path / "train.yaml"), "--max-steps", "4", "--quiet"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert f"{run}: no space left on device; the run is not finished" in err
+    assert not (run / "adapter").exists() and not (run / METRICS_FILE).exists()
+    assert not [p.name for p in run.rglob("*") if p.name.startswith(".")]  # no temp dirs left
+    assert not list((run / CHECKPOINTS_DIR).glob("step-*"))

@@ -30,7 +30,7 @@ from typing import Any
 from pipeline import registry
 from pipeline.chatformat import DEFAULT_PERSONA, render_chat_template, strip_think, system_prompt
 from pipeline.errors import InputError, TwinError
-from pipeline.files import atomic_dir
+from pipeline.files import atomic_dir, disk_full_is_input_error
 from trainer.config import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE
 from trainer.data import TRAIN_FILE
 from trainer.models import BaseModelRef, cache_root, hf_copy
@@ -204,7 +204,8 @@ def export(
     gguf: dict[str, Path] = {}
     replies: dict[str, str] = {}
     lora_path: Path | None = None
-    with _steps(progress) as step, _disk_errors(out_dir), atomic_dir(out_dir) as tmp:
+    full_disk = disk_full_is_input_error(out_dir, "nothing was written")
+    with _steps(progress) as step, full_disk, atomic_dir(out_dir) as tmp:
         work = Path(tempfile.mkdtemp(prefix=".export-", dir=tmp))
         hf_dir = work / "merged"
         if wanted:
@@ -456,7 +457,7 @@ def _ollama_template(jinja_template: str) -> tuple[str, list[str]]:
     return template, ["<|im_end|>", "<|im_start|>"]
 
 
-# ---------------------------------------------------------------- progress and disk errors
+# ---------------------------------------------------------------- progress
 
 
 @contextmanager
@@ -481,13 +482,3 @@ def _steps(enabled: bool) -> Iterator[Any]:
             bar.update(task, completed=1)
 
         yield step
-
-
-@contextmanager
-def _disk_errors(out_dir: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise InputError(out_dir, "no space left on device; nothing was written") from None
-        raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.util
 import logging
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, TwinError
-from pipeline.files import atomic_dir
+from pipeline.files import atomic_dir, disk_full_is_input_error
 
 if TYPE_CHECKING:
     import torch
@@ -126,15 +125,10 @@ def hf_copy(base: BaseModelRef) -> BaseModelRef:
     dest = cache_root() / "bases" / f"{gguf.stem}-{digest}"
     if not (dest / "config.json").is_file():
         log.info("de-quantising %s into %s (once; later loads reuse it)", gguf.name, dest)
-        try:
-            with _cache_lock(dest):
-                if not (dest / "config.json").is_file():  # another process may have made it
-                    with atomic_dir(dest) as tmp:
-                        _save_dequantised(base, tmp)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise InputError(dest, "no space left on device for the converted base model") from None
-            raise
+        with disk_full_is_input_error(dest, "the base model could not be converted"), _cache_lock(dest):
+            if not (dest / "config.json").is_file():  # another process may have made it
+                with atomic_dir(dest) as tmp:
+                    _save_dequantised(base, tmp)
     return BaseModelRef(str(dest), None, base.name)
 
 

@@ -12,6 +12,15 @@ from rich.table import Table
 console = Console()
 
 
+def _progress(quiet: bool) -> bool:
+    """Whether to show progress; `--quiet` also hushes transformers' own bars (weight loading)."""
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return not quiet
+
+
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the `twin` app."""
     app.command("train")(train_command)
@@ -89,9 +98,12 @@ def train_command(
             console.print(name, highlight=False)
         console.print(f"[bold]{len(names)}[/] modules would get LoRA adapters")
         return
+    from pipeline.files import disk_full_is_input_error
     from trainer.train import train
 
-    result = train(settings, progress=not quiet)
+    unfinished = "the run is not finished; free some space and re-run the same command to resume"
+    with disk_full_is_input_error(settings.output_dir, unfinished):
+        result = train(settings, progress=_progress(quiet))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, rank 0 reports
         return
     table = Table(title=f"run {result.run_dir}", show_header=False)
@@ -110,9 +122,11 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Base vs twin: held-out assistant-token perplexity and style metrics (eval.json, eval.md, eval.png)."""
+    from pipeline.files import disk_full_is_input_error
     from trainer.evaluate import evaluate
 
-    report = evaluate(run_dir, data, max_samples=max_samples, seed=seed, progress=not quiet)
+    with disk_full_is_input_error(run_dir, "eval.json, eval.md and eval.png were not (all) written"):
+        report = evaluate(run_dir, data, max_samples=max_samples, seed=seed, progress=_progress(quiet))
     console.print(report.markdown())
 
 
@@ -134,7 +148,7 @@ def export_command(
         output,
         quants=[q for q in quant.split(",") if q.strip()],
         lora_gguf=lora_gguf,
-        progress=not quiet,
+        progress=_progress(quiet),
         persona=persona,
         n_threads=threads,
         keep_merged=keep_merged,
