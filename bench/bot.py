@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deploy.onebot_client import BotProcess
+from deploy.onebot_client import NO_PACING, BotProcess
 from pipeline.chatformat import Turn, render_chat_template, system_prompt, to_messages
 
 PROMPTS = [
@@ -59,14 +59,11 @@ async def run(args: argparse.Namespace) -> None:
             "TWIN_MAX_TOKENS": str(args.max_tokens),
             "TWIN_TEMPERATURE": "0",
             "TWIN_DB": str(home / "bot.db"),
-            "TWIN_BURST_WINDOW": "0",
-            "TWIN_TYPING_DELAY": "0",
-            "TWIN_TYPING_PER_CHAR": "0",
             "TWIN_MAX_BUBBLES": "50",
             "TWIN_BLOCK_LINKS": "false",
             "TWIN_RATE_PER_CHAT": "1000",
             "TWIN_RATE_TOTAL": "1000",
-            "TWIN_RETRAIN_CRON": "",
+            **NO_PACING,
         },
         cwd=home,
     )

@@ -205,7 +205,7 @@ async def _ask_a_bot(
     """Start `python bot.py` serving `model`, send each prompt from a new friend, collect the replies."""
     from rich.progress import Progress
 
-    from deploy.onebot_client import BotProcess
+    from deploy.onebot_client import NO_PACING, BotProcess
 
     private_dir(data_dir)
     bot = BotProcess(
@@ -217,10 +217,7 @@ async def _ask_a_bot(
             "TWIN_DB": str(data_dir / "bot.db"),
             "TWIN_N_THREADS": str(settings.n_threads),
             "TWIN_PERSONA": settings.persona,
-            "TWIN_BURST_WINDOW": "0",
-            "TWIN_TYPING_DELAY": "0",
-            "TWIN_TYPING_PER_CHAR": "0",
-            "TWIN_RETRAIN_CRON": "",
+            **NO_PACING,
             "TWIN_TEMPERATURE": str(DEMO_TEMPERATURE),
             "TWIN_SEED": str(settings.seed),
         },

@@ -359,6 +359,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Settings for a bot driven by a program (the demo, the benchmark, the tests): it answers at once,
+# with no burst window or typing delay, and runs no scheduled retrain.
+NO_PACING = {
+    "TWIN_BURST_WINDOW": "0",
+    "TWIN_TYPING_DELAY": "0",
+    "TWIN_TYPING_PER_CHAR": "0",
+    "TWIN_RETRAIN_CRON": "",
+}
+
+
 class BotProcess:
     """`python bot.py` as a child process with the given settings (the demo's and the tests' bot).
 

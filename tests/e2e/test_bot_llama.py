@@ -9,18 +9,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from deploy.onebot_client import BotProcess, OneBotClient
 from pipeline.registry import gguf_name, set_current
+from tests.e2e.conftest import SUPERUSER, bot_env, running_bot, twin_status, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
-
-OWNER = 10000
-SUPERUSER = 42
 
 
 def smollm2_gguf() -> Path:
@@ -40,35 +38,18 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bot(registry: Path, tmp_path_factory: pytest.TempPathFactory) -> BotProcess:
+def bot(registry: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotProcess]:
     home = tmp_path_factory.mktemp("llama-bot")
-    process = BotProcess(
-        {
-            "ONEBOT_ACCESS_TOKEN": "llama-token",
-            "SUPERUSERS": f'["{SUPERUSER}"]',
-            "TWIN_MODEL": str(registry),
-            "TWIN_N_THREADS": "1",
-            "TWIN_MAX_TOKENS": "12",
-            "TWIN_SEED": "7",
-            "TWIN_DB": str(home / "data" / "bot.db"),
-            "TWIN_BURST_WINDOW": "0",
-            "TWIN_TYPING_DELAY": "0",
-            "TWIN_TYPING_PER_CHAR": "0",
-            "TWIN_BLOCK_LINKS": "false",
-            "TWIN_MODEL_POLL": "0.5",
-            "TWIN_RETRAIN_CRON": "",
-        },
-        cwd=home,
+    settings = bot_env(
+        TWIN_MODEL=str(registry),
+        TWIN_N_THREADS="1",
+        TWIN_MAX_TOKENS="12",
+        TWIN_SEED="7",
+        TWIN_DB=str(home / "data" / "bot.db"),
+        TWIN_BLOCK_LINKS="false",
+        TWIN_MODEL_POLL="0.5",
     )
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def qq(bot: BotProcess) -> OneBotClient:
-    async with bot.client(self_id=OWNER) as client:
-        yield client
+    yield from running_bot(settings, home)
 
 
 def versions_used(bot: BotProcess, chat: str) -> list[str]:
@@ -77,19 +58,13 @@ def versions_used(bot: BotProcess, chat: str) -> list[str]:
         return [v for (v,) in conn.execute(sql, (chat,))]
 
 
-async def status(qq: OneBotClient) -> str:
-    before = len(qq.replies(user_id=SUPERUSER))
-    await qq.send_private(SUPERUSER, "/twin status")
-    return (await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=30))[0].text
-
-
 async def test_the_gguf_answers_a_private_message(qq: OneBotClient, bot: BotProcess) -> None:
     await qq.send_private(20001, "你好呀，周末干嘛")
     replies = await qq.wait_reply(user_id=20001, timeout=60)
     assert replies and all(r.text.strip() for r in replies)
     await asyncio.sleep(0.3)
     assert set(versions_used(bot, "20001")) == {"v1"}
-    assert "model: v1 (llama_cpp)" in await status(qq)
+    assert "model: v1 (llama_cpp)" in await twin_status(qq)
 
 
 async def test_model_switch_keeps_every_message_answered(qq: OneBotClient, bot: BotProcess) -> None:
@@ -105,7 +80,7 @@ async def test_model_switch_keeps_every_message_answered(qq: OneBotClient, bot: 
     assert switched.text == "serving v2"
     for user in users:
         await qq.wait_reply(user_id=user, timeout=90)
-    assert "model: v2 (llama_cpp)" in await status(qq)
+    assert "model: v2 (llama_cpp)" in await twin_status(qq)
     await qq.send_private(20014, "现在呢")
     await qq.wait_reply(user_id=20014, timeout=60)
     await asyncio.sleep(0.3)
@@ -114,10 +89,11 @@ async def test_model_switch_keeps_every_message_answered(qq: OneBotClient, bot: 
 
 async def test_registry_current_change_is_picked_up(qq: OneBotClient, registry: Path) -> None:
     set_current(registry, "v1")  # as `twin models rollback` would
-    deadline = time.monotonic() + 30
-    while "model: v1 (llama_cpp)" not in (text := await status(qq)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-    assert "model: v1 (llama_cpp)" in text
+
+    async def serving_v1() -> bool:
+        return "model: v1 (llama_cpp)" in await twin_status(qq)
+
+    assert await wait_until(serving_v1, timeout=30), "the bot never noticed the change of models/current"
 
 
 async def test_retrain_is_refused_while_a_cycle_holds_the_lock(qq: OneBotClient, registry: Path) -> None:
@@ -131,7 +107,7 @@ async def test_retrain_is_refused_while_a_cycle_holds_the_lock(qq: OneBotClient,
         await qq.send_private(SUPERUSER, "/twin retrain")
         (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=30)
         assert answer.text == "a retrain cycle is already running"
-        assert "last retrain: running" in await status(qq)
+        assert "last retrain: running" in await twin_status(qq)
 
 
 async def test_retrain_hands_over_to_the_job_and_reports_to_superusers(qq: OneBotClient) -> None:
@@ -141,7 +117,7 @@ async def test_retrain_hands_over_to_the_job_and_reports_to_superusers(qq: OneBo
     assert started.text == "retrain started"
     # this registry's versions have no manifest, so the job refuses; the bot relays its verdict
     assert report.text.startswith("retrain failed (exit 1): ") and "still serving v1" in report.text
-    assert "model: v1 (llama_cpp)" in await status(qq)
+    assert "model: v1 (llama_cpp)" in await twin_status(qq)
 
 
 async def test_a_version_that_does_not_load_leaves_the_old_one_serving(
@@ -156,7 +132,7 @@ async def test_a_version_that_does_not_load_leaves_the_old_one_serving(
     assert (registry / "current").read_text().strip() == "v1"
     set_current(registry, "v3")  # promoted behind the bot's back: the watcher refuses it too
     await asyncio.sleep(1.5)
-    assert "model: v1 (llama_cpp)" in await status(qq)
+    assert "model: v1 (llama_cpp)" in await twin_status(qq)
     await qq.send_private(20040, "还活着吗")
     assert await qq.wait_reply(user_id=20040, timeout=60)
     set_current(registry, "v1")

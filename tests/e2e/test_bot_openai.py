@@ -11,19 +11,16 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from deploy.onebot_client import BotProcess, OneBotClient, OneBotRefused
+from tests.e2e.conftest import OWNER, SUPERUSER, TOKEN, bot_env, running_bot, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
-
-TOKEN = "e2e-token"
-OWNER = 10000
-SUPERUSER = 42
 
 
 class FakeOpenAI:
@@ -98,26 +95,20 @@ class FakeOpenAI:
 
 
 def bot_settings(fake: FakeOpenAI, db: Path, **extra: str) -> dict[str, str]:
-    return {
-        "ONEBOT_ACCESS_TOKEN": TOKEN,
-        "SUPERUSERS": f'["{SUPERUSER}"]',
-        "NICKNAME": '["小明"]',
-        "COMMAND_START": '["/"]',
-        "TWIN_BACKEND": "openai",
-        "TWIN_OPENAI_BASE_URL": fake.base_url,
-        "TWIN_OPENAI_MODEL": "fake-twin",
-        "TWIN_OPENAI_RETRIES": "0",
-        "TWIN_OPENAI_TIMEOUT": "10",
-        "TWIN_DB": str(db),
-        "TWIN_BURST_WINDOW": "0",
-        "TWIN_TYPING_DELAY": "0",
-        "TWIN_TYPING_PER_CHAR": "0",
-        "TWIN_RATE_PER_CHAT": "100",
-        "TWIN_RATE_TOTAL": "1000",
-        "TWIN_GROUP_ALLOW": "[300, 301]",
-        "TWIN_RETRAIN_CRON": "",
+    return bot_env(
+        NICKNAME='["小明"]',
+        COMMAND_START='["/"]',
+        TWIN_BACKEND="openai",
+        TWIN_OPENAI_BASE_URL=fake.base_url,
+        TWIN_OPENAI_MODEL="fake-twin",
+        TWIN_OPENAI_RETRIES="0",
+        TWIN_OPENAI_TIMEOUT="10",
+        TWIN_DB=str(db),
+        TWIN_RATE_PER_CHAT="100",
+        TWIN_RATE_TOTAL="1000",
+        TWIN_GROUP_ALLOW="[300, 301]",
         **extra,
-    }
+    )
 
 
 def rows(db: Path, sql: str, *args: object) -> list[tuple]:
@@ -126,11 +117,9 @@ def rows(db: Path, sql: str, *args: object) -> list[tuple]:
 
 
 async def settled_rows(db: Path, sql: str, expected: list[tuple], timeout: float = 5.0) -> list[tuple]:
-    """The rows once they equal `expected` (a reply is stored just after it is sent), or the last seen."""
-    deadline = time.monotonic() + timeout
-    while (found := rows(db, sql)) != expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    return found
+    """The rows once they equal `expected` (a reply is stored just after it is sent), or as they are then."""
+    await wait_until(lambda: rows(db, sql) == expected, timeout, interval=0.05)
+    return rows(db, sql)
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +130,10 @@ def fake() -> FakeOpenAI:
 
 
 @pytest.fixture(scope="module")
-def bot(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> BotProcess:
+def bot(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotProcess]:
     home = tmp_path_factory.mktemp("bot")
     # A short burst window here (the other bots use 0) so that bursts can be observed.
-    process = BotProcess(bot_settings(fake, home / "data" / "bot.db", TWIN_BURST_WINDOW="0.6"), cwd=home)
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def qq(bot: BotProcess) -> OneBotClient:
-    async with bot.client(self_id=OWNER) as client:
-        yield client
+    yield from running_bot(bot_settings(fake, home / "data" / "bot.db", TWIN_BURST_WINDOW="0.6"), home)
 
 
 def db_of(bot: BotProcess) -> Path:

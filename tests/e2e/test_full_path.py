@@ -7,8 +7,9 @@ import json
 import pytest
 
 from deploy.cli import main
-from deploy.onebot_client import BotProcess, OneBotRefused
+from deploy.onebot_client import OneBotRefused
 from pipeline.ntqq.sampledb import OWNER_NAME, SAMPLE_KEY
+from tests.e2e.conftest import OWNER, bot_env, running_bot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -57,31 +58,20 @@ def exported_twin(tmp_path_factory):
 @pytest.fixture(scope="module")
 def twin_bot(exported_twin):
     root, model = exported_twin
-    bot = BotProcess(
-        {
-            "ONEBOT_ACCESS_TOKEN": "e2e-secret-token",
-            "SUPERUSERS": '["10001"]',
-            "TWIN_MODEL": str(model),
-            "TWIN_BACKEND": "llama_cpp",
-            "TWIN_DB": str(root / "data" / "bot.db"),
-            "TWIN_N_THREADS": "2",
-            "TWIN_PERSONA": OWNER_NAME,
-            "TWIN_BURST_WINDOW": "0",
-            "TWIN_TYPING_DELAY": "0",
-            "TWIN_TYPING_PER_CHAR": "0",
-            "TWIN_RETRAIN_CRON": "",
-            "TWIN_SEED": "7",
-            "TWIN_TEMPERATURE": "0",
-        },
-        cwd=root / "data",
+    settings = bot_env(
+        TWIN_MODEL=str(model),
+        TWIN_BACKEND="llama_cpp",
+        TWIN_DB=str(root / "data" / "bot.db"),
+        TWIN_N_THREADS="2",
+        TWIN_PERSONA=OWNER_NAME,
+        TWIN_SEED="7",
+        TWIN_TEMPERATURE="0",
     )
-    bot.start(timeout=180)
-    yield bot
-    assert bot.stop(timeout=15) is not None
+    yield from running_bot(settings, root / "data", timeout=180)
 
 
 async def test_the_exported_twin_answers_a_private_message_over_onebot(twin_bot):
-    async with twin_bot.client(self_id=10000) as client:
+    async with twin_bot.client(self_id=OWNER) as client:
         await client.send_private(20001, "在吗，今晚一起吃火锅吗")
         replies = await client.wait_reply(user_id=20001, timeout=120)
     assert replies and any(m.text.strip() for m in replies)
@@ -91,5 +81,5 @@ async def test_a_wrong_access_token_is_refused(twin_bot):
     from deploy.onebot_client import OneBotClient
 
     with pytest.raises(OneBotRefused):
-        async with OneBotClient(twin_bot.url, token="not-the-token", self_id=10000):
+        async with OneBotClient(twin_bot.url, token="not-the-token", self_id=OWNER):
             pass

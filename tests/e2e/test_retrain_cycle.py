@@ -17,22 +17,31 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-import pytest_asyncio
 
 from deploy.onebot_client import BotProcess, OneBotClient
 from deploy.registry import list_versions, promote, register
 from deploy.retrain import SETTLE_SECONDS
 from pipeline.records import Message
 from pipeline.registry import current_version, read_status
+from tests.e2e.conftest import (
+    OWNER,
+    SUPERUSER,
+    bot_env,
+    end_processes,
+    processes_below,
+    running_bot,
+    twin_status,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 REPO = Path(__file__).resolve().parents[2]
-OWNER = 10000
-SUPERUSER = 42
 FRIENDS = (20001, 20002, 20003)
 T0 = 1_700_000_000
 
@@ -100,70 +109,42 @@ def retrain_env(world: dict[str, Path], db: Path, **extra: str) -> dict[str, str
 
 
 @pytest.fixture(scope="module")
-def bot(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> BotProcess:
+def bot(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotProcess]:
     home = tmp_path_factory.mktemp("retrain-bot")
-    process = BotProcess(
-        {
-            "ONEBOT_ACCESS_TOKEN": "retrain-token",
-            "SUPERUSERS": f'["{SUPERUSER}"]',
-            "TWIN_N_THREADS": "1",
-            "TWIN_MAX_TOKENS": "8",
-            "TWIN_SEED": "7",
-            "TWIN_BURST_WINDOW": "0",
-            "TWIN_TYPING_DELAY": "0",
-            "TWIN_TYPING_PER_CHAR": "0",
-            "TWIN_BLOCK_LINKS": "false",
-            "TWIN_RATE_PER_CHAT": "100",
-            "TWIN_RATE_TOTAL": "1000",
-            "TWIN_MODEL_POLL": "0.5",
-            "TWIN_RETRAIN_CRON": "",
-            **retrain_env(world, home / "data" / "bot.db"),
-        },
-        cwd=home,
+    settings = bot_env(
+        TWIN_N_THREADS="1",
+        TWIN_MAX_TOKENS="8",
+        TWIN_SEED="7",
+        TWIN_BLOCK_LINKS="false",
+        TWIN_RATE_PER_CHAT="100",
+        TWIN_RATE_TOTAL="1000",
+        TWIN_MODEL_POLL="0.5",
+        **retrain_env(world, home / "data" / "bot.db"),
     )
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def qq(bot: BotProcess) -> OneBotClient:
-    async with bot.client(self_id=OWNER) as client:
-        yield client
-
-
-async def status(qq: OneBotClient) -> str:
-    """`/twin status` as the superuser sees it (other reports to the superuser are skipped)."""
-    before = len(qq.replies(user_id=SUPERUSER))
-    await qq.send_private(SUPERUSER, "/twin status")
-    for count in range(1, 10):
-        replies = await qq.wait_reply(user_id=SUPERUSER, after=before, count=count, timeout=60)
-        answer = next((r.text for r in replies if r.text.startswith("model:")), None)
-        if answer is not None:
-            return answer
-    raise AssertionError("no /twin status answer")
+    yield from running_bot(settings, home)
 
 
 async def superuser_report(qq: OneBotClient, prefix: str, timeout: float = 60) -> str:
     """The last message to the superuser starting with `prefix`, waiting for it if needed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [m.text for m in qq.replies(user_id=SUPERUSER) if m.text.startswith(prefix)]
-        if found:
-            return found[-1]
-        await asyncio.sleep(0.5)
-    raise AssertionError(f"the superuser was never told {prefix!r}")
+    found = await wait_until(
+        lambda: [m.text for m in qq.replies(user_id=SUPERUSER) if m.text.startswith(prefix)], timeout
+    )
+    assert found, f"the superuser was never told {prefix!r}"
+    return found[-1]
 
 
 async def wait_serving(qq: OneBotClient, version: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = await status(qq)
-        if f"model: {version} (llama_cpp)" in text:
-            return text
-        await asyncio.sleep(1.0)
-    raise AssertionError(f"the bot never served {version}; last status:\n{text}")
+    """The `/twin status` answer once it names `version` as served (polled every second)."""
+    seen: list[str] = []
+
+    async def serving() -> bool:
+        seen.append(await twin_status(qq))
+        return f"model: {version} (llama_cpp)" in seen[-1]
+
+    assert await wait_until(serving, timeout, interval=1.0), (
+        f"the bot never served {version}; last status:\n{seen[-1]}"
+    )
+    return seen[-1]
 
 
 def adapter_drift(registry: Path, old: str, new: str) -> float:
@@ -188,7 +169,7 @@ def store_rows(bot: BotProcess, sql: str, *args: object) -> list[tuple]:
 async def test_owner_replies_become_a_promoted_version_that_the_running_bot_serves(
     qq: OneBotClient, bot: BotProcess, world: dict[str, Path]
 ) -> None:
-    assert "model: v0001 (llama_cpp)" in await status(qq)
+    assert "model: v0001 (llama_cpp)" in await twin_status(qq)
     # Friends write, the twin answers, and the owner also answers by hand (message_sent).
     for round_ in range(3):
         for friend in FRIENDS:
@@ -323,36 +304,65 @@ async def run_cli(args: list[str], **kwargs: object) -> subprocess.CompletedProc
     return await asyncio.to_thread(subprocess.run, args, **kwargs)
 
 
+def cycle_of(registry: Path, pid: int) -> dict:
+    """The registry's retrain status while it is the cycle run by `pid`'s (else empty)."""
+    cycle = read_status(registry)
+    return cycle if cycle.get("pid") == pid else {}
+
+
 def training_step(registry: Path, pid: int) -> int:
     """The step the cycle run by `pid` has trained to (0 before it trains)."""
-    cycle = read_status(registry)
-    return int(cycle.get("step") or 0) if cycle.get("pid") == pid and cycle.get("state") == "running" else 0
+    cycle = cycle_of(registry, pid)
+    return int(cycle.get("step") or 0) if cycle.get("state") == "running" else 0
 
 
-def _run_cycle_cli(world: dict[str, Path], db: Path, **extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "deploy", "retrain", "--now"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **retrain_env(world, db, **extra)},
-    )
+StartCycle = Callable[..., Awaitable[subprocess.Popen]]
+
+
+@pytest.fixture
+def start_cycle(world: dict[str, Path], tmp_path: Path) -> Iterator[StartCycle]:
+    """Starts `twin retrain --now` (settings: `extra`) on a store with 6 owner replies new to the serving
+    version; whatever still runs of it, training child included, is stopped after the test."""
+    started: list[subprocess.Popen] = []
+
+    async def start(**extra: str) -> subprocess.Popen:
+        db = tmp_path / "bot.db"
+        await _store_with_owner_replies(db, world["registry"], 6)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy", "retrain", "--now"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **retrain_env(world, db, **extra)},
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            end_processes([psutil.Process(process.pid), *processes_below(process.pid)])
+        process.wait()
+        process.stdout.close()
+
+
+async def start_long_cycle(start_cycle: StartCycle, registry: Path) -> subprocess.Popen:
+    """A cycle set to train 10000 steps, once it has trained its first."""
+    process = await start_cycle(TWIN_RETRAIN_MAX_STEPS="10000")
+    # a busy machine starts torch slowly
+    trained = await wait_until(lambda: training_step(registry, process.pid), 300, interval=0.2)
+    assert trained, "the cycle never trained a step"
+    return process
 
 
 async def test_a_gate_rejection_leaves_the_serving_version_and_records_why(
-    qq: OneBotClient, world: dict[str, Path], tmp_path: Path
+    qq: OneBotClient, world: dict[str, Path], start_cycle: StartCycle
 ) -> None:
-    db = tmp_path / "bot.db"
-    await _store_with_owner_replies(db, world["registry"], 6)
     serving = current_version(world["registry"])
     # A learning rate this large wrecks the candidate; the gate must notice.
-    process = _run_cycle_cli(
-        world,
-        db,
-        TWIN_RETRAIN_LEARNING_RATE="50",
-        TWIN_RETRAIN_PPL_TOLERANCE="0",
-        TWIN_RETRAIN_STYLE_TOLERANCE="0",
+    process = await start_cycle(
+        TWIN_RETRAIN_LEARNING_RATE="50", TWIN_RETRAIN_PPL_TOLERANCE="0", TWIN_RETRAIN_STYLE_TOLERANCE="0"
     )
     out, _ = await asyncio.to_thread(process.communicate, timeout=400)
     assert process.returncode == 0, out
@@ -363,33 +373,20 @@ async def test_a_gate_rejection_leaves_the_serving_version_and_records_why(
     assert cycle["eval"]["serving"]["perplexity"] > 0
     assert current_version(world["registry"]) == serving
     assert [v.name for v in list_versions(world["registry"])] == ["v0001", "v0002"]
-    assert "rejected" in await status(qq)
+    assert "rejected" in await twin_status(qq)
     await wait_serving(qq, serving, timeout=10)
 
 
 async def test_a_training_crash_leaves_the_serving_version_and_records_why(
-    qq: OneBotClient, world: dict[str, Path], tmp_path: Path
+    qq: OneBotClient, world: dict[str, Path], start_cycle: StartCycle
 ) -> None:
-    db = tmp_path / "bot.db"
-    await _store_with_owner_replies(db, world["registry"], 6)
     serving = current_version(world["registry"])
-    process = _run_cycle_cli(world, db, TWIN_RETRAIN_MAX_STEPS="10000")
-    deadline = time.monotonic() + 300  # a busy machine starts torch slowly
-    child = None
-    while child is None and time.monotonic() < deadline:
-        cycle = read_status(world["registry"])
-        child = (
-            cycle.get("child_pid")
-            if cycle.get("pid") == process.pid and cycle.get("stage") == "train"
-            else None
-        )
-        await asyncio.sleep(0.2)
-    assert child, "the training child never started"
-    while not training_step(world["registry"], process.pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    process = await start_long_cycle(start_cycle, world["registry"])
     cycle = read_status(world["registry"])
     assert cycle["state"] == "running" and cycle["step"] >= 1 and cycle["steps"] == 10000  # progress shows
-    assert "running" in await status(qq)
+    child = cycle["child_pid"]
+    assert child, "the training child never started"
+    assert "running" in await twin_status(qq)
     os.kill(child, signal.SIGKILL)  # what the OOM killer would do
     out, _ = await asyncio.to_thread(process.communicate, timeout=120)
     assert process.returncode == 1, out
@@ -398,21 +395,16 @@ async def test_a_training_crash_leaves_the_serving_version_and_records_why(
     assert "training crashed (killed by signal 9)" in cycle["reason"]
     assert current_version(world["registry"]) == serving
     assert (world["registry"] / ".retrain" / "train.log").is_file()  # kept for the operator
-    text = await status(qq)
+    text = await twin_status(qq)
     assert "failed" in text and "training crashed" in text
     await wait_serving(qq, serving, timeout=10)
 
 
 async def test_sigterm_stops_the_cycle_and_its_training_child_and_keeps_serving(
-    qq: OneBotClient, world: dict[str, Path], tmp_path: Path
+    qq: OneBotClient, world: dict[str, Path], start_cycle: StartCycle
 ) -> None:
-    db = tmp_path / "bot.db"
-    await _store_with_owner_replies(db, world["registry"], 6)
     serving = current_version(world["registry"])
-    process = _run_cycle_cli(world, db, TWIN_RETRAIN_MAX_STEPS="10000")
-    deadline = time.monotonic() + 300  # a busy machine starts torch slowly
-    while not training_step(world["registry"], process.pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    process = await start_long_cycle(start_cycle, world["registry"])
     child = read_status(world["registry"])["child_pid"]
     process.send_signal(signal.SIGTERM)  # the bot shutting down, or systemd stopping the job
     out, _ = await asyncio.to_thread(process.communicate, timeout=60)
@@ -426,18 +418,15 @@ async def test_sigterm_stops_the_cycle_and_its_training_child_and_keeps_serving(
 
 
 async def test_an_operator_switch_during_a_cycle_is_not_overridden(
-    qq: OneBotClient, world: dict[str, Path], tmp_path: Path
+    qq: OneBotClient, world: dict[str, Path], start_cycle: StartCycle
 ) -> None:
-    db = tmp_path / "bot.db"
-    await _store_with_owner_replies(db, world["registry"], 6)
     assert current_version(world["registry"]) == "v0002"
-    process = _run_cycle_cli(world, db)
-    deadline = time.monotonic() + 300  # a busy machine starts torch slowly
-    while time.monotonic() < deadline:
-        cycle = read_status(world["registry"])
-        if cycle.get("pid") == process.pid and cycle.get("stage") == "train":
-            break
-        await asyncio.sleep(0.1)
+    process = await start_cycle()
+    # a busy machine starts torch slowly
+    training = await wait_until(
+        lambda: cycle_of(world["registry"], process.pid).get("stage") == "train", 300, 0.1
+    )
+    assert training, "the cycle never started training"
     promote(world["registry"], "v0001", reason="operator")  # `twin models promote v0001` meanwhile
     out, _ = await asyncio.to_thread(process.communicate, timeout=400)
     assert process.returncode == 0, out
