@@ -19,6 +19,8 @@ from pipeline.registry import CURRENT_FILE, LOCK_FILE
 from pipeline.registry import read_status as registry_status
 
 log = logging.getLogger("qq-twin.retrain")
+# How long a retrain child may take to record "interrupted" and stop its training child.
+STOP_GRACE_SECONDS = 20.0
 
 
 @dataclass(slots=True)
@@ -74,6 +76,24 @@ def describe_status(status: dict) -> str:
     return " ".join(parts)
 
 
+async def stop_child(process: asyncio.subprocess.Process, grace: float = STOP_GRACE_SECONDS) -> None:
+    """SIGTERM a retrain child (it stops its training child and records "interrupted"), then SIGKILL.
+
+    Left alone, asyncio would SIGKILL it when its transport is collected, skipping that cleanup
+    and orphaning the training process.
+    """
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), grace)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+
+
 async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None = None) -> RetrainResult:
     """Run one cycle as a child process; the bot's `TWIN_*` settings go in its environment."""
     env = {**os.environ, **settings}
@@ -89,7 +109,11 @@ async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None
         # Not preexec_fn: forking with a function to run is unsafe in a process with threads.
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, process.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
-    output, _ = await process.communicate()
+    try:
+        output, _ = await process.communicate()
+    except asyncio.CancelledError:  # the bot is shutting down: end the cycle cleanly, then go
+        await stop_child(process)
+        raise
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
     summary = lines[-1].strip() if lines else ""
     log.info("retrain child exited with %s", process.returncode)

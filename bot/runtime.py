@@ -123,9 +123,11 @@ class Twin:
     async def close(self) -> None:
         """Stop waiting handlers, finish nothing new, free the model and the store."""
         self._stopping.set()
-        for task in (self._watcher, self.retrain_task):
-            if task is not None:
-                task.cancel()
+        tasks = [task for task in (self._watcher, self.retrain_task) if task is not None]
+        for task in tasks:
+            task.cancel()
+        # A running retrain cycle is told to stop (it records "interrupted" and ends its training).
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.backend.close()
         if self.store is not None:
             await self.store.close()

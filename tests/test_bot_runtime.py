@@ -147,3 +147,40 @@ async def test_filtered_replies_are_not_sent(tmp_path: Path, text: str) -> None:
     await twin.answer(KEY, await incoming(twin, text), outbox.send)
     await twin.close()
     assert outbox.sent == []
+
+
+CHILD = """
+import signal, sys, time
+from pathlib import Path
+def stop(*_):
+    Path(sys.argv[1]).write_text("interrupted")
+    sys.exit(1)
+if sys.argv[2] == "polite":
+    signal.signal(signal.SIGTERM, stop)
+else:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("manners", ["polite", "deaf"])
+async def test_a_retrain_child_is_asked_to_stop_then_killed(tmp_path: Path, manners: str) -> None:
+    import sys
+
+    from bot.retrain import stop_child
+
+    marker = tmp_path / "marker"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(marker), manners, stdout=asyncio.subprocess.PIPE
+    )
+    await child.stdout.readline()  # its SIGTERM handler is in place
+
+    started = time.monotonic()
+    await stop_child(child, grace=2.0)
+
+    assert child.returncode is not None
+    if manners == "polite":  # it had the chance to clean up (the real one stops its training child)
+        assert marker.read_text() == "interrupted" and time.monotonic() - started < 2.0
+    else:  # it ignored SIGTERM and was killed after the grace period
+        assert not marker.exists() and child.returncode < 0

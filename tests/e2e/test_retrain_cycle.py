@@ -436,3 +436,41 @@ async def test_an_operator_switch_during_a_cycle_is_not_overridden(
     assert current_version(world["registry"]) == "v0001"
     assert [v.name for v in list_versions(world["registry"])] == ["v0001", "v0002", "v0003"]
     await wait_serving(qq, "v0001", timeout=30)
+
+
+async def test_a_bot_shutdown_stops_its_retrain_cycle_and_the_training_child(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """`/twin retrain`, then SIGTERM to the bot mid-training: the cycle records "interrupted"
+    and nothing of it outlives the bot (asyncio alone would SIGKILL it and orphan the trainer)."""
+    db = tmp_path / "data" / "bot.db"
+    db.parent.mkdir()
+    await _store_with_owner_replies(db, world["registry"], 6)
+    settings = bot_env(TWIN_N_THREADS="1", **retrain_env(world, db, TWIN_RETRAIN_MAX_STEPS="10000"))
+    bot = BotProcess(settings, cwd=tmp_path)
+    bot.start(timeout=120)
+    try:
+        async with bot.client(self_id=OWNER) as client:
+            await client.send_private(SUPERUSER, "/twin retrain")
+            (answer,) = await client.wait_reply(user_id=SUPERUSER, timeout=30)
+            assert answer.text == "retrain started"
+
+            def training() -> dict:
+                cycle = read_status(world["registry"])
+                running = cycle.get("state") == "running" and cycle.get("step") and cycle.get("child_pid")
+                return cycle if running else {}
+
+            cycle = await wait_until(training, 300, interval=0.2)  # a busy machine starts torch slowly
+            assert cycle, "the cycle never trained a step"
+            family = processes_below(bot.process.pid)
+            assert {p.pid for p in family} >= {cycle["pid"], cycle["child_pid"]}
+            # uvicorn shuts down gracefully, then re-raises SIGTERM: the exit status is -15
+            await asyncio.to_thread(bot.stop, 60)
+    finally:
+        end_processes(processes_below(bot.process.pid))
+        bot.stop()
+
+    cycle = read_status(world["registry"])
+    assert cycle["state"] == "failed" and "interrupted" in cycle["reason"]
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
