@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import warnings
 
 import click
 import typer
@@ -19,6 +20,10 @@ from deploy.commands import ingest as ingest_commands
 from deploy.commands import models as models_commands
 from deploy.commands import training as training_commands
 from pipeline.errors import TwinError
+
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: library
+# noise a user cannot act on (peft's code, not theirs), printed in the middle of a run.
+warnings.filterwarnings("ignore", r"`is_gradient_checkpointing` is deprecated", FutureWarning)
 
 app = typer.Typer(
     name="twin",
