@@ -449,6 +449,7 @@ async def test_a_bot_shutdown_stops_its_retrain_cycle_and_the_training_child(
     settings = bot_env(TWIN_N_THREADS="1", **retrain_env(world, db, TWIN_RETRAIN_MAX_STEPS="10000"))
     bot = BotProcess(settings, cwd=tmp_path)
     bot.start(timeout=120)
+    family: list[psutil.Process] = []
     try:
         async with bot.client(self_id=OWNER) as client:
             await client.send_private(SUPERUSER, "/twin retrain")
@@ -466,11 +467,11 @@ async def test_a_bot_shutdown_stops_its_retrain_cycle_and_the_training_child(
             assert {p.pid for p in family} >= {cycle["pid"], cycle["child_pid"]}
             # uvicorn shuts down gracefully, then re-raises SIGTERM: the exit status is -15
             await asyncio.to_thread(bot.stop, 60)
-    finally:
-        end_processes(processes_below(bot.process.pid))
+        cycle = read_status(world["registry"])
+        assert cycle["state"] == "failed" and "interrupted" in cycle["reason"]
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+    finally:  # whatever outlived the bot is stopped, also when the test failed
+        family += processes_below(bot.process.pid)
         bot.stop()
-
-    cycle = read_status(world["registry"])
-    assert cycle["state"] == "failed" and "interrupted" in cycle["reason"]
-    _, alive = psutil.wait_procs(family, timeout=10)
-    assert not alive, f"left running: {[p.pid for p in alive]}"
+        end_processes(family)
