@@ -6,9 +6,11 @@ do). Project = `trainer.train` (owner-only targets, packing, logits only at targ
 Same base model (SmolLM2-135M-Instruct, dequantised once to a HF copy), same data, same
 steps, same batch size and sequence length, same precision. Each side runs in its own
 process, so peak memory is its own. Reported: non-pad tokens/s (steady state, first step
-excluded) and peak RSS during training.
+excluded) and peak RSS during training. The sides alternate for `--trials` rounds, so both see
+the same machine load; the medians are reported. The default length is `twin train`'s own
+default `max_seq_len` (384).
 
-    .venv/bin/python bench/train.py [--steps 8 --batch 4 --seq-len 256 --threads 2] [--write-docs]
+    .venv/bin/python bench/train.py [--steps 8 --batch 4 --seq-len 384 --threads 2 --trials 3] [--write-docs]
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import argparse
 import json
 import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -206,6 +210,14 @@ def run_baseline(args: argparse.Namespace) -> dict:
     }
 
 
+def median_result(runs: list[dict]) -> dict:
+    """One side's trials: the median of each number, the rest from the first trial."""
+    out = dict(runs[0])
+    for key in ("non_pad_tokens_per_s", "peak_rss_mb", "non_pad_share"):
+        out[key] = statistics.median(run[key] for run in runs)
+    return out
+
+
 TRAIN_HEADING = "## Training (`bench/train.py`)"
 
 
@@ -216,12 +228,13 @@ def docs_section(results: dict[str, dict], args: argparse.Namespace) -> list[str
     return [
         "SmolLM2-135M-Instruct, LoRA r=16 on all linear layers, "
         f"{args.steps} steps × batch {args.batch}, max length {args.seq_len}, "
-        f"{args.threads} CPU threads, {project['precision']} on both sides; "
+        f"{args.threads} CPU threads, {project['precision']} on both sides, median of {args.trials} "
+        "alternating trials; "
         "synthetic short multi-turn QQ chats (system prompt + 1–4 turns). "
         "Baseline: transformers `Trainer` + peft, every batch padded to the max length, "
         "loss on all tokens "
         f"({baseline['non_pad_share']:.0%} of its tokens are real). Project: `trainer.train` (packing, "
-        "owner-only loss, logits only at targets). Steady state (first step excluded), one run, shared "
+        "owner-only loss, logits only at targets). Steady state (first step excluded), shared "
         "machine.",
         "",
         "| | non-pad tokens/s | peak RSS during training (MB) |",
@@ -240,7 +253,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=384)
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--write-docs", action="store_true")
@@ -256,17 +270,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as work:
         write_dataset(Path(work) / "data", args.samples)
         write_base(Path(work) / "base")
-        results: dict[str, dict] = {}
-        for side in ("baseline", "project"):
-            command = [sys.executable, __file__, "--side", side, "--work", work]
-            command += ["--steps", str(args.steps), "--batch", str(args.batch)]
-            command += ["--seq-len", str(args.seq_len), "--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
-            results[side] = json.loads(lines[-1][len("RESULT ") :])
-            print(side, results[side], flush=True)
+        trials: dict[str, list[dict]] = {"baseline": [], "project": []}
+        for trial in range(args.trials):
+            for side in ("baseline", "project"):
+                shutil.rmtree(Path(work) / f"{side}-run", ignore_errors=True)
+                command = [sys.executable, __file__, "--side", side, "--work", work]
+                command += ["--steps", str(args.steps), "--batch", str(args.batch)]
+                command += ["--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+                done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode != 0 or not lines:
+                    sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
+                trials[side].append(json.loads(lines[-1][len("RESULT ") :]))
+                print(f"trial {trial + 1}", side, trials[side][-1], flush=True)
+    results = {side: median_result(runs) for side, runs in trials.items()}
     lines = docs_section(results, args)
     print("\n".join(lines))
     if args.write_docs:
