@@ -235,3 +235,50 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_finished_run(
     assert not (run / "adapter").exists() and not (run / METRICS_FILE).exists()
     assert not [p.name for p in run.rglob("*") if p.name.startswith(".")]  # no temp dirs left
     assert not list((run / CHECKPOINTS_DIR).glob("step-*"))
+
+
+def test_the_qlora_path_trains_resumes_and_exports_on_bitsandbytes_cpu_backend(
+    tiny_model, dataset, tmp_path, monkeypatch
+):
+    """`--qlora` end to end: the base loaded as 4-bit NF4 with double quantisation, k-bit
+    preparation, LoRA on `Linear4bit`, a checkpoint and resume, then the adapter merged over
+    the full-precision base and exported. The product offers `--qlora` only with CUDA, where
+    bitsandbytes' kernels are fast; its CPU backend runs the same NF4 path, so this test opens
+    that gate and exercises everything but the CUDA kernels."""
+    import bitsandbytes  # noqa: F401  (the [dev] extra installs it)
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainer import models
+    from trainer.export import export
+
+    monkeypatch.setattr(models, "QLORA_DEVICES", ("cuda", "cpu"))
+    settings = settings_for(tiny_model, dataset, tmp_path / "run", qlora=True, max_steps=4, save_every=2)
+    loaded: list[str] = []
+    real_load = models.load_model
+
+    def load_and_record(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        loaded.append(type(model.model.layers[0].self_attn.q_proj).__name__)
+        return model
+
+    monkeypatch.setattr(models, "load_model", load_and_record)
+
+    def crash_after_the_checkpoint(step: int, total: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt  # as if killed after the step-2 checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(settings, progress=False, on_step=crash_after_the_checkpoint)
+    resumed = train(settings, progress=False)
+
+    assert loaded == ["Linear4bit", "Linear4bit"]
+    assert resumed.resumed_from_step == 2 and resumed.steps == 4
+    adapter = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k for k in adapter) and all(v.dtype == torch.float32 for v in adapter.values())
+    assert any(float(v.abs().sum()) > 0 for k, v in adapter.items() if "lora_B" in k)  # it learned
+    # The adapter trained over 4-bit weights loads over the full-precision base, as export merges it.
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(resumed.adapter_dir))
+    result = export(resumed.run_dir, tmp_path / "v1", quants=("Q8_0",), progress=False, n_threads=1)
+    assert result.samples["Q8_0"] is not None and result.gguf["Q8_0"].is_file()

@@ -179,6 +179,19 @@ def load_tokenizer(base: BaseModelRef) -> Any:
     return tokenizer
 
 
+# Where `--qlora` is offered: bitsandbytes' fast 4-bit kernels are CUDA's. (Its CPU backend runs
+# the same NF4 path slowly; the tests use it to exercise QLoRA end to end without a GPU.)
+QLORA_DEVICES = ("cuda",)
+
+
+def check_qlora(device_type: str) -> None:
+    """A one-line error unless `--qlora` can run here: a CUDA device and bitsandbytes installed."""
+    if device_type not in QLORA_DEVICES:
+        raise TwinError("--qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); train without --qlora on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TwinError("--qlora needs bitsandbytes: pip install 'qq-twin[gpu]'")
+
+
 def load_model(base: BaseModelRef, *, dtype: torch.dtype, qlora: bool = False, device: str = "cpu") -> Any:
     """The base causal LM: full precision (GGUF dequantised) or 4-bit NF4 for QLoRA."""
     import torch
@@ -186,14 +199,9 @@ def load_model(base: BaseModelRef, *, dtype: torch.dtype, qlora: bool = False, d
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
     if qlora:
-        if not torch.cuda.is_available():
-            raise TwinError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); train without --qlora on CPU")
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError:  # pragma: no cover
-            raise TwinError("--qlora needs bitsandbytes: pip install 'qq-twin[gpu]'") from None
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise TwinError("--qlora needs bitsandbytes: pip install 'qq-twin[gpu]'")
+        from transformers import BitsAndBytesConfig
+
+        check_qlora(torch.device(device).type)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",

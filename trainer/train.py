@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import InputError, TwinError
+from pipeline.errors import InputError
 from pipeline.files import atomic_dir, private_dir, write_text_atomic
 from trainer.config import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE, TrainSettings
 from trainer.data import IGNORE, Batch, dataset_hash, encode_all, iter_micro_batches, load_split
@@ -124,7 +124,7 @@ def train(
 
     `on_step(step, total_steps, loss)` is called after every optimizer step (for status files).
     """
-    from trainer.models import load_model, load_tokenizer, lora_targets, resolve_base
+    from trainer.models import check_qlora, load_model, load_tokenizer, lora_targets, resolve_base
 
     run_dir = Path(settings.output_dir)
     if (run_dir / METRICS_FILE).is_file() and (run_dir / ADAPTER_DIR).is_dir():
@@ -137,8 +137,8 @@ def train(
     device = accelerator.device
     on_cuda = device.type == "cuda"
     use_bf16 = settings.bf16 if settings.bf16 is not None else (on_cuda or cpu_has_native_bf16())
-    if settings.qlora and not on_cuda:
-        raise TwinError("--qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); train without --qlora on CPU")
+    if settings.qlora:
+        check_qlora(device.type)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     _seed_everything(settings.seed)
