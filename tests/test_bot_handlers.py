@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import nonebot
@@ -13,37 +12,11 @@ from nonebot.adapters.onebot.v11 import Adapter, Bot, Message, MessageSegment, P
 from nonebot.adapters.onebot.v11.event import GroupMessageEvent, Sender
 from nonebug import App
 
-from bot.backends import Generation
 from bot.config import Config
+from tests.bot_helpers import ScriptedBackend
 
 SELF = 10000
 SUPERUSER = 42
-
-
-class ScriptedBackend:
-    """Answers `收到:<last line>` to every prompt and remembers the prompts it saw."""
-
-    name = "scripted"
-    version = "v-test"
-
-    def __init__(self) -> None:
-        self.prompts: list[list[dict[str, str]]] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def generate(self, messages: Sequence[dict[str, str]]) -> Generation:
-        self.prompts.append(list(messages))
-        return Generation(text="收到:" + messages[-1]["content"].split("\n")[-1], version=self.version)
-
-    async def swap(self, gguf: Path, version: str) -> None:
-        self.version = version
-
-    def queue_length(self) -> int:
-        return 0
-
-    async def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -4,50 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from bot.backends import Generation
 from bot.config import Config
 from bot.runtime import Twin
 from bot.store import StoredMessage
+from tests.bot_helpers import ScriptedBackend
 
 KEY = ("c2c", "20001")
 
 
-class SlowScriptedBackend:
-    """Replies `收到:<last user line>` after `delay` seconds; `fail` makes it raise instead."""
-
-    name = "scripted"
-    version = "v-test"
-
-    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
-        self.delay, self.fail = delay, fail
-        self.prompts: list[list[dict[str, str]]] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def generate(self, messages: Sequence[dict[str, str]]) -> Generation:
-        self.prompts.append(list(messages))
-        await asyncio.sleep(self.delay)
-        if self.fail:
-            raise ConnectionError("server down")
-        return Generation(text="收到:" + messages[-1]["content"].split("\n")[-1], version=self.version)
-
-    async def swap(self, gguf: Path, version: str) -> None:
-        self.version = version
-
-    def queue_length(self) -> int:
-        return 0
-
-    async def close(self) -> None:
-        pass
-
-
-async def make_twin(tmp_path: Path, backend: SlowScriptedBackend, **settings: object) -> Twin:
+async def make_twin(tmp_path: Path, backend: ScriptedBackend, **settings: object) -> Twin:
     quiet = {"twin_burst_window": 0, "twin_typing_delay": 0, "twin_typing_per_char": 0}
     config = Config(twin_db=tmp_path / "bot.db", **{**quiet, **settings})
     twin = Twin(config, nicknames=["小明"], backend=backend)
@@ -69,7 +38,7 @@ async def incoming(twin: Twin, text: str) -> int:
 
 
 async def test_a_burst_within_the_window_is_answered_once(tmp_path: Path) -> None:
-    backend = SlowScriptedBackend()
+    backend = ScriptedBackend()
     twin = await make_twin(tmp_path, backend, twin_burst_window=0.3)
     outbox = Outbox()
     tasks = []
@@ -83,7 +52,7 @@ async def test_a_burst_within_the_window_is_answered_once(tmp_path: Path) -> Non
 
 
 async def test_a_message_arriving_during_generation_is_answered_next(tmp_path: Path) -> None:
-    backend = SlowScriptedBackend(delay=0.3)
+    backend = ScriptedBackend(delay=0.3)
     twin = await make_twin(tmp_path, backend)
     outbox = Outbox()
     first = asyncio.create_task(twin.answer(KEY, await incoming(twin, "早"), outbox.send))
@@ -97,7 +66,7 @@ async def test_a_message_arriving_during_generation_is_answered_next(tmp_path: P
 
 
 async def test_a_failing_backend_gets_the_fallback_reply_or_silence(tmp_path: Path) -> None:
-    twin = await make_twin(tmp_path, SlowScriptedBackend(fail=True), twin_fallback_reply="在忙，晚点说")
+    twin = await make_twin(tmp_path, ScriptedBackend(fail=True), twin_fallback_reply="在忙，晚点说")
     outbox = Outbox()
     await twin.answer(KEY, await incoming(twin, "在吗"), outbox.send)
     assert outbox.sent == ["在忙，晚点说"]
@@ -110,7 +79,7 @@ async def test_a_failing_backend_gets_the_fallback_reply_or_silence(tmp_path: Pa
 
 
 async def test_paused_rate_limited_or_already_answered_chats_stay_silent(tmp_path: Path) -> None:
-    twin = await make_twin(tmp_path, SlowScriptedBackend(), twin_rate_per_chat=1)
+    twin = await make_twin(tmp_path, ScriptedBackend(), twin_rate_per_chat=1)
     outbox = Outbox()
     await twin.set_paused(True)
     await twin.answer(KEY, await incoming(twin, "在吗"), outbox.send)
@@ -130,7 +99,7 @@ async def test_paused_rate_limited_or_already_answered_chats_stay_silent(tmp_pat
 
 
 async def test_shutdown_releases_a_handler_waiting_out_a_burst(tmp_path: Path) -> None:
-    twin = await make_twin(tmp_path, SlowScriptedBackend(), twin_burst_window=30)
+    twin = await make_twin(tmp_path, ScriptedBackend(), twin_burst_window=30)
     outbox = Outbox()
     waiting = asyncio.create_task(twin.answer(KEY, await incoming(twin, "在吗"), outbox.send))
     await asyncio.sleep(0.1)
@@ -142,7 +111,7 @@ async def test_shutdown_releases_a_handler_waiting_out_a_burst(tmp_path: Path) -
 
 @pytest.mark.parametrize("text", ["看 https://x.cn", "加我 vx"])
 async def test_filtered_replies_are_not_sent(tmp_path: Path, text: str) -> None:
-    twin = await make_twin(tmp_path, SlowScriptedBackend(), twin_blocked_words=["vx"])
+    twin = await make_twin(tmp_path, ScriptedBackend(), twin_blocked_words=["vx"])
     outbox = Outbox()
     await twin.answer(KEY, await incoming(twin, text), outbox.send)
     await twin.close()
