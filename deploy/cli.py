@@ -6,9 +6,9 @@ assembles them and turns expected failures into one line on stderr and exit stat
 
 from __future__ import annotations
 
-import errno
 import sys
 import warnings
+from pathlib import Path
 
 import click
 import typer
@@ -20,6 +20,7 @@ from deploy.commands import ingest as ingest_commands
 from deploy.commands import models as models_commands
 from deploy.commands import training as training_commands
 from pipeline.errors import TwinError
+from pipeline.files import is_disk_full
 
 # peft reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: library
 # noise a user cannot act on (peft's code, not theirs), printed in the middle of a run.
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twin: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(exc, exc.filename or Path.cwd()):
             raise
         # Outputs are written under temporary names, so a full disk leaves no half-written result.
         where = f"{exc.filename}: " if exc.filename else ""
