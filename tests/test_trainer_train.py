@@ -155,8 +155,10 @@ def test_a_hub_model_not_in_the_cache_says_how_to_point_at_a_local_copy(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_qlora_without_cuda_is_a_clear_error(tiny_model, dataset, tmp_path, capsys):
+def test_qlora_without_cuda_is_a_clear_error(tiny_model, dataset, tmp_path, capsys, monkeypatch):
+    from trainer import models
+
+    monkeypatch.setattr(models, "QLORA_DEVICES", ())  # this device, even a GPU, offers no QLoRA
     code = twin(
         [
             "train",
