@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.chatformat import at_placeholder
 from pipeline.dataset.build import build_dataset
 from pipeline.dataset.formats import record_line, to_record
 from pipeline.dataset.samples import Sample
@@ -213,7 +214,22 @@ CANARIES = {
     "bank_card": "6222021234567890128",
     "email": "canary.zhang@example.org",
     "qq": "QQ号：31415926",
+    "wechat": "微信：zhang_san88",
+    "mention": at_placeholder("", "27182818"),  # someone with no known name: `@27182818`
+    "fullwidth_phone": "１３８００１３８０００",
 }
+# What must not reach any output file: each value without its label, full-width digits also folded.
+LEAKS = (
+    "13798765432",
+    "11010519491231002X",
+    "6222021234567890128",
+    "canary.zhang",
+    "31415926",
+    "zhang_san88",
+    "27182818",
+    "１３８００１３８０００",
+    "13800138000",
+)
 
 
 def test_planted_personal_data_never_reaches_any_output_file(tmp_path):
@@ -229,7 +245,13 @@ def test_planted_personal_data_never_reaches_any_output_file(tmp_path):
         ]  # fmt: skip
     mix = tmp_path / "mix.jsonl"
     mix.write_text(
-        json.dumps({"instruction": f"联系 {CANARIES['email']}", "output": CANARIES["phone"]}) + "\n"
+        json.dumps(
+            {
+                "instruction": f"联系 {CANARIES['email']} 或 {CANARIES['wechat']} {CANARIES['mention']}",
+                "output": f"{CANARIES['phone']} zhang_san88 27182818 {CANARIES['fullwidth_phone']}",
+            }
+        )
+        + "\n"
     )
     for fmt in ("openai", "sharegpt", "alpaca"):
         out = tmp_path / fmt
@@ -238,9 +260,9 @@ def test_planted_personal_data_never_reaches_any_output_file(tmp_path):
         )
         report = build_dataset(messages, out, settings, progress=False)
         assert report.samples["val"] > 0
-        assert {"phone", "id_number", "bank_card", "email", "qq"} <= set(report.redactions)
+        assert {"phone", "id_number", "bank_card", "email", "qq", "wechat"} <= set(report.redactions)
         blobs = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
-        for value in ("13798765432", "11010519491231002X", "6222021234567890128", "canary.zhang", "31415926"):
+        for value in LEAKS:
             assert value.encode() not in blobs, f"{value} leaked into {fmt}"
 
 

@@ -36,7 +36,7 @@ from pipeline.chatformat import system_prompt
 from pipeline.dataset import formats, llm_clean
 from pipeline.dataset.clean import clean_messages
 from pipeline.dataset.conversations import iter_conversations, to_turns
-from pipeline.dataset.redact import needs_redaction, redact, redact_found, redact_values
+from pipeline.dataset.redact import needs_redaction, redact_found, redact_values
 from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_tokens, samples_from_turns
 from pipeline.dataset.settings import DatasetSettings
 from pipeline.errors import InputError
@@ -445,17 +445,34 @@ def _write_mix(
     for index, messages in enumerate(_iter_mix(mix_path, settings.skip_bad)):
         if index not in chosen:
             continue
-        clean = []
-        for m in messages:
-            content, hits = redact(m["content"], settings.redact_names)
-            stats.redactions.update(hits)
-            clean.append({"role": m["role"], "content": content})
+        clean = _redact_mix_messages(messages, tuple(settings.redact_names), stats.redactions)
         sample = Sample(messages=clean, source="mix", kind="mix", chat_type="mix")
         train.write(_line(sample, settings.format).encode("utf-8"))
         turns["mix"] += sample.turns
         tokens["mix"] += estimate_messages_tokens(clean)
         written += 1
     return written
+
+
+def _redact_mix_messages(
+    messages: list[dict[str, str]], names: tuple[str, ...], counts: Counter[str]
+) -> list[dict[str, str]]:
+    """A general sample redacted as one conversation, like `_redact_conversation` does for chats.
+
+    A value found after its label ("微信：zhang_san88") also goes where it recurs bare.
+    """
+    found: dict[str, str] = {}
+    clean = []
+    for m in messages:
+        content, hits, seen = redact_found(m["content"], names)
+        counts.update(hits)
+        found.update(seen)
+        clean.append({"role": m["role"], "content": content})
+    if found:
+        for m in clean:
+            m["content"], hits = redact_values(m["content"], found)
+            counts.update(hits)
+    return clean
 
 
 def _iter_mix(path: Path, skip_bad: bool) -> Iterator[list[dict[str, str]]]:
