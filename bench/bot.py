@@ -16,11 +16,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.onebot_client import NO_PACING, BotProcess
-from pipeline.chatformat import Turn, render_chat_template, system_prompt, to_messages
+from pipeline.chatformat import Turn, system_prompt, to_messages
+from pipeline.llama_prompt import prompt_token_ids
 
 PROMPTS = [
     "在吗",
@@ -39,6 +41,17 @@ PROMPTS = [
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def raw_prompt_tokens(llm: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The ids the bot's llama.cpp backend prompts with for `messages` (`pipeline.llama_prompt`)."""
+    return prompt_token_ids(
+        llm,
+        llm.metadata["tokenizer.chat_template"],
+        messages,
+        bos=llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "ignore"),
+        eos=llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "ignore"),
+    )
 
 
 def default_gguf() -> Path:
@@ -75,8 +88,7 @@ async def run(args: argparse.Namespace) -> None:
         n_threads_batch=args.threads,
         verbose=False,
     )
-    template = llm.metadata["tokenizer.chat_template"]
-    eos = llm.detokenize([llm.token_eos()], special=True).decode()
+    eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "ignore")
     bot_ms: list[float] = []
     raw_ms: list[float] = []
     same_tokens = 0
@@ -94,9 +106,7 @@ async def run(args: argparse.Namespace) -> None:
                     continue
                 bot_latency = replies[0].time - started
                 messages = to_messages([Turn("user", text)], "c2c", system_prompt())
-                tokens = llm.tokenize(
-                    render_chat_template(template, messages).encode(), add_bos=False, special=True
-                )
+                tokens = raw_prompt_tokens(llm, messages)
                 raw_started = time.monotonic()
                 out = llm.create_completion(
                     tokens, max_tokens=args.max_tokens, temperature=0.0, top_p=0.9, stop=[eos]

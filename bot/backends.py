@@ -1,7 +1,10 @@
 """Where replies come from: llama.cpp in-process, or any OpenAI-compatible server.
 
 Both take a `messages` list built by `pipeline.chatformat.to_messages` and return the raw
-text; pacing and filtering happen in the caller. No NoneBot imports here.
+text; cleaning, pacing and filtering happen in the caller. Chat text is data, never control:
+llama.cpp tokenises message content with special-token parsing off, and the OpenAI backend
+(which cannot) removes special-token text from every content before the request. No NoneBot
+imports here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.chatformat import CHAT_TEMPLATE_KWARGS, render_chat_template
+from bot.memory import estimate_tokens, fit_messages
+from pipeline.chatformat import (
+    CHAT_TEMPLATE_KWARGS,
+    PromptPiece,
+    neutralise_messages,
+    render_chat_pieces,
+    render_chat_template,
+)
+from pipeline.llama_prompt import SegmentCache, prompt_token_ids
 
 log = logging.getLogger("qq-twin.backend")
 
@@ -83,12 +94,14 @@ class LlamaCppBackend:
         n_threads: int = 2,
         n_ctx: int = 2048,
         sampling: SamplingSettings | None = None,
+        special_tokens: Sequence[str] = (),
     ) -> None:
         self.gguf = Path(gguf)
         self.version = version
         self.n_threads = n_threads
         self.n_ctx = n_ctx
         self.sampling = sampling or SamplingSettings()
+        self.special_tokens = tuple(special_tokens)  # removed from chat text only if a template needs it
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._pending = 0
         self._stopping = threading.Event()
@@ -97,6 +110,7 @@ class LlamaCppBackend:
         self._template = ""
         self._bos = ""
         self._eos = ""
+        self._segments: SegmentCache = {}
 
     # ---- worker thread side
     def _work(self) -> None:
@@ -128,6 +142,7 @@ class LlamaCppBackend:
         self._unload()
         self._llm = llm
         self._template = template
+        self._segments = {}
         self._bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "ignore")
         self._eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "ignore")
 
@@ -143,12 +158,9 @@ class LlamaCppBackend:
             raise BackendClosed("backend is shutting down")
         started = time.perf_counter()
         s = self.sampling
-        messages = list(messages)
+        # Forget the oldest turns, then cut the last one, rather than fail or fall silent.
+        messages = fit_messages(messages, self.n_ctx - s.max_tokens, lambda m: len(self.prompt_tokens(m)))
         prompt = self.prompt_tokens(messages)
-        # Forget the oldest turns rather than fail when a long memory outgrows the context.
-        while len(prompt) + s.max_tokens > self.n_ctx and len(messages) > 2:
-            del messages[1]
-            prompt = self.prompt_tokens(messages)
         out = self._llm.create_completion(
             prompt,
             max_tokens=s.max_tokens,
@@ -172,14 +184,21 @@ class LlamaCppBackend:
         """The exact prompt text, rendered from the GGUF's own chat template (thinking off)."""
         return render_chat_template(self._template, messages, bos_token=self._bos, eos_token=self._eos)
 
+    def prompt_pieces(self, messages: Sequence[dict[str, str]]) -> list[PromptPiece]:
+        """`render_prompt` split into template text and message content (`render_chat_pieces`)."""
+        return render_chat_pieces(self._template, messages, bos_token=self._bos, eos_token=self._eos)
+
     def prompt_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The prompt as tokens: BOS added only when the model wants it and the template lacks it."""
-        llm = self._llm
-        tokens = llm.tokenize(self.render_prompt(messages).encode("utf-8"), add_bos=False, special=True)
-        wants_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
-        if wants_bos and (not tokens or tokens[0] != llm.token_bos()):
-            tokens.insert(0, llm.token_bos())
-        return tokens
+        """The prompt as tokens: special tokens only where the template put them, never from chat text."""
+        return prompt_token_ids(
+            self._llm,
+            self._template,
+            messages,
+            bos=self._bos,
+            eos=self._eos,
+            cache=self._segments,
+            special_tokens=self.special_tokens,
+        )
 
     # ---- event loop side
     async def _submit(self, run: Callable[[], Any]) -> Any:
@@ -247,11 +266,15 @@ class OpenAIBackend:
         timeout: float = 60.0,
         retries: int = 2,
         sampling: SamplingSettings | None = None,
+        special_tokens: Sequence[str] = (),
+        n_ctx: int = 2048,
     ) -> None:
         from openai import AsyncOpenAI
 
         self.version = model
+        self.n_ctx = n_ctx  # the server's window is unknown here: prompts are bounded by this too
         self.sampling = sampling or SamplingSettings()
+        self.special_tokens = tuple(special_tokens)  # beyond the common families (`TWIN_SPECIAL_TOKENS`)
         self._client = AsyncOpenAI(
             base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=retries
         )
@@ -260,15 +283,22 @@ class OpenAIBackend:
     async def start(self) -> None:
         pass  # the server may come up after the bot; failures surface per request
 
+    def bounded(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        """What is posted: special-token text neutralised (the server renders the template from
+        text and may parse it), and within `n_ctx` less the reply by a safe upper-bound estimate."""
+        clean = neutralise_messages(messages, self.special_tokens)
+        return fit_messages(clean, self.n_ctx - self.sampling.max_tokens, estimate_tokens)
+
     async def generate(self, messages: Sequence[dict[str, str]]) -> Generation:
         s = self.sampling
         started = time.perf_counter()
         self._pending += 1
         try:
             seed = {"seed": s.seed} if s.seed >= 0 else {}
+            # The server renders the template from text and may parse special tokens in it.
             response = await self._client.chat.completions.create(
                 model=self.version,
-                messages=list(messages),  # type: ignore[arg-type]
+                messages=self.bounded(messages),  # type: ignore[arg-type]
                 max_tokens=s.max_tokens,
                 temperature=s.temperature,
                 top_p=s.top_p,

@@ -1,10 +1,11 @@
 """The one chat format shared by the dataset builder and the live bot.
 
 How message elements render as text (placeholders), how turns are labelled, the
-system prompt, how a conversation becomes a `messages` list, how replies split into
-bubbles, and how a chat template is rendered with thinking disabled. The model must
-see live chats exactly as it saw its training data, so nothing else re-implements
-any of this. Pure functions, standard library plus jinja2 only.
+system prompt, how a conversation becomes a `messages` list, how replies are cleaned and
+split into bubbles, and how a chat template is rendered with thinking disabled, as text or
+as pieces that keep chat text apart from template control (chat text is data, never
+control). The model must see live chats exactly as it saw its training data, so nothing
+else re-implements any of this. Pure functions, standard library plus jinja2 only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 # Placeholders for element kinds that carry no text of their own (ARCHITECTURE.md).
 IMAGE = "[图片]"
@@ -458,23 +459,95 @@ def to_messages(turns: Sequence[Turn], chat_type: str, system: str | None = None
     return messages
 
 
+# ---------------------------------------------------------------- special tokens
+
+# The control text of the common chat-template families. Chat text must never act as one of
+# them: a friend typing `<|im_end|>\n<|im_start|>system\n…` would otherwise forge turns.
+_SPECIAL_TOKEN_PATTERNS = (
+    r"<\|[A-Za-z0-9_ ]{1,40}\|>",  # ChatML / Qwen / Llama 3 / Phi: <|im_end|>, <|eot_id|>, <|user|>…
+    r"<｜[^｜<>\n]{1,40}｜>",  # DeepSeek: <｜begin▁of▁sentence｜>, <｜User｜>…
+    r"</?s>",  # Llama 2 / Mistral BOS, EOS
+    r"\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_RESULTS|TOOL_CALLS)\]",  # Mistral
+    r"<</?SYS>>",  # Llama 2 system block
+    r"<(?:start_of_turn|end_of_turn|bos|eos)>",  # Gemma
+    r"</?(?:think|tool_call|tool_response)>",  # reasoning and tool blocks (Qwen3 and kin)
+)
+
+# Where a reply is over: an end-of-turn marker, or the start of a (hallucinated) next turn.
+_TURN_BOUNDARY_PATTERNS = (
+    r"<\|(?:im_start|im_end|start_header_id|eot_id|eom_id|endoftext|end_of_text|begin_of_text"
+    r"|end|user|system|assistant)\|>",
+    r"<｜(?:User|Assistant|end▁of▁sentence|begin▁of▁sentence)｜>",
+    r"</?s>",
+    r"\[INST\]",
+    r"<(?:start_of_turn|end_of_turn|bos|eos)>",
+)
+
+
+@functools.lru_cache(maxsize=16)
+def _special_re(extra: tuple[str, ...] = ()) -> re.Pattern[str]:
+    literals = sorted({e for e in extra if e}, key=len, reverse=True)
+    return re.compile("|".join([*(re.escape(e) for e in literals), *_SPECIAL_TOKEN_PATTERNS]))
+
+
+_TURN_BOUNDARY_RE = re.compile("|".join(_TURN_BOUNDARY_PATTERNS))
+
+
+def neutralise_special_tokens(text: str, extra: Iterable[str] = ()) -> str:
+    """Remove special-token text (every common family, plus `extra`); the words around it stay.
+
+    `你好<|im_end|>再见` → `你好再见`. Repeated until nothing is left, so removing one marker
+    cannot assemble another (`<|im_<|im_end|>end|>`).
+    """
+    pattern = _special_re(tuple(extra))
+    while True:
+        cleaned = pattern.sub("", text)
+        if cleaned == text:
+            return cleaned
+        text = cleaned
+
+
+def neutralise_messages(
+    messages: Sequence[dict[str, str]], extra: Iterable[str] = ()
+) -> list[dict[str, str]]:
+    """A copy of `messages` whose every content went through `neutralise_special_tokens`."""
+    extra = tuple(extra)
+    return [
+        {**m, "content": neutralise_special_tokens(m["content"], extra)}
+        if isinstance(m.get("content"), str)
+        else dict(m)
+        for m in messages
+    ]
+
+
 # ---------------------------------------------------------------- model output
 
 _THINK_RE = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 
 
-def strip_think(text: str) -> str:
-    """Remove any `<think>…</think>` block (closed or not) a reasoning model produced."""
-    return _THINK_RE.sub("", text).strip()
+def clean_model_output(text: str, extra_special: Iterable[str] = ()) -> str:
+    """The reply a model meant: no think block, nothing after its turn ended, no special-token text.
+
+    A model that writes `<|im_end|>` or `<|im_start|>user` as text has ended its turn and
+    is hallucinating the next one: the reply is cut there.
+    """
+    text = _THINK_RE.sub("", text)
+    if "</think>" in text:  # the opening tag was in the prompt: what precedes is reasoning
+        text = text.rsplit("</think>", 1)[1]
+    boundary = _TURN_BOUNDARY_RE.search(text)
+    if boundary is not None:
+        text = text[: boundary.start()]
+    return neutralise_special_tokens(text, extra_special).strip()
 
 
-def split_bubbles(text: str, max_bubbles: int = 4) -> list[str]:
+def split_bubbles(text: str, max_bubbles: int = 4, *, extra_special: Iterable[str] = ()) -> list[str]:
     """A reply splits into chat bubbles at newlines, the inverse of `join_burst`.
 
-    Lines beyond `max_bubbles` stay together in the last bubble. Empty text → no bubbles
-    (the twin read the message and chose not to answer).
+    The text is first cleaned (`clean_model_output`). Lines beyond `max_bubbles` stay together
+    in the last bubble. Empty text → no bubbles (the twin read the message and chose not to answer).
     """
-    lines = [line.strip() for line in strip_think(text).split("\n") if line.strip()]
+    cleaned = clean_model_output(text, extra_special)
+    lines = [line.strip() for line in cleaned.split("\n") if line.strip()]
     if len(lines) <= max_bubbles:
         return lines
     return [*lines[: max_bubbles - 1], "\n".join(lines[max_bubbles - 1 :])]
@@ -499,6 +572,173 @@ def render_chat_template(
         eos_token=eos_token,
         **CHAT_TEMPLATE_KWARGS,
     )
+
+
+class PromptPiece(NamedTuple):
+    """A run of a rendered prompt: template text (markers, role headers) or message content."""
+
+    text: str
+    is_content: bool
+
+
+class ChatTemplateError(ValueError):
+    """The rendered prompt could not be split into template text and message content safely."""
+
+
+# Stand-ins for message contents while rendering: private-use characters no template writes.
+_SENTINEL_OPEN, _SENTINEL_CLOSE = "\U000fff00", "\U000fff01"
+_SENTINEL_RE = re.compile(f"{_SENTINEL_OPEN}(\\d+){_SENTINEL_CLOSE}")
+# Text that looks like control in any tokenizer (used only to judge the literal fallback).
+_CONTROL_LIKE_RE = re.compile("|".join([*_SPECIAL_TOKEN_PATTERNS, r"<[^<>\s]{1,40}>", r"\[/?[A-Z_]{2,30}\]"]))
+
+
+def render_chat_pieces(
+    template: str,
+    messages: Sequence[dict[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> list[PromptPiece]:
+    """`render_chat_template`'s prompt as pieces that say which characters are message content.
+
+    Joined, the pieces are exactly `render_chat_template(...)`. Content must be tokenised as
+    plain text (never parsing special tokens); template pieces keep their special tokens.
+    Raises `ChatTemplateError` rather than ever labelling content as template.
+    """
+    rendered = render_chat_template(
+        template,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token,
+        eos_token=eos_token,
+    )
+    contents = {
+        i: m["content"] for i, m in enumerate(messages) if isinstance(m.get("content"), str) and m["content"]
+    }
+    # Empty contents stay as they are: templates test them (`{% if content %}`), and they add no text.
+    stand_ins = tuple(
+        tuple(
+            sorted(
+                {**m, "content": f"{_SENTINEL_OPEN}{i}{_SENTINEL_CLOSE}"}.items()
+                if i in contents
+                else m.items()
+            )
+        )
+        for i, m in enumerate(messages)
+    )
+    try:
+        skeleton = _skeleton(template, stand_ins, add_generation_prompt, bos_token, eos_token)
+    except TypeError:  # unhashable extra fields: render without the cache
+        skeleton = _skeleton.__wrapped__(template, stand_ins, add_generation_prompt, bos_token, eos_token)
+    pieces = _align_skeleton(rendered, skeleton, contents) if skeleton else None
+    if pieces is None and skeleton:  # a cached skeleton may be stale (a template printing today's date)
+        skeleton = _skeleton.__wrapped__(template, stand_ins, add_generation_prompt, bos_token, eos_token)
+        pieces = _align_skeleton(rendered, skeleton, contents) if skeleton else None
+    if pieces is None:
+        pieces = _locate_contents(rendered, [contents[i] for i in sorted(contents)])
+    return pieces
+
+
+@functools.lru_cache(maxsize=1024)
+def _skeleton(
+    template: str,
+    stand_ins: tuple[tuple[tuple[str, Any], ...], ...],
+    add_generation_prompt: bool,
+    bos_token: str,
+    eos_token: str,
+) -> str:
+    """The prompt with stand-ins for contents: one render per conversation shape (roles, which are empty)."""
+    try:
+        return render_chat_template(
+            template,
+            [dict(m) for m in stand_ins],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+        )
+    except Exception:  # a template that inspects contents may refuse a stand-in
+        return ""
+
+
+def _content_variants(content: str) -> list[str]:
+    """How a template may print a content: as is, or trimmed (`| trim`, `.strip()`, `.lstrip('\\n')`)."""
+    variants: list[str] = []
+    for variant in (content, content.strip(), content.lstrip(), content.rstrip(), content.lstrip("\n")):
+        if variant not in variants:
+            variants.append(variant)
+    return variants
+
+
+def _append(pieces: list[PromptPiece], text: str, is_content: bool) -> None:
+    if not text:
+        return
+    if pieces and pieces[-1].is_content == is_content:
+        pieces[-1] = PromptPiece(pieces[-1].text + text, is_content)
+    else:
+        pieces.append(PromptPiece(text, is_content))
+
+
+def _align_skeleton(rendered: str, skeleton: str, contents: dict[int, str]) -> list[PromptPiece] | None:
+    """Split at the stand-ins; accept only if template text + contents rebuild `rendered` exactly.
+
+    The template text between stand-ins was written with no message content in it, so whatever
+    the template did, labelling it template cannot smuggle chat text in as control.
+    """
+    parts = _SENTINEL_RE.split(skeleton)
+    templates, indices = parts[0::2], [int(i) for i in parts[1::2]]
+    if (
+        skeleton.count(_SENTINEL_OPEN) != len(indices)
+        or skeleton.count(_SENTINEL_CLOSE) != len(indices)
+        or len(set(indices)) != len(indices)
+        or not set(indices) <= contents.keys()
+        or not rendered.startswith(templates[0])
+    ):
+        return None
+    pieces: list[PromptPiece] = []
+    _append(pieces, templates[0], False)
+    position = len(templates[0])
+    for n, index in enumerate(indices):
+        after = templates[n + 1]
+        for variant in _content_variants(contents[index]):
+            end = position + len(variant)
+            fits = rendered.startswith(variant, position) and rendered.startswith(after, end)
+            if fits and (n + 1 < len(indices) or end + len(after) == len(rendered)):
+                break
+        else:
+            return None
+        _append(pieces, variant, True)
+        _append(pieces, after, False)
+        position = end + len(after)
+    return pieces if position == len(rendered) else None
+
+
+def _locate_contents(rendered: str, contents: Sequence[str]) -> list[PromptPiece]:
+    """Fallback for templates that print contents conditionally: find each content in order.
+
+    A content found too early would leave its real copy labelled template, so this refuses
+    whenever control-like text of a content also occurs in the template text.
+    """
+    pieces: list[PromptPiece] = []
+    position = 0
+    for content in contents:
+        for variant in _content_variants(content):
+            start = rendered.find(variant, position)
+            if start >= 0:
+                break
+        else:
+            raise ChatTemplateError(
+                "the chat template changed a message's text; cannot tell it from the template"
+            )
+        _append(pieces, rendered[position:start], False)
+        _append(pieces, variant, True)
+        position = start + len(variant)
+    _append(pieces, rendered[position:], False)
+    control_like = {m.group() for content in contents for m in _CONTROL_LIKE_RE.finditer(content)}
+    template_text = [p.text for p in pieces if not p.is_content]
+    if any(marker in text for marker in control_like for text in template_text):
+        raise ChatTemplateError("a message carries special-token text this chat template cannot keep apart")
+    return pieces
 
 
 @functools.lru_cache(maxsize=16)

@@ -7,13 +7,13 @@ from pipeline.chatformat import (
     IMAGE,
     Element,
     Turn,
+    clean_model_output,
     face_placeholder,
     is_placeholder_only,
     join_burst,
     render_chat_template,
     render_elements,
     split_bubbles,
-    strip_think,
     system_prompt,
     to_messages,
 )
@@ -78,8 +78,8 @@ def test_bubbles_are_the_inverse_of_burst_joining():
 
 
 def test_think_blocks_are_stripped_even_when_unclosed():
-    assert strip_think("<think>嗯…</think>\n好的") == "好的"
-    assert strip_think("好的<think>还在想") == "好的"
+    assert clean_model_output("<think>嗯…</think>\n好的") == "好的"
+    assert clean_model_output("好的<think>还在想") == "好的"
 
 
 def test_chat_template_renders_with_thinking_disabled():

@@ -14,13 +14,14 @@ from typing import Any
 from pipeline.chatformat import (
     DEFAULT_PERSONA,
     Turn,
+    clean_model_output,
     join_burst,
     render_chat_template,
-    strip_think,
     system_prompt,
     to_messages,
 )
 from pipeline.errors import InputError
+from pipeline.llama_prompt import SegmentCache, prompt_token_ids
 
 
 class ChatModel:
@@ -48,6 +49,7 @@ class ChatModel:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twin-chat")
         self._llm: Any = None
         self._template = self._bos = self._eos = ""
+        self._segments: SegmentCache = {}
         self._pool.submit(self._load, n_threads, n_ctx).result()
 
     def _load(self, n_threads: int, n_ctx: int) -> None:
@@ -79,24 +81,28 @@ class ChatModel:
     def prompt(self, messages: Sequence[dict[str, str]]) -> str:
         return render_chat_template(self._template, messages, bos_token=self._bos, eos_token=self._eos)
 
+    def prompt_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """`prompt` as the bot tokenises it: chat text never becomes a special token."""
+        return self._pool.submit(self._prompt_tokens, list(messages)).result()
+
+    def _prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        return prompt_token_ids(
+            self._llm, self._template, messages, bos=self._bos, eos=self._eos, cache=self._segments
+        )
+
     def generate(self, messages: Sequence[dict[str, str]]) -> str:
-        """The raw reply (thinking stripped) to a `messages` list."""
+        """The reply to a `messages` list, cleaned as the bot cleans it (`clean_model_output`)."""
         return self._pool.submit(self._generate, list(messages)).result()
 
     def _generate(self, messages: list[dict[str, str]]) -> str:
-        llm = self._llm
-        tokens = llm.tokenize(self.prompt(messages).encode("utf-8"), add_bos=False, special=True)
-        wants_bos = str(llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
-        if wants_bos and (not tokens or tokens[0] != llm.token_bos()):
-            tokens.insert(0, llm.token_bos())
-        out = llm.create_completion(
-            tokens,
+        out = self._llm.create_completion(
+            self._prompt_tokens(messages),
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             seed=self.seed,
             stop=[self._eos] if self._eos else None,
         )
-        return strip_think(out["choices"][0]["text"])
+        return clean_model_output(out["choices"][0]["text"])
 
     def reply(self, user_messages: Sequence[str], history: Sequence[Turn] = ()) -> str:
         """Answer a friend's burst of messages (one per line) after an optional history."""

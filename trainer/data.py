@@ -3,22 +3,27 @@
 The label mask is built by rendering prefixes of each conversation through the chat
 template (the same `render_chat_template` the bot uses): only the characters of each
 assistant reply and its end-of-turn token become labels; system, user and template
-text stay -100. Packing puts whole samples side by side in a row and restarts the
-position ids at every sample, which transformers turns into a block-diagonal causal
-mask, so no token ever attends across samples.
+text stay -100. Message content is data, never control: special-token text inside it
+(`<|im_end|>` typed by a friend) tokenises as plain text, as the bot's llama.cpp backend
+tokenises it (`chatformat.render_chat_pieces`). Packing puts whole samples side by side
+in a row and restarts the position ids at every sample, which transformers turns into a
+block-diagonal causal mask, so no token ever attends across samples.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.chatformat import render_chat_template
+from pipeline.chatformat import PromptPiece, render_chat_pieces, render_chat_template
 from pipeline.errors import InputError
 
 IGNORE = -100
@@ -122,16 +127,24 @@ class Encoded:
 
 
 def assistant_spans(
-    template: str, messages: Sequence[dict[str, str]], *, bos_token: str = "", eos_token: str = ""
+    template: str,
+    messages: Sequence[dict[str, str]],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+    rendered: str | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant reply (+ end-of-turn)."""
+    """The rendered conversation and the character span of every assistant reply (+ end-of-turn).
+
+    `rendered` is the whole conversation rendered, when the caller has it already.
+    """
 
     def render(part: Sequence[dict[str, str]]) -> str:
         return render_chat_template(
             template, part, add_generation_prompt=False, bos_token=bos_token, eos_token=eos_token
         )
 
-    full = render(messages)
+    full = render(messages) if rendered is None else rendered
     spans: list[tuple[int, int]] = []
     markers = tuple(m for m in (eos_token, *END_OF_TURN_MARKERS) if m)
     for index, message in enumerate(messages):
@@ -160,25 +173,105 @@ def encode(
 
     `loss_on="final"` keeps only the last reply as a target (earlier ones stay context).
     """
-    text, spans = assistant_spans(
-        tokenizer.chat_template,
-        messages,
-        bos_token=tokenizer.bos_token or "",
-        eos_token=tokenizer.eos_token or "",
-    )
+    template, bos, eos = tokenizer.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or ""
+    pieces = render_chat_pieces(template, messages, add_generation_prompt=False, bos_token=bos, eos_token=eos)
+    text = "".join(piece.text for piece in pieces)
+    text, spans = assistant_spans(template, messages, bos_token=bos, eos_token=eos, rendered=text)
     if loss_on == "final":
         spans = spans[-1:]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
+    ids, offsets = tokenize_pieces(tokenizer, text, pieces)
     labels = [IGNORE] * len(ids)
     span_index = 0
-    for i, (char_start, char_end) in enumerate(enc["offset_mapping"]):
+    for i, (char_start, char_end) in enumerate(offsets):
         while span_index < len(spans) and spans[span_index][1] <= char_start:
             span_index += 1
         if span_index < len(spans) and char_end > spans[span_index][0] and char_start < spans[span_index][1]:
             labels[i] = ids[i]
     ids, labels = ids[:max_len], labels[:max_len]
     return Encoded(input_ids=ids, targets=[*labels[1:], IGNORE])
+
+
+def tokenize_pieces(
+    tokenizer: Any, text: str, pieces: Sequence[PromptPiece]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of `text` (the joined `pieces`); special tokens only from template pieces.
+
+    The whole text is tokenised in one call, as before; only when a special token landed
+    inside message content is it re-tokenised piecewise with special-token parsing off there.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = enc["input_ids"]
+    offsets: list[tuple[int, int]] = enc["offset_mapping"]
+    special = _special_token_ids(tokenizer)
+    starts: list[int] = []
+    ends: list[int] = []
+    position = 0
+    for piece in pieces:
+        if piece.is_content:
+            starts.append(position)
+            ends.append(position + len(piece.text))
+        position += len(piece.text)
+    for i in [i for i, token in enumerate(ids) if token in special]:
+        start, end = offsets[i]
+        k = bisect.bisect_left(starts, end) - 1  # the last content starting before the token ends
+        if k >= 0 and ends[k] > start:
+            return _tokenize_segments(tokenizer, pieces)
+    return ids, offsets
+
+
+@functools.lru_cache(maxsize=8)
+def _special_token_ids(tokenizer: Any) -> frozenset[int]:
+    return frozenset(i for i, t in tokenizer.added_tokens_decoder.items() if t.special)
+
+
+@functools.lru_cache(maxsize=8)
+def _special_token_re(tokenizer: Any) -> re.Pattern[str]:
+    texts = sorted(
+        {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True
+    )
+    return re.compile("|".join(re.escape(t) for t in texts) or r"(?!)")
+
+
+def _tokenize_segments(
+    tokenizer: Any, pieces: Sequence[PromptPiece]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Template pieces cut at their special tokens; the text between (content included) plain."""
+    pattern = _special_token_re(tokenizer)
+    parts: list[tuple[int, str, bool]] = []  # (offset, text, is a special token)
+    run_start, run = 0, ""
+    position = 0
+    for piece in pieces:
+        cuts = [] if piece.is_content else list(pattern.finditer(piece.text))
+        last = 0
+        for cut in cuts:
+            run += piece.text[last : cut.start()]
+            if run:
+                parts.append((run_start, run, False))
+            parts.append((position + cut.start(), cut.group(), True))
+            run, run_start = "", position + cut.end()
+            last = cut.end()
+        run += piece.text[last:]
+        position += len(piece.text)
+    if run:
+        parts.append((run_start, run, False))
+    plain = [text for _, text, is_special in parts if not is_special]
+    encoded = (
+        tokenizer(plain, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+        if plain
+        else {"input_ids": [], "offset_mapping": []}
+    )
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    n = 0
+    for start, text, is_special in parts:
+        if is_special:
+            ids.append(tokenizer.convert_tokens_to_ids(text))
+            offsets.append((start, start + len(text)))
+            continue
+        ids += encoded["input_ids"][n]
+        offsets += [(start + a, start + b) for a, b in encoded["offset_mapping"][n]]
+        n += 1
+    return ids, offsets
 
 
 def encode_all(

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.chatformat import render_chat_template, strip_think
+from pipeline.chatformat import clean_model_output, render_chat_template
 from pipeline.errors import InputError
 from pipeline.files import atomic_path, write_text_atomic
 from trainer.config import ADAPTER_DIR, SETTINGS_FILE
@@ -222,8 +222,18 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
         )
         for row in out[:, enc["input_ids"].shape[1] :]:
-            replies.append(strip_think(tokenizer.decode(row, skip_special_tokens=True)))
+            replies.append(reply_text(tokenizer, row))
     return replies
+
+
+def reply_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """A generated row as the bot would send it (`clean_model_output`).
+
+    Decoded with its special tokens so that a turn the model ended with `<|im_end|>` and then
+    carried on (`<|im_start|>user…`) is cut there, not read on as one reply.
+    """
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return clean_model_output(text, extra_special=tokenizer.all_special_tokens)
 
 
 def plot_lengths(path: Path, groups: dict[str, Sequence[str]]) -> None:

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import registry
-from pipeline.chatformat import DEFAULT_PERSONA, render_chat_template, strip_think, system_prompt
+from pipeline.chatformat import DEFAULT_PERSONA, clean_model_output, system_prompt
 from pipeline.errors import InputError, TwinError
 from pipeline.files import atomic_dir, disk_full_is_input_error
+from pipeline.llama_prompt import prompt_token_ids
 from trainer.config import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE
 from trainer.data import TRAIN_FILE
 from trainer.models import BaseModelRef, cache_root, hf_copy
@@ -366,15 +367,15 @@ def verify_gguf(path: Path, system: str, *, lora: Path | None = None, n_threads:
         template = llm.metadata.get("tokenizer.chat_template", "")
         if not template:
             raise TwinError(f"{path.name}: the GGUF carries no tokenizer.chat_template")
+        bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "ignore")
         eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "ignore")
         messages = [{"role": "system", "content": system}, {"role": "user", "content": VERIFY_PROMPT}]
-        prompt = render_chat_template(template, messages, eos_token=eos)
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens = prompt_token_ids(llm, template, messages, bos=bos, eos=eos)
         out = llm.create_completion(tokens, max_tokens=16, temperature=0.0, stop=[eos] if eos else None)
         produced = int(out["usage"]["completion_tokens"])
         if produced < 1:
             raise TwinError(f"{path.name}: llama.cpp loaded the model but it generated nothing")
-        return strip_think(out["choices"][0]["text"])
+        return clean_model_output(out["choices"][0]["text"])
     finally:
         llm.close()
 
