@@ -146,7 +146,7 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
         art["registry"] = out / "models"
         version = "v1"
         export(art["run"], art["registry"] / version, quants=("Q8_0",))
-        registry.set_current(private_dir(art["registry"]), version)
+        registry.switch_current(private_dir(art["registry"]), version, by="cli", reason="twin demo")
         art["model"] = registry.resolve_model(art["registry"]).gguf
         console.print(f"  {art['model']}")
 

@@ -1,9 +1,11 @@
 """Model registry operations: register an exported model, promote, roll back, list, prune.
 
-The layout itself (file names, `current`, how the bot resolves what to serve) lives in
-`pipeline.registry`; this module adds the operations on top of it. Every change is
-atomic: a version directory appears under its final name only when complete, `current`
-is switched by rename, and the promotion history is rewritten whole under a lock.
+The layout itself (file names, `current`, the history, how the bot resolves what to serve)
+and the one guarded switch of `current` live in `pipeline.registry`; this module adds the
+operations on top of it and turns its refusals into one-line `InputError`s. Every change is
+atomic: a version directory appears under its final name only when complete, `current` and
+the history change together under the registry's history lock, and prune renames a version
+away under that lock before deleting it.
 """
 
 from __future__ import annotations
@@ -16,28 +18,69 @@ import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline import registry as layout
 from pipeline.errors import InputError, TwinError
-from pipeline.files import atomic_dir, private_dir, write_text_atomic
-from pipeline.registry import (
-    CURRENT_FILE,
-    HISTORY_FILE,
+from pipeline.files import atomic_dir, private_dir
+from pipeline.registry import (  # re-exported: the layout's reading side, one definition each
+    ANY_CURRENT,
     LOCK_FILE,
     MANIFEST_FILE,
+    NUMBERED_VERSION,
+    CurrentMoved,
+    HistoryEntry,
+    RegistryError,
     current_version,
-    pick_gguf,
-    set_current,
+    cycle_running,
+    history_lock,
+    is_version_name,
+    now_iso,
+    promotion_stack,
+    rollback_current,
+    switch_current,
+    version_names,
+    version_sort_key,
 )
 
-VERSION_PATTERN = re.compile(r"^v(\d+)$")
-_HISTORY_LOCK = ".history.lock"
+__all__ = [
+    "CurrentMoved",
+    "HistoryEntry",
+    "ModelVersion",
+    "RetrainBusy",
+    "cycle_running",
+    "get_version",
+    "list_versions",
+    "now_iso",
+    "previous_version",
+    "promote",
+    "promotion_stack",
+    "protected_versions",
+    "prune",
+    "read_history",
+    "register",
+    "retrain_lock",
+    "rollback",
+    "version_names",
+    "version_sort_key",
+]
+
 _GGUF_PATTERN = re.compile(r"^model-(.+)\.gguf$")
 
 
 class RetrainBusy(TwinError):
     """Another retrain cycle holds the registry's lock."""
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """The layout's refusals as the CLI's one-line InputError (`path: cause`, exit 2)."""
+    try:
+        yield
+    except CurrentMoved:
+        raise  # not a user error: the retrain cycle handles it
+    except RegistryError as exc:
+        raise InputError(exc.path, exc.cause) from None
 
 
 @dataclass(slots=True)
@@ -65,37 +108,9 @@ class ModelVersion:
         return numbers
 
 
-@dataclass(slots=True)
-class HistoryEntry:
-    """One switch of `current`: a promotion or a rollback."""
-
-    action: str  # "promote" | "rollback"
-    version: str
-    previous: str | None
-    at: str
-    reason: str = ""
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
-def version_sort_key(name: str) -> tuple[int, str]:
-    """`v2` before `v10`; other names after numbered ones, alphabetically."""
-    match = VERSION_PATTERN.match(name)
-    return (int(match.group(1)), "") if match else (1 << 62, name)
-
-
 def next_version_name(registry: Path) -> str:
-    numbers = [int(m.group(1)) for p in _version_dirs(registry) if (m := VERSION_PATTERN.match(p.name))]
+    numbers = [int(m.group(1)) for name in version_names(registry) if (m := NUMBERED_VERSION.match(name))]
     return f"v{max(numbers, default=0) + 1:04d}"
-
-
-def _version_dirs(registry: Path) -> list[Path]:
-    if not registry.is_dir():
-        return []
-    # Dot-names are in-progress temp dirs (atomic_dir) and never versions.
-    return [p for p in registry.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
 def load_manifest(model_dir: Path) -> dict:
@@ -114,16 +129,9 @@ def load_manifest(model_dir: Path) -> dict:
 
 def get_version(registry: str | Path, name: str) -> ModelVersion:
     registry = Path(registry)
-    path = registry / name
-    if name.startswith(".") or "/" in name or not path.is_dir():
-        raise InputError(
-            path, f"no such model version (have: {', '.join(version_names(registry)) or 'none'})"
-        )
+    with _one_line_errors():
+        path = layout.version_dir(registry, name)
     return ModelVersion(name=name, path=path, manifest=load_manifest(path))
-
-
-def version_names(registry: str | Path) -> list[str]:
-    return sorted((p.name for p in _version_dirs(Path(registry))), key=version_sort_key)
 
 
 def list_versions(registry: str | Path) -> list[ModelVersion]:
@@ -167,8 +175,8 @@ def register(
     if not ggufs and not list(export_dir.glob("*.gguf")):
         raise InputError(export_dir, "no .gguf model file in this directory (run `twin export` first)")
     name = version or next_version_name(registry)
-    if not name or name.startswith(".") or "/" in name or name == CURRENT_FILE:
-        raise InputError(registry / name, "not a valid version name")
+    if not is_version_name(name):
+        raise InputError(registry, f"{name!r} is not a valid version name")
     final = registry / name
     if final.exists():
         raise InputError(final, "version already exists")
@@ -206,112 +214,81 @@ def register(
     return ModelVersion(name=name, path=final, manifest=manifest)
 
 
-@contextlib.contextmanager
-def _history_locked(registry: Path) -> Iterator[None]:
-    # A short blocking lock: an operator's `promote` and a retrain's promote may race.
-    with open(registry / _HISTORY_LOCK, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def read_history(registry: str | Path) -> list[HistoryEntry]:
-    path = Path(registry) / HISTORY_FILE
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return []
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"corrupt promotion history, not JSON ({exc})") from None
-    try:
-        return [HistoryEntry(**entry) for entry in raw]
-    except TypeError as exc:
-        raise InputError(path, f"corrupt promotion history ({exc})") from None
-
-
-def _write_history(registry: Path, entries: list[HistoryEntry]) -> None:
-    data = [
-        {"action": e.action, "version": e.version, "previous": e.previous, "at": e.at, "reason": e.reason}
-        for e in entries
-    ]
-    write_text_atomic(registry / HISTORY_FILE, json.dumps(data, ensure_ascii=False, indent=1))
-
-
-def promotion_stack(entries: list[HistoryEntry]) -> list[str]:
-    """Replay the history: promotions push, rollbacks pop; the top is what should be serving."""
-    stack: list[str] = []
-    for entry in entries:
-        if entry.action == "promote":
-            stack.append(entry.version)
-        elif entry.action == "rollback":
-            while stack and stack[-1] != entry.version:
-                stack.pop()
-            if not stack:
-                stack.append(entry.version)
-    return stack
+    """The switches of `current`, oldest first."""
+    with _one_line_errors():
+        return layout.read_history(registry)
 
 
 def previous_version(registry: str | Path) -> str | None:
     """The version a rollback would return to: the one promoted before the serving one."""
-    registry = Path(registry)
-    current = current_version(registry)
-    for name in reversed(promotion_stack(read_history(registry))):
-        if name != current and (registry / name).is_dir():
-            return name
-    return None
+    with _one_line_errors():
+        return layout.previous_version(registry)
 
 
-def promote(registry: str | Path, name: str, *, reason: str = "") -> ModelVersion:
-    """Make `name` the serving version (atomic switch of `current`) and record it."""
-    registry = Path(registry)
-    target = get_version(registry, name)
-    try:
-        pick_gguf(target.path, target.manifest)
-    except FileNotFoundError:
-        raise InputError(target.path, "no .gguf model file in this version, refusing to serve it") from None
-    with _history_locked(registry):
-        entries = read_history(registry)
-        before = current_version(registry)
-        set_current(registry, name)
-        if before != name:
-            entries.append(HistoryEntry("promote", name, before, now_iso(), reason))
-            _write_history(registry, entries)
+def promote(
+    registry: str | Path,
+    name: str,
+    *,
+    reason: str = "",
+    by: str = "cli",
+    expect_current: str | object | None = ANY_CURRENT,
+) -> ModelVersion:
+    """Make `name` the serving version through the registry's guarded switch and record it.
+
+    With `expect_current`, raises CurrentMoved (nothing changed) if someone switched meanwhile.
+    """
+    target = get_version(registry, name)  # a registered version: its manifest must read
+    with _one_line_errors():
+        switch_current(registry, name, by=by, reason=reason, expect_current=expect_current)
     return target
 
 
-def rollback(registry: str | Path, *, reason: str = "") -> ModelVersion:
+def rollback(registry: str | Path, *, reason: str = "", by: str = "cli") -> ModelVersion:
     """Serve the previously promoted version again; repeated rollbacks walk further back."""
     registry = Path(registry)
-    with _history_locked(registry):
-        entries = read_history(registry)
-        before = current_version(registry)
-        stack = promotion_stack(entries)
-        while stack and (stack[-1] == before or not (registry / stack[-1]).is_dir()):
-            stack.pop()
-        if not stack:
-            raise InputError(registry / HISTORY_FILE, "no earlier promoted version to roll back to")
-        target = get_version(registry, stack[-1])
-        set_current(registry, target.name)
-        entries.append(HistoryEntry("rollback", target.name, before, now_iso(), reason))
-        _write_history(registry, entries)
-    return target
+    expected = previous_version(registry)
+    if expected is not None:
+        get_version(registry, expected)  # a corrupt manifest refuses before anything changes
+    with _one_line_errors():
+        name = rollback_current(registry, by=by, reason=reason)
+    return get_version(registry, name) if name == expected else ModelVersion(name, registry / name)
+
+
+def protected_versions(registry: str | Path, keep: int) -> set[str]:
+    """What prune keeps whatever its age: the serving version, the next `keep - 1` (at least one)
+    rollback targets, and while a retrain cycle runs every version newer than the serving one
+    (the cycle may just have registered it)."""
+    registry = Path(registry)
+    current = current_version(registry)
+    protected = set(layout.rollback_targets(registry)[: max(keep - 1, 1)])
+    if current:
+        protected.add(current)
+    if cycle_running(registry):
+        names = version_names(registry)
+        protected.update(names[names.index(current) + 1 :] if current in names else names)
+    return protected
 
 
 def prune(registry: str | Path, keep: int) -> list[str]:
-    """Delete all but the newest `keep` versions, never the serving or the previous one."""
+    """Delete all but the newest `keep` versions, never a protected one (see protected_versions)."""
     registry = Path(registry)
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    names = version_names(registry)
-    protected = {current_version(registry), previous_version(registry)}
-    removable = [n for n in names[: max(len(names) - keep, 0)] if n not in protected]
+    # Under the history lock: no switch can pick a version while it is being removed.
+    with _one_line_errors(), history_lock(registry):
+        names = version_names(registry)
+        protected = protected_versions(registry, keep)
+        removable = [n for n in names[: max(len(names) - keep, 0)] if n not in protected]
+        for name in removable:
+            # Rename first so that a half-deleted version never looks like a real one.
+            os.replace(registry / name, registry / f".{name}.deleting")
     for name in removable:
-        # Rename first so that a half-deleted version never looks like a real one.
         doomed = registry / f".{name}.deleting"
-        os.replace(registry / name, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        if doomed.is_symlink():
+            doomed.unlink()
+        else:
+            shutil.rmtree(doomed, ignore_errors=True)
     return removable
 
 
@@ -343,17 +320,3 @@ def retrain_lock(registry: str | Path) -> Iterator[Path]:
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
-
-
-def cycle_running(registry: str | Path) -> bool:
-    """True while some process holds the retrain lock."""
-    path = Path(registry) / LOCK_FILE
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False

@@ -518,10 +518,19 @@ def _cycle(
         eval_numbers={**numbers, "gate": eval_record, "gate_reason": decision.reason},
         move=True,
     )
-    from deploy.registry import promote
+    from deploy.registry import CurrentMoved, promote
 
-    now_serving = current_version(registry)
-    if now_serving != serving:  # an operator switched models meanwhile: their choice stands
+    try:
+        # Checked and switched under one lock: an operator's switch meanwhile stands.
+        promote(
+            registry,
+            version.name,
+            reason=f"retrain gate passed: {decision.reason}",
+            by="retrain",
+            expect_current=serving,
+        )
+    except CurrentMoved:
+        now_serving = current_version(registry)
         reason = f"{now_serving} was promoted during the cycle; {version.name} is registered but not served"
         return CycleResult(
             "registered",
@@ -533,7 +542,6 @@ def _cycle(
             new_samples=len(samples),
             eval=eval_record,
         )
-    promote(registry, version.name, reason=f"retrain gate passed: {decision.reason}")
     removed = prune(registry, settings.retrain_keep)
     if removed:
         log.info("retrain: removed old versions %s", ", ".join(removed))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import stat
 
 import pytest
@@ -93,3 +94,26 @@ def test_a_full_disk_becomes_one_input_error_naming_the_output(tmp_path):
     guard = disk_full_is_input_error(tmp_path / "out", "nothing was written")
     with pytest.raises(ValueError), guard:  # anything else passes through untouched
         raise ValueError("bug")
+
+
+def test_write_text_atomic_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "current"
+    files.write_text_atomic(target, "v2\n")
+    assert target.read_text() == "v2\n" and _mode(target) == 0o600
+    kinds = [(kind, path == str(tmp_path)) for kind, path in events]
+    assert kinds == [("fsync", False), ("replace", False), ("fsync", True)]
+    assert events[1] == ("replace", str(target))
+    assert list(tmp_path.iterdir()) == [target]  # no temp file left

@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from pipeline.registry import CURRENT_FILE, current_version, resolve_model, set_current
+from pipeline.registry import CURRENT_FILE, current_version, resolve_model, switch_current
+from tests.gguf_helpers import write_gguf
 
 
 def _model_dir(root, name, quants=("Q8_0",)):
     d = root / name
     d.mkdir(parents=True)
     for q in quants:
-        (d / f"model-{q}.gguf").write_bytes(b"GGUF")
+        write_gguf(d / f"model-{q}.gguf")
     (d / "manifest.json").write_text(
         json.dumps({"version": name, "gguf": {q: f"model-{q}.gguf" for q in quants}})
     )
@@ -35,9 +36,9 @@ def test_a_model_directory_serves_its_preferred_quant(tmp_path):
 def test_a_registry_serves_its_current_version(tmp_path):
     _model_dir(tmp_path, "v1")
     _model_dir(tmp_path, "v2")
-    set_current(tmp_path, "v1")
+    switch_current(tmp_path, "v1", by="test")
     assert resolve_model(tmp_path).version == "v1"
-    set_current(tmp_path, "v2")
+    switch_current(tmp_path, "v2", by="test")
     assert current_version(tmp_path) == "v2"
     assert resolve_model(tmp_path).gguf == tmp_path / "v2" / "model-Q8_0.gguf"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -45,7 +46,7 @@ def test_a_registry_serves_its_current_version(tmp_path):
 
 def test_switching_to_a_missing_version_changes_nothing(tmp_path):
     _model_dir(tmp_path, "v1")
-    set_current(tmp_path, "v1")
+    switch_current(tmp_path, "v1", by="test")
     with pytest.raises(FileNotFoundError):
-        set_current(tmp_path, "v9")
+        switch_current(tmp_path, "v9", by="test")
     assert (tmp_path / CURRENT_FILE).read_text().strip() == "v1"

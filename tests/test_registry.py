@@ -21,6 +21,7 @@ from deploy.registry import (
 )
 from pipeline.errors import InputError
 from pipeline.registry import CURRENT_FILE, HISTORY_FILE, current_version, resolve_model
+from tests.gguf_helpers import write_gguf
 
 
 def _export(tmp_path, name="export", quants=("Q4_K_M",), base="tiny-base"):
@@ -29,7 +30,7 @@ def _export(tmp_path, name="export", quants=("Q4_K_M",), base="tiny-base"):
     (d / "adapter").mkdir(parents=True)
     (d / "adapter" / "adapter_config.json").write_text("{}")
     for q in quants:
-        (d / f"model-{q}.gguf").write_bytes(b"GGUF" + q.encode())
+        write_gguf(d / f"model-{q}.gguf")
     (d / "manifest.json").write_text(json.dumps({"base": base, "quantisation": list(quants)}))
     return d
 
@@ -187,3 +188,32 @@ def test_twin_models_promote_of_an_unknown_version_exits_2_with_one_line(tmp_pat
     assert twin(["models", "promote", "v0099", "--registry", str(reg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("twin: error: ") and "v0099" in err[0]
+
+
+@pytest.mark.parametrize("name", ["../v0001", "v0001/../v0002", ".hidden", "current"])
+def test_twin_models_promote_of_a_path_is_refused_in_one_line_and_changes_nothing(tmp_path, capsys, name):
+    reg = _registry_with(tmp_path, 2)
+    history = (reg / HISTORY_FILE).read_text()
+    assert twin(["models", "promote", name, "--registry", str(reg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"twin: error: {reg}")
+    assert current_version(reg) == "v0002" and (reg / HISTORY_FILE).read_text() == history
+
+
+def test_twin_models_promote_of_a_truncated_model_is_refused(tmp_path, capsys):
+    reg = _registry_with(tmp_path, 2)
+    gguf = reg / "v0001" / "model-Q4_K_M.gguf"
+    gguf.write_bytes(gguf.read_bytes()[:-8])
+    assert twin(["models", "promote", "v0001", "--registry", str(reg)]) == 2
+    assert "model-Q4_K_M.gguf: truncated" in capsys.readouterr().err
+    assert current_version(reg) == "v0002"
+
+
+def test_the_retrain_promotion_and_the_cli_record_who_switched(tmp_path):
+    reg = _registry_with(tmp_path, 2)
+    promote(reg, "v0001", reason="retrain gate passed", by="retrain")
+    rollback(reg)
+    assert [(e.action, e.version, e.by) for e in read_history(reg)][-2:] == [
+        ("promote", "v0001", "retrain"),
+        ("rollback", "v0002", "cli"),
+    ]

@@ -21,6 +21,7 @@ from deploy.retrain import (
 )
 from deploy.settings import RetrainSettings
 from pipeline.registry import current_version, read_status
+from tests.gguf_helpers import write_gguf
 
 OWNER = "10000"
 FRIEND = "20001"
@@ -137,7 +138,7 @@ def _conversations(n, start=1_700_000_000, twin_replies=False):
 def _registry(tmp_path):
     export = tmp_path / "export"
     (export / "adapter").mkdir(parents=True)
-    (export / "model-Q8_0.gguf").write_bytes(b"GGUF")
+    write_gguf(export / "model-Q8_0.gguf")
     (export / "manifest.json").write_text(json.dumps({"base": "tiny"}))
     reg = tmp_path / "models"
     promote(reg, register(reg, export).name)
