@@ -1,17 +1,23 @@
 """NoneBot entry point: `python bot.py` (or `twin serve`) runs the qq-twin bot.
 
 Settings come from the environment and `.env` (see `.env.example`); plugins from
-`[tool.nonebot]` in pyproject.toml.
+`[tool.nonebot]` in pyproject.toml. Before NoneBot starts, every secret setting is masked in
+the log and an empty `ONEBOT_ACCESS_TOKEN` is replaced by a generated one (bot/transport.py).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
 import nonebot
-from nonebot.adapters.onebot.v11 import Adapter as OneBotV11Adapter
-from nonebot.log import default_filter, default_format, logger
+from nonebot.log import LoguruHandler, default_filter, default_format, logger
+from pydantic import ValidationError
+
+from bot import transport
+from bot.log_mask import MaskedStream, SecretMask, secret_values
 
 
 def _quiet_filter(record) -> bool:
@@ -22,12 +28,51 @@ def _quiet_filter(record) -> bool:
     return default_filter(record)
 
 
-logger.remove()
-logger.add(sys.stdout, level=0, diagnose=False, filter=_quiet_filter, format=default_format)
+def _log_uncaught(kind, value, traceback) -> None:
+    """Uncaught errors go through the masked log instead of straight to stderr."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    logger.opt(exception=(kind, value, traceback)).critical("qq-twin: stopped by an unexpected error")
 
-nonebot.init()
+
+# Masked before NoneBot logs anything: at DEBUG it logs its whole configuration.
+setting_layers = transport.settings_layers(os.environ)
+secret_mask = SecretMask(value for layer in setting_layers for value in secret_values(layer))
+logger.remove()
+logger.add(
+    MaskedStream(sys.stdout, secret_mask),
+    level=0,
+    diagnose=False,
+    filter=_quiet_filter,
+    format=default_format,
+    colorize=sys.stdout.isatty(),
+)
+logging.lastResort = LoguruHandler(logging.WARNING)  # libraries' unhandled warnings, else raw on stderr
+sys.excepthook = _log_uncaught
+
+try:
+    access_token = transport.bootstrap_access_token(transport.merge_layers(setting_layers))
+except transport.TokenFileError as exc:
+    logger.error(f"qq-twin: {exc}")
+    sys.exit(2)
+secret_mask.add(access_token.value)
+if access_token.file is not None:
+    logger.info(access_token.describe())
+
+nonebot.init(**access_token.nonebot_settings())
+# NoneBot installs its own patcher (plugin names); keep it, then mask every record for every sink.
+logger.configure(patcher=secret_mask.chain(getattr(nonebot, "_log_patcher", None)))
 driver = nonebot.get_driver()
-driver.register_adapter(OneBotV11Adapter)
+try:  # the adapter reads the plugin's settings: a bad one stops here, in one line
+    driver.register_adapter(transport.HardenedAdapter)
+except ValidationError as exc:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    logger.error(f"qq-twin: the plugin did not load: bad setting ({problems})")
+    sys.exit(2)
+# Importing bot.transport ran `bot/__init__.py` as a plain package: NoneBot must run it again as
+# the plugin (its submodules, already imported, stay as they are).
+del sys.modules["bot"]
 nonebot.load_from_toml(str(Path(__file__).with_name("pyproject.toml")))
 if nonebot.get_plugin("bot") is None:  # NoneBot logs a failed plugin and runs on without it
     logger.error("qq-twin: the plugin did not load (see the error above, usually a bad TWIN_* setting)")

@@ -27,7 +27,11 @@ def serve() -> None:
 
 def simulate(
     url: str = typer.Option(None, help="the bot's reverse WebSocket (default: ws://HOST:PORT/onebot/v11/ws)"),
-    token: str = typer.Option(None, envvar="ONEBOT_ACCESS_TOKEN", help="ONEBOT_ACCESS_TOKEN of the bot"),
+    token: str = typer.Option(
+        None,
+        envvar="ONEBOT_ACCESS_TOKEN",
+        help="ONEBOT_ACCESS_TOKEN of the bot (default: .env, else the generated one)",
+    ),
     self_id: int = typer.Option(10000, help="the QQ number the bot plays (X-Self-ID)"),
     user_id: int = typer.Option(20000, help="your QQ number in this simulated chat"),
     group: int = typer.Option(None, help="talk in this group instead of a private chat"),
@@ -40,13 +44,15 @@ def simulate(
     from dotenv import dotenv_values
     from rich.console import Console
 
+    from bot.transport import kept_token
     from deploy.onebot_client import OneBotClient, OneBotRefused
 
     # Same sources as the bot: the environment first, then ./.env.
     settings = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
     if url is None:
         url = f"ws://{settings.get('HOST', '127.0.0.1')}:{settings.get('PORT', '8080')}/onebot/v11/ws"
-    token = token or settings.get("ONEBOT_ACCESS_TOKEN")
+    # An empty token in .env: the bot generated one and keeps it beside its store.
+    token = token or settings.get("ONEBOT_ACCESS_TOKEN") or kept_token({"twin_db": settings.get("TWIN_DB")})
     console = Console()
 
     async def run() -> None:
