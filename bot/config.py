@@ -15,6 +15,11 @@ from pydantic import BaseModel, Field, field_validator
 class Config(BaseModel):
     """qq-twin plugin settings (`TWIN_*`)."""
 
+    # how the QQ side reaches the bot (bot/transport.py)
+    twin_onebot_http_post: bool = Field(
+        False, description="also serve OneBot HTTP POST (/onebot/v11/, /onebot/v11/http); needs ONEBOT_SECRET"
+    )
+
     # what answers
     twin_model: str = Field(
         "", description="a .gguf file, a model directory, or the registry (with `current`)"
@@ -23,7 +28,11 @@ class Config(BaseModel):
         "llama_cpp", description="`llama_cpp` in-process, or `openai` (any OpenAI-compatible server)"
     )
     twin_n_threads: int = Field(2, ge=1, description="llama.cpp threads (more than the free cores is slower)")
-    twin_n_ctx: int = Field(2048, ge=256, description="llama.cpp context window, tokens")
+    twin_n_ctx: int = Field(
+        2048,
+        ge=256,
+        description="context window, tokens: llama.cpp loads with it; openai prompts stay within it too",
+    )
     twin_max_tokens: int = Field(96, ge=1, description="longest reply, tokens")
     twin_temperature: float = Field(0.7, ge=0.0, description="sampling temperature (0 = greedy)")
     twin_top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling")
@@ -40,6 +49,9 @@ class Config(BaseModel):
         10.0, gt=0.0, description="seconds between looks at the registry's `current`"
     )
     twin_fallback_reply: str = Field("", description="said when the backend fails; empty = silence")
+    twin_special_tokens: list[str] = Field(
+        [], description="special-token text removed from chat text and replies, beyond the common families"
+    )
 
     # who it is
     twin_persona: str = Field("我", description="the owner's name in the system prompt (as in the dataset)")
@@ -47,6 +59,9 @@ class Config(BaseModel):
     # the conversation store
     twin_db: Path = Field(Path("data/bot.db"), description="conversation store (SQLite, WAL)")
     twin_db_key: str = Field("", description="non-empty: encrypt the store with SQLCipher under this key")
+    twin_db_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL", description="SQLite durability: FULL syncs every message to disk (docs/benchmarks.md)"
+    )
 
     # when it speaks
     twin_private_allow: list[int] = Field([], description="private chats answered; empty = every friend")
@@ -62,16 +77,35 @@ class Config(BaseModel):
     twin_memory_turns: int = Field(16, ge=1, description="stored messages of the chat fed back as context")
     twin_memory_window: int = Field(3600, ge=0, description="seconds of memory; 0 = no age limit")
 
-    # pacing and limits
+    # pacing and limits (counted in bubbles actually sent: what QQ's risk control sees)
     twin_max_bubbles: int = Field(4, ge=1, description="most bubbles one reply splits into")
     twin_typing_delay: float = Field(0.6, ge=0.0, description="seconds before each bubble")
     twin_typing_per_char: float = Field(0.12, ge=0.0, description="plus this many seconds per character")
     twin_typing_max: float = Field(6.0, ge=0.0, description="longest typing delay, seconds")
-    twin_rate_per_chat: int = Field(6, ge=1, description="replies per chat per minute")
-    twin_rate_total: int = Field(30, ge=1, description="replies per minute over all chats")
-    twin_daily_cap: int = Field(500, ge=0, description="replies per day; 0 = no cap")
+    twin_typing_jitter: float = Field(
+        0.3, ge=0.0, le=1.0, description="typing delays vary by up to this share either way (0 = exact)"
+    )
+    twin_rate_per_chat: int = Field(12, ge=1, description="sends per chat in any minute")
+    twin_rate_per_sender: int = Field(8, ge=1, description="sends answering one person in any minute")
+    twin_rate_total: int = Field(20, ge=1, description="sends per minute over all chats")
+    twin_sender_hourly_cap: int = Field(60, ge=0, description="sends answering one person per hour; 0 = none")
+    twin_sender_daily_cap: int = Field(150, ge=0, description="sends answering one person per day; 0 = none")
+    twin_daily_cap: int = Field(500, ge=0, description="sends per day over all chats; 0 = no cap")
+    twin_send_failure_limit: int = Field(
+        5, ge=1, description="failed sends in a row after which the twin stops sending until /twin resume"
+    )
+    twin_send_backoff: float = Field(
+        30.0, gt=0.0, description="seconds of silence after a failed send, doubling with each further one"
+    )
+    twin_answer_strangers: bool = Field(False, description="answer private messages from non-friends")
+    twin_answer_group_temp: bool = Field(False, description="answer temporary chats started from a group")
     twin_block_links: bool = Field(True, description="drop bubbles carrying links (QQ penalises them)")
     twin_blocked_words: list[str] = Field([], description="drop bubbles containing any of these")
+
+    # prompt bounds (a 30,000-character paste must not silence a chat)
+    twin_max_turn_chars: int = Field(
+        600, ge=16, description="longest turn in a prompt, characters; longer ones keep their end"
+    )
 
     # retraining
     twin_retrain_cron: str = Field("0 4 * * *", description="crontab of scheduled retrains; empty disables")
@@ -85,3 +119,24 @@ class Config(BaseModel):
 
             CronTrigger.from_crontab(value)  # raises ValueError naming the bad field
         return value.strip()
+
+
+def settings_table() -> str:
+    """Every plugin setting as the Markdown table of docs/bot.md (generated: this class is its one home)."""
+    import json
+
+    rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Config.model_fields.items():
+        default = field.default
+        if default in ("", None):
+            shown = "(none)"
+        elif isinstance(default, (bool, list)):
+            shown = f"`{json.dumps(default, ensure_ascii=False)}`"
+        else:
+            shown = f"`{default}`"
+        rows.append(f"| `{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m bot.config > the table for docs/bot.md
+    print(settings_table())

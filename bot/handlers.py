@@ -7,7 +7,6 @@ matchers, `get_driver()` and `get_plugin_config()` need an initialised NoneBot.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Literal
 
@@ -16,7 +15,9 @@ from nonebot.adapters.onebot.v11 import (
     Adapter,
     Bot,
     Event,
+    FriendRecallNoticeEvent,
     GroupMessageEvent,
+    GroupRecallNoticeEvent,
     Message,
     MessageEvent,
     MessageSegment,
@@ -32,10 +33,11 @@ require("nonebot_plugin_apscheduler")
 from apscheduler.triggers.cron import CronTrigger  # noqa: E402
 from nonebot_plugin_apscheduler import scheduler  # noqa: E402
 
+from bot import transport  # noqa: E402
 from bot.config import Config  # noqa: E402
 from bot.runtime import ChatKey, SendBubble, Twin  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
-from bot.store import StoredMessage  # noqa: E402
+from bot.store import EXCLUDED_RECALLED, StoredMessage  # noqa: E402
 from bot.triggers import answers_group, answers_private, is_ignored_sender  # noqa: E402
 from pipeline import registry as model_registry  # noqa: E402
 
@@ -55,17 +57,18 @@ class MessageSentEvent(Event):
     """The account's own message sent from another device (NapCat / LLOneBot `message_sent`).
 
     Not a `MessageEvent` in the adapter, so `on_message` never sees it; registered as a custom
-    event model and matched with `on_type`.
+    event model and matched with `on_type`. Everything but the message is optional: QQ sides
+    differ in what they send, and a missing field must not lose the owner's words.
     """
 
     post_type: Literal["message_sent"]  # type: ignore[assignment]
-    message_type: str
+    message_type: str = "private"
     sub_type: str = ""
-    message_id: int
-    user_id: int
+    message_id: int | str = 0
+    user_id: int = 0
     target_id: int | None = None
     group_id: int | None = None
-    message: Message
+    message: Message = Message()
     raw_message: str = ""
 
     @override
@@ -89,10 +92,11 @@ class MessageSentEvent(Event):
         return str(self.user_id)
 
     @property
-    def chat_key(self) -> ChatKey:
-        if self.message_type == "group" and self.group_id is not None:
-            return ("group", str(self.group_id))
-        return ("c2c", str(self.target_id or self.user_id))
+    def chat_key(self) -> ChatKey | None:
+        """The chat it was sent in; None when the QQ side did not say (any chat's echo may match)."""
+        if self.message_type == "group":
+            return ("group", str(self.group_id)) if self.group_id is not None else None
+        return ("c2c", str(self.target_id)) if self.target_id is not None else None
 
 
 Adapter.add_custom_model(MessageSentEvent)
@@ -101,21 +105,11 @@ Adapter.add_custom_model(MessageSentEvent)
 # ------------------------------------------------------------------------------- lifecycle
 
 
-def _exposed_without_token() -> bool:
-    """Listening beyond loopback with no access token lets anyone on the network drive the account."""
-    config = driver.config
-    token = getattr(config, "onebot_access_token", None)
-    try:
-        loopback = ipaddress.ip_address(str(config.host)).is_loopback
-    except ValueError:
-        loopback = str(config.host) == "localhost"
-    return not loopback and not token
-
-
 def startup_problem() -> str | None:
     """What would stop the bot from serving, as one line for the operator (None when all is well)."""
-    if _exposed_without_token():
-        return "HOST is not loopback and ONEBOT_ACCESS_TOKEN is empty: refusing to start"
+    problem = transport.startup_problem()  # no token, a weak one off loopback, HTTP POST unsigned
+    if problem:
+        return problem
     if plugin_config.twin_backend == "llama_cpp":
         if not plugin_config.twin_model:
             return "TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
@@ -132,7 +126,11 @@ async def start_twin() -> None:
     problem = startup_problem()
     if problem:
         raise RuntimeError(problem)
-    twin = Twin(plugin_config, nicknames=sorted(driver.config.nickname))
+    twin = Twin(
+        plugin_config,
+        nicknames=sorted(driver.config.nickname),
+        command_prefixes=sorted(driver.config.command_start),
+    )
     await twin.start()
     if plugin_config.twin_retrain_cron:
         scheduler.add_job(
@@ -162,6 +160,14 @@ def _not_admin_command(event: MessageEvent) -> bool:
 
 chat = on_message(rule=Rule(_not_admin_command), priority=99, block=False)
 owner_sent = on_type(MessageSentEvent, priority=1, block=True)
+recalled = on_type((FriendRecallNoticeEvent, GroupRecallNoticeEvent), priority=1, block=False)
+
+
+def chat_key(event: MessageEvent) -> ChatKey:
+    """The chat a message event belongs to: ("c2c", friend) or ("group", group)."""
+    if isinstance(event, GroupMessageEvent):
+        return ("group", str(event.group_id))
+    return ("c2c", str(event.user_id))
 
 
 def _sender(bot: Bot, key: ChatKey) -> SendBubble:
@@ -177,106 +183,130 @@ def _sender(bot: Bot, key: ChatKey) -> SendBubble:
         result = await bot.send_msg(
             message_type="private" if chat_type == "c2c" else "group", message=message, **target
         )
-        return (result or {}).get("message_id")
+        return (result or {}).get("message_id") if isinstance(result, dict) else None
 
     return send
 
 
-async def _names_for(bot: Bot, event: MessageEvent) -> dict[str, str]:
-    """Display names for the @-targets of a message: cache, then the QQ side's member info."""
+def _segments(message: Message) -> list[tuple[str, dict]]:
+    return [(segment.type, segment.data if isinstance(segment.data, dict) else {}) for segment in message]
+
+
+def _known_names(event: MessageEvent) -> dict[str, str]:
+    """Display names of @-targets known without asking the QQ side (the account's own, the cache)."""
     assert twin is not None
-    names = {str(event.self_id): (twin.nicknames[0] if twin.nicknames else twin.config.twin_persona)}
-    for segment in event.original_message:
-        target = str(segment.data.get("qq", "")) if segment.type == "at" else ""
-        if not target or target == "all" or target in names:
-            continue
-        if target not in twin.names and isinstance(event, GroupMessageEvent):
-            try:
-                info = await asyncio.wait_for(
-                    bot.get_group_member_info(group_id=event.group_id, user_id=int(target)), 5
-                )
-                twin.names[target] = info.get("card") or info.get("nickname") or ""
-            except Exception as exc:  # the name is a nicety; the number will do
-                logger.debug(f"get_group_member_info failed: {exc!r}")
-                twin.names[target] = ""
-        names[target] = twin.names.get(target, "")
+    names = dict(twin.names)
+    names[str(event.self_id)] = twin.nicknames[0] if twin.nicknames else twin.config.twin_persona
     return names
 
 
-async def _render(bot: Bot, event: MessageEvent) -> RenderedMessage:
-    segments = [(segment.type, segment.data) for segment in event.original_message]
-    return render_segments(segments, await _names_for(bot, event))
+async def _look_up_names(bot: Bot, event: MessageEvent, mentions: list[str]) -> bool:
+    """Ask the QQ side for the names of unknown @-targets (groups only); True when one was learned."""
+    assert twin is not None
+    learned = False
+    if not isinstance(event, GroupMessageEvent):
+        return False
+    for target in mentions:
+        if target in ("all", str(event.self_id)) or target in twin.names or not target.isdigit():
+            continue
+        try:
+            info = await asyncio.wait_for(
+                bot.get_group_member_info(group_id=event.group_id, user_id=int(target)), 5
+            )
+            twin.names[target] = str(info.get("card") or info.get("nickname") or "")
+            learned = learned or bool(twin.names[target])
+        except Exception as exc:  # the name is a nicety; the number will do
+            logger.debug(f"get_group_member_info failed: {type(exc).__name__}")
+            twin.names[target] = ""
+    return learned
 
 
-async def _is_twin_echo(key: ChatKey, text: str, message_id: int) -> bool:
-    """NapCat reports the twin's own replies back as the account's messages: not the owner's words."""
-    assert twin is not None and twin.store is not None
-    return twin.is_own_echo(key, text) or await twin.store.is_twin_message(str(message_id))
+async def _store_first(bot: Bot, event: MessageEvent) -> tuple[int, RenderedMessage] | None:
+    """Store a chat message before anything that can fail or wait on the network, then enrich it.
 
-
-async def _record_incoming(
-    key: ChatKey, event: MessageEvent, rendered: RenderedMessage, sender_name: str
-) -> int | None:
-    """Store a chat message before anything else: its row id, or None when the twin must not answer it.
-
-    The account's own messages are the owner's words unless they are NapCat's echo of a twin reply.
-    Ignored and blocked senders are stored (the owner may want the context) but never answered.
+    Returns its row id and rendering, or None when the twin must not answer it: nothing to show,
+    the account's own message (the owner's words or the QQ side's echo of a twin bubble), or an
+    ignored or blocked sender (stored for context all the same).
     """
     assert twin is not None
-    origin = "owner" if event.user_id == event.self_id else "incoming"
-    if origin == "owner" and await _is_twin_echo(key, rendered.text, event.message_id):
+    key = chat_key(event)
+    rendered = render_segments(_segments(event.original_message), _known_names(event))
+    if not rendered.text:
         return None
-    row = await twin.record(
-        StoredMessage(
-            chat_type=key[0],
-            chat=key[1],
-            sender=str(event.user_id),
-            sender_name=sender_name,
-            origin=origin,
-            text=rendered.text,
-            time=event.time,
-            msg_id=str(event.message_id),
-            reply_to=rendered.reply_to,
-            kinds=rendered.kinds,
-        )
+    sender = event.sender
+    name = (getattr(sender, "card", None) or sender.nickname or "") if sender is not None else ""
+    message = StoredMessage(
+        chat_type=key[0],
+        chat=key[1],
+        sender=str(event.user_id),
+        sender_name=name,
+        origin="incoming",
+        text=rendered.text,
+        time=int(event.time),
+        msg_id=str(event.message_id),
+        reply_to=rendered.reply_to,
+        kinds=rendered.kinds,
     )
+    if event.user_id == event.self_id:
+        if isinstance(event, PrivateMessageEvent):  # the account's own private message: its peer
+            peer = getattr(event, "target_id", None)
+            own_key = ("c2c", str(peer)) if peer else None
+            message.chat = str(peer) if peer else key[1]
+        else:
+            own_key = key
+        await twin.record_own(own_key, message)
+        return None
+    row = await twin.record(message)
+    if await _look_up_names(bot, event, rendered.mentions):
+        segments = _segments(event.original_message)
+        rendered = render_segments(segments, _known_names(event))
+        assert twin.store is not None
+        await twin.store.update_text(row, rendered.text, rendered.kinds)
     ignored = twin.config.twin_ignore_users
     if is_ignored_sender(event.user_id, event.self_id, ignored=ignored, blocked=twin.blocked):
         return None
-    return row
+    return row, rendered
+
+
+def _private_allowed(event: PrivateMessageEvent) -> bool:
+    """Friends per the allow/deny lists; group temp chats and strangers only when allowed."""
+    assert twin is not None
+    config = twin.config
+    if not answers_private(event.user_id, allow=config.twin_private_allow, deny=config.twin_private_deny):
+        return False
+    if event.user_id in config.twin_private_allow or event.sub_type == "friend":
+        return True
+    if event.sub_type == "group":
+        return config.twin_answer_group_temp
+    return config.twin_answer_strangers
 
 
 @chat.handle()
 async def handle_private(bot: Bot, event: PrivateMessageEvent) -> None:
     if twin is None:
         return
-    rendered = await _render(bot, event)
-    if not rendered.text:
+    stored = await _store_first(bot, event)
+    if stored is None or not _private_allowed(event):
         return
-    key: ChatKey = ("c2c", str(event.user_id))
-    row = await _record_incoming(key, event, rendered, event.sender.nickname or "")
-    if row is None:
-        return
-    config = twin.config
-    if not answers_private(event.user_id, allow=config.twin_private_allow, deny=config.twin_private_deny):
-        return
-    await twin.answer(key, row, _sender(bot, key), self_id=str(event.self_id))
+    key = chat_key(event)
+    await twin.answer(
+        key, stored[0], _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id)
+    )
 
 
 @chat.handle()
 async def handle_group(bot: Bot, event: GroupMessageEvent) -> None:
     if twin is None:
         return
-    rendered = await _render(bot, event)
-    if not rendered.text:
+    stored = await _store_first(bot, event)
+    if stored is None:
         return
-    key: ChatKey = ("group", str(event.group_id))
-    name = event.sender.card or event.sender.nickname or ""
-    row = await _record_incoming(key, event, rendered, name)
-    if row is None:
-        return
+    row, rendered = stored
     config = twin.config
-    quoted_twin = rendered.reply_to is not None and await twin.store.is_twin_message(rendered.reply_to)
+    assert twin.store is not None
+    quoted_twin = rendered.reply_to is not None and await twin.store.is_twin_message(
+        rendered.reply_to, *chat_key(event)
+    )
     addressed = event.to_me or quoted_twin or str(event.self_id) in rendered.mentions
     if not answers_group(
         event.group_id,
@@ -287,50 +317,55 @@ async def handle_group(bot: Bot, event: GroupMessageEvent) -> None:
         probability=twin.probability,
     ):
         return
-    await twin.answer(key, row, _sender(bot, key), self_id=str(event.self_id))
+    key = chat_key(event)
+    await twin.answer(key, row, _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id))
 
 
 @owner_sent.handle()
 async def handle_message_sent(event: MessageSentEvent) -> None:
-    """Store what the owner typed elsewhere (the retraining signal); never answer it."""
+    """Store what the owner typed elsewhere (the retraining signal); never answer it. The QQ
+    side's echo of a twin bubble is recognised, whenever it comes, and not stored again."""
     if twin is None or twin.store is None:
         return
-    rendered = render_segments([(segment.type, segment.data) for segment in event.message])
-    key = event.chat_key
+    rendered = render_segments(_segments(event.message))
     if not rendered.text:
         return
-    if await _is_twin_echo(key, rendered.text, event.message_id):
-        return
-    await twin.record(
+    key = event.chat_key
+    stored = await twin.record_own(
+        key,
         StoredMessage(
-            chat_type=key[0],
-            chat=key[1],
+            chat_type=key[0] if key else ("group" if event.message_type == "group" else "c2c"),
+            chat=key[1] if key else str(event.group_id or event.target_id or event.user_id),
             sender=str(event.self_id),
             origin="owner",
             text=rendered.text,
-            time=event.time,
+            time=int(event.time),
             msg_id=str(event.message_id),
             reply_to=rendered.reply_to,
             kinds=rendered.kinds,
-        )
+        ),
     )
-    await twin.owner_spoke(key)
+    if stored is not None and key is not None:
+        await twin.owner_spoke(key)
+
+
+@recalled.handle()
+async def handle_recall(event: FriendRecallNoticeEvent | GroupRecallNoticeEvent) -> None:
+    """A recalled message is never trained on nor shown to the model again."""
+    if twin is None or twin.store is None:
+        return
+    await twin.store.exclude(str(event.message_id), EXCLUDED_RECALLED)
 
 
 # ------------------------------------------------------------------------------- admin
 
 admin = on_command("twin", permission=SUPERUSER, priority=1, block=True)
 
+ADMIN_ACK = "收到"  # all a group sees of an admin command: the answer goes to a private chat
 ADMIN_HELP = (
     "/twin status | pause | resume | reset | prob <0..1> | model [version] | retrain"
     " | block <uin> | unblock <uin> | approve (quoting a twin reply)"
 )
-
-
-def _chat_of(event: MessageEvent) -> ChatKey:
-    if isinstance(event, GroupMessageEvent):
-        return ("group", str(event.group_id))
-    return ("c2c", str(event.user_id))
 
 
 async def tell_superusers(text: str) -> None:
@@ -364,7 +399,7 @@ async def run_admin(event: MessageEvent, words: list[str]) -> str:
         await twin.set_paused(verb == "pause")
         return "paused" if verb == "pause" else "resumed"
     if verb == "reset":
-        await twin.reset(_chat_of(event))
+        await twin.reset(chat_key(event))
         return "memory of this chat cleared"
     if verb == "prob":
         try:
@@ -380,7 +415,7 @@ async def run_admin(event: MessageEvent, words: list[str]) -> str:
             versions = ", ".join(twin.versions()) or "-"
             return f"serving {twin.backend.version}; versions: {versions}"
         try:
-            await twin.switch_model(rest[0])
+            await twin.switch_model(rest[0], by=f"chat:{event.user_id}")
         except Exception as exc:  # a version that does not load leaves the old one serving
             return f"cannot switch to {rest[0]}, still serving {twin.backend.version}: {exc}"
         return f"serving {rest[0]}"
@@ -402,7 +437,15 @@ async def run_admin(event: MessageEvent, words: list[str]) -> str:
 
 
 @admin.handle()
-async def handle_admin(event: MessageEvent, args: Message = CommandArg()) -> None:
+async def handle_admin(bot: Bot, event: MessageEvent, args: Message = CommandArg()) -> None:
+    """Answers go to the superuser's private chat; a group sees only an acknowledgement."""
     if twin is None:
         await admin.finish("qq-twin is not running")
-    await admin.finish(await run_admin(event, args.extract_plain_text().split()))
+    answer = await run_admin(event, args.extract_plain_text().split())
+    if isinstance(event, GroupMessageEvent):
+        try:
+            await bot.send_private_msg(user_id=event.user_id, message=answer)
+        except Exception as exc:  # no private chat with them: the group still learns nothing
+            logger.warning(f"could not answer superuser {event.user_id} privately: {type(exc).__name__}")
+        await admin.finish(ADMIN_ACK)
+    await admin.finish(answer)

@@ -1,11 +1,14 @@
-"""A chat's recent history → the prompt, built exactly as training samples were built."""
+"""A chat's recent history → the prompt, built exactly as training samples were built, and
+bounded so that it always fits the model's context."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from bot.store import StoredMessage
 from pipeline.chatformat import Turn, join_burst, system_prompt, to_messages
+
+CUT_MARK = "…"
 
 
 def history_turns(history: Sequence[StoredMessage]) -> list[Turn]:
@@ -31,15 +34,70 @@ def history_turns(history: Sequence[StoredMessage]) -> list[Turn]:
     return [t for t in turns if t.text]
 
 
-def build_prompt(history: Sequence[StoredMessage], chat_type: str, persona: str) -> list[dict[str, str]]:
+def keep_end(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters keeping its end (what needs an answer is said last)."""
+    if len(text) <= limit:
+        return text
+    return CUT_MARK + text[len(text) - limit + len(CUT_MARK) :]
+
+
+def build_prompt(
+    history: Sequence[StoredMessage], chat_type: str, persona: str, max_turn_chars: int = 600
+) -> list[dict[str, str]]:
     """The `messages` list for the backend; empty when there is nothing new to answer.
 
     The leading assistant turns are dropped (a sample starts with the other side), and when
     the last turn is already the owner's (they answered themself), there is nothing to say.
+    Every turn is cut to `max_turn_chars`, keeping its end.
     """
     turns = history_turns(history)
     while turns and turns[0].role == "assistant":
         turns.pop(0)
     if not turns or turns[-1].role != "user":
         return []
+    for turn in turns:
+        turn.text = keep_end(turn.text, max_turn_chars)
     return to_messages(turns, "group" if chat_type == "group" else "c2c", system_prompt(persona))
+
+
+def fit_messages(
+    messages: Sequence[dict[str, str]], budget: int, count: Callable[[Sequence[dict[str, str]]], int]
+) -> list[dict[str, str]]:
+    """`messages` within `budget` tokens as `count` measures them: the oldest turns go first
+    (the system prompt and the last turn stay), then the last turn is cut keeping its end.
+
+    Raises ValueError when even the system prompt and a few characters do not fit.
+    """
+    fitted = [dict(m) for m in messages]
+    if count(fitted) <= budget:
+        return fitted
+    system = 1 if fitted and fitted[0]["role"] == "system" else 0
+    # Dropping from the front keeps the turn after a removed one; an assistant turn may not lead.
+    while len(fitted) > system + 1:
+        del fitted[system]
+        while len(fitted) > system + 1 and fitted[system]["role"] == "assistant":
+            del fitted[system]
+        if count(fitted) <= budget:
+            return fitted
+    last = fitted[-1]
+    low, high = 0, len(last["content"])  # binary search on how many characters of the end fit
+    while low < high:
+        middle = (low + high + 1) // 2
+        last["content"] = (
+            keep_end(last["content"], middle) if middle < len(last["content"]) else last["content"]
+        )
+        if count(fitted) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+        last["content"] = messages[-1]["content"]
+    if low < len(CUT_MARK) + 1:
+        raise ValueError(f"the prompt does not fit {budget} tokens even without history")
+    last["content"] = keep_end(messages[-1]["content"], low)
+    return fitted
+
+
+def estimate_tokens(messages: Sequence[dict[str, str]]) -> int:
+    """A safe upper bound on the tokens of a prompt when the tokenizer is not at hand (the OpenAI
+    backend): byte-level BPE tokenizers spend at most one token per UTF-8 byte, plus the template."""
+    return sum(len(m["content"].encode("utf-8")) + 8 for m in messages) + 8

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.registry import CURRENT_FILE, LOCK_FILE
+from bot.log_mask import SecretMask, secret_values
+from pipeline.registry import CURRENT_FILE, cycle_running
 from pipeline.registry import read_status as registry_status
 
 log = logging.getLogger("qq-twin.retrain")
@@ -39,16 +39,7 @@ def registry_of(model: str) -> Path | None:
 
 def retrain_running(registry: Path) -> bool:
     """True while a retrain cycle holds the registry lock (flock, as deploy.retrain takes it)."""
-    lock = registry / LOCK_FILE
-    if not lock.exists():
-        return False
-    with lock.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    return cycle_running(registry)
 
 
 def read_status(registry: Path | None) -> dict:
@@ -115,6 +106,7 @@ async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None
         await stop_child(process)
         raise
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
-    summary = lines[-1].strip() if lines else ""
+    # The summary goes to superusers over QQ: no secret of the child's environment in it.
+    summary = SecretMask(secret_values(env))(lines[-1].strip()) if lines else ""
     log.info("retrain child exited with %s", process.returncode)
     return RetrainResult(returncode=process.returncode or 0, summary=summary[:300])

@@ -10,16 +10,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from bot.backends import Backend, BackendClosed, LlamaCppBackend, OpenAIBackend, SamplingSettings
 from bot.config import Config
 from bot.memory import build_prompt
-from bot.pacing import RateLimiter, filter_bubbles, typing_delay
+from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
 from bot.retrain import describe_status, read_status, registry_of, retrain_running, run_retrain
-from bot.store import Store, StoredMessage
+from bot.segments import outgoing_parts, outgoing_text
+from bot.store import EXCLUDED_COMMAND, Store, StoredMessage
 from pipeline import registry as model_registry
 from pipeline.chatformat import split_bubbles
 
@@ -36,6 +37,7 @@ class _ChatState:
     waiting: bool = False  # a handler is waiting out this chat's burst
     last_trigger: float = 0.0
     pending: set[int] = field(default_factory=set)  # store ids of messages that want an answer
+    sender: str = ""  # who wrote the last of them: the person the reply's sends count against
 
 
 def make_backend(config: Config) -> Backend:
@@ -55,6 +57,8 @@ def make_backend(config: Config) -> Backend:
             timeout=config.twin_openai_timeout,
             retries=config.twin_openai_retries,
             sampling=sampling,
+            special_tokens=config.twin_special_tokens,
+            n_ctx=config.twin_n_ctx,
         )
     if not config.twin_model:
         raise ValueError("TWIN_MODEL is not set: name a .gguf file, a model directory or a registry")
@@ -65,6 +69,7 @@ def make_backend(config: Config) -> Backend:
         n_threads=config.twin_n_threads,
         n_ctx=config.twin_n_ctx,
         sampling=sampling,
+        special_tokens=config.twin_special_tokens,
     )
 
 
@@ -84,9 +89,17 @@ def settings_env(config: Config) -> dict[str, str]:
 class Twin:
     """One running twin: what every handler talks to."""
 
-    def __init__(self, config: Config, *, nicknames: list[str], backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        nicknames: list[str],
+        backend: Backend | None = None,
+        command_prefixes: Sequence[str] = ("/",),
+    ) -> None:
         self.config = config
         self.nicknames = nicknames
+        self.command_prefixes = tuple(p for p in command_prefixes if p)
         self.backend: Backend = backend or make_backend(config)
         self.store: Store | None = None
         self.started = time.time()
@@ -94,22 +107,37 @@ class Twin:
         self.probability = config.twin_group_probability
         self.blocked: set[int] = set()
         self.names: dict[str, str] = {}  # uin → display name, learned from events
-        self.limiter = RateLimiter(config.twin_rate_per_chat, config.twin_rate_total, config.twin_daily_cap)
+        self.limiter = SendLimiter(
+            SendLimits(
+                per_chat_minute=config.twin_rate_per_chat,
+                per_sender_minute=config.twin_rate_per_sender,
+                total_minute=config.twin_rate_total,
+                sender_hour=config.twin_sender_hourly_cap,
+                sender_day=config.twin_sender_daily_cap,
+                total_day=config.twin_daily_cap,
+            )
+        )
+        self.health = SendHealth(limit=config.twin_send_failure_limit, backoff=config.twin_send_backoff)
         self.registry = registry_of(config.twin_model) if config.twin_backend == "llama_cpp" else None
         self.retrain_task: asyncio.Task | None = None
         self._chats: dict[ChatKey, _ChatState] = {}
-        self._sending: dict[ChatKey, list[str]] = {}  # bubbles on their way out (echo detection)
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task | None = None
         self._model_lock = asyncio.Lock()  # one model switch at a time (watcher or /twin model)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        self.store = await Store.open(self.config.twin_db, self.config.twin_db_key)
+        self.store = await Store.open(
+            self.config.twin_db, self.config.twin_db_key, synchronous=self.config.twin_db_synchronous
+        )
         self.paused = bool(await self.store.get_state("paused", False))
         self.probability = float(await self.store.get_state("probability", self.probability))
         self.blocked = {int(u) for u in await self.store.get_state("blocked", [])}
-        self.limiter.seed_today(await self.store.count_since(_midnight(), "twin"))
+        if await self.store.get_state("sending_halted", False):
+            self.health.halted = True
+            self.health.failures = self.health.limit
+        sent, by_chat = await self.store.sends_since(_midnight())
+        self.limiter.seed_today(sent, {chat: n for (kind, chat), n in by_chat.items() if kind == "c2c"})
         await self.backend.start()
         if self.registry is not None:
             self._watcher = asyncio.create_task(self._watch_registry(), name="twin-registry-watch")
@@ -179,9 +207,12 @@ class Twin:
                     log.error("cannot serve %s, still serving %s: %s", version, self.backend.version, exc)
 
     async def use_version(self, version: str) -> None:
-        """Serve `version` from the registry (requests already queued finish on the old model)."""
+        """Serve `version` from the registry (requests already queued finish on the old model).
+
+        The name and the GGUF are checked first: a name that leaves the registry or a model
+        file that is cut off or not a GGUF is refused before anything is loaded."""
         assert self.registry is not None
-        resolved = model_registry.resolve_model(self.registry / version)
+        resolved = model_registry.check_version(self.registry, version)
         log.info("switching model %s → %s", self.backend.version, version)
         try:
             await self.backend.swap(resolved.gguf, version)
@@ -196,18 +227,35 @@ class Twin:
             self.names[message.sender] = message.sender_name
         return await self.store.add(message)
 
-    def is_own_echo(self, key: ChatKey, text: str) -> bool:
-        """A `message_sent` carrying a bubble the twin is sending right now (NapCat echoes it)."""
-        return text in self._sending.get(key, [])
+    def is_command(self, text: str) -> bool:
+        """A command line (`/twin …`, another bot's `/help`): never chat, never training text."""
+        return bool(self.command_prefixes) and text.lstrip().startswith(self.command_prefixes)
+
+    async def record_own(self, key: ChatKey | None, message: StoredMessage) -> int | None:
+        """An account message (`message_sent`, or a message event from the account itself): the
+        QQ side's echo of a twin bubble is claimed and not stored again; anything else is the
+        owner's own words (a command line is kept out of prompts and training). Returns the row
+        id, or None for an echo."""
+        assert self.store is not None
+        chat_type, chat = key if key is not None else (None, None)
+        if await self.store.claim_echo(chat_type, chat, message.msg_id or "", message.text, int(time.time())):
+            return None
+        message.origin = "owner"
+        if self.is_command(message.text):
+            message.excluded = EXCLUDED_COMMAND
+        return await self.record(message)
 
     async def owner_spoke(self, key: ChatKey) -> None:
         """The owner answered themself: nothing before this needs the twin any more."""
         self._chats.setdefault(key, _ChatState()).pending.clear()
 
-    async def answer(self, key: ChatKey, message_id: int, send: SendBubble, self_id: str = "") -> list[str]:
+    async def answer(
+        self, key: ChatKey, message_id: int, send: SendBubble, self_id: str = "", sender: str = ""
+    ) -> list[str]:
         """Answer a triggering message once its burst is over; returns the bubbles sent."""
         state = self._chats.setdefault(key, _ChatState())
         state.pending.add(message_id)
+        state.sender = sender or (key[1] if key[0] == "c2c" else "")
         state.last_trigger = asyncio.get_running_loop().time()
         if state.waiting:
             return []  # the handler already waiting on this burst will answer it as one turn
@@ -235,15 +283,15 @@ class Twin:
         state.pending.clear()
         if self.paused:
             return []
-        limited = self.limiter.allow(f"{chat_type}:{chat}")
-        if limited:
-            log.info("not answering %s %s: %s reached", chat_type, chat, limited)
+        unable = self.health.blocked() or self.limiter.blocked(f"{chat_type}:{chat}", state.sender)
+        if unable:
+            log.info("not answering %s %s: %s", chat_type, chat, unable)
             return []
         history = await self._history(key)
         # Messages that arrived while the last reply was being written are still unanswered:
         # they go last, so the prompt ends with what needs an answer.
         history.sort(key=lambda m: (m.id in pending, m.id or 0))
-        messages = build_prompt(history, chat_type, self.config.twin_persona)
+        messages = build_prompt(history, chat_type, self.config.twin_persona, self.config.twin_max_turn_chars)
         if not messages:
             return []
         try:
@@ -255,54 +303,73 @@ class Twin:
             log.debug("backend failure detail", exc_info=True)
             if not self.config.twin_fallback_reply:
                 return []
-            return await self._send_bubbles(key, [self.config.twin_fallback_reply], "fallback", send, self_id)
+            fallback = [self.config.twin_fallback_reply]
+            return await self._send_bubbles(key, state.sender, fallback, "fallback", send, self_id)
         log.debug("generated %d tokens in %.2fs: %r", generation.tokens, generation.seconds, generation.text)
-        bubbles = split_bubbles(generation.text, self.config.twin_max_bubbles)
+        bubbles = split_bubbles(
+            generation.text, self.config.twin_max_bubbles, extra_special=self.config.twin_special_tokens
+        )
         kept = filter_bubbles(
-            bubbles, block_links=self.config.twin_block_links, blocked_words=self.config.twin_blocked_words
+            bubbles,
+            block_links=self.config.twin_block_links,
+            blocked_words=self.config.twin_blocked_words,
+            command_prefixes=self.command_prefixes,
         )
         if len(kept) < len(bubbles):
             log.info("output filter dropped %d bubble(s) in %s %s", len(bubbles) - len(kept), chat_type, chat)
-        return await self._send_bubbles(key, kept, generation.version, send, self_id)
+        return await self._send_bubbles(key, state.sender, kept, generation.version, send, self_id)
 
     async def _send_bubbles(
-        self, key: ChatKey, bubbles: list[str], version: str, send: SendBubble, self_id: str
+        self, key: ChatKey, sender: str, bubbles: list[str], version: str, send: SendBubble, self_id: str
     ) -> list[str]:
-        assert self.store is not None
+        """Send bubble after bubble, each recorded before it goes out (so that its echo is known
+        whenever it comes) and counted against the limits; a failure backs off and stops the reply."""
         sent: list[str] = []
         c = self.config
+        chat = f"{key[0]}:{key[1]}"
         for bubble in bubbles:
-            if await self._sleep(
-                typing_delay(bubble, c.twin_typing_delay, c.twin_typing_per_char, c.twin_typing_max)
-            ):
+            text = outgoing_text(outgoing_parts(bubble))  # what QQ will show: placeholders dropped
+            if not text:
+                continue
+            unable = self.health.blocked() or self.limiter.blocked(chat, sender)
+            if unable:
+                log.info("reply in %s cut short: %s", chat, unable)
                 break
-            outgoing = self._sending.setdefault(key, [])
-            outgoing.append(bubble)
+            delay = typing_delay(bubble, c.twin_typing_delay, c.twin_typing_per_char, c.twin_typing_max)
+            if await self._sleep(jittered(delay, c.twin_typing_jitter)) or self.store is None:
+                break
+            row = await self.store.add(
+                StoredMessage(
+                    chat_type=key[0],
+                    chat=key[1],
+                    sender=self_id,
+                    origin="twin",
+                    text=text,
+                    time=int(time.time()),
+                    model_version=version,
+                    send_state="sending",
+                )
+            )
             try:
                 message_id = await self._unless_stopping(send(bubble))
-                if self.store is None:
-                    break
-                await self.store.add(
-                    StoredMessage(
-                        chat_type=key[0],
-                        chat=key[1],
-                        sender=self_id,
-                        origin="twin",
-                        text=bubble,
-                        time=int(time.time()),
-                        msg_id=None if message_id is None else str(message_id),
-                        model_version=version,
-                    )
-                )
             except BackendClosed:
+                await self._finish_send(row, None, "failed")
                 break
-            except Exception as exc:
-                log.warning("sending a reply failed: %s", type(exc).__name__)
+            except Exception as exc:  # the QQ side refused or timed out: risk control, most often
+                await self._finish_send(row, None, "failed")
+                log.warning("%s (%s)", self.health.failed(), type(exc).__name__)
+                if self.health.halted and self.store is not None:
+                    await self.store.set_state("sending_halted", True)
                 break
-            finally:
-                outgoing.remove(bubble)  # only now: an echo may arrive before send() returns
-            sent.append(bubble)
+            await self._finish_send(row, None if message_id is None else str(message_id), "sent")
+            self.limiter.record(chat, sender)
+            self.health.succeeded()
+            sent.append(text)
         return sent
+
+    async def _finish_send(self, row: int, message_id: str | None, state: str) -> None:
+        if self.store is not None:
+            await self.store.finish_send(row, message_id, state)
 
     async def _history(self, key: ChatKey) -> list[StoredMessage]:
         assert self.store is not None
@@ -315,9 +382,13 @@ class Twin:
 
     # ------------------------------------------------------------------ admin
     async def set_paused(self, paused: bool) -> None:
+        """Pause or resume answering; resuming also lifts a stop after failed sends."""
         assert self.store is not None
         self.paused = paused
         await self.store.set_state("paused", paused)
+        if not paused:
+            self.health.resume()
+            await self.store.set_state("sending_halted", False)
 
     async def reset(self, key: ChatKey) -> None:
         """Forget a chat's memory (the messages stay in the store for retraining)."""
@@ -335,20 +406,19 @@ class Twin:
         (self.blocked.add if blocked else self.blocked.discard)(uin)
         await self.store.set_state("blocked", sorted(self.blocked))
 
-    async def switch_model(self, version: str) -> None:
-        """Serve `version` now and make it the registry's `current`."""
+    async def switch_model(self, version: str, by: str = "chat") -> None:
+        """Serve `version` now and make it the registry's `current` through the registry's one
+        guarded switch (name and GGUF checked, lock held, history recorded)."""
         if self.registry is None:
             raise ValueError("TWIN_MODEL is not a model registry")
-        if not (self.registry / version).is_dir():
-            raise FileNotFoundError(f"no version {version} in the registry")
+        model_registry.check_version(self.registry, version)  # before anything is loaded
         async with self._model_lock:
             await self.use_version(version)  # `current` moves only once the version really serves
-            model_registry.set_current(self.registry, version)
+            model_registry.switch_current(self.registry, version, by=by, reason="/twin model")
 
     def versions(self) -> list[str]:
-        if self.registry is None:
-            return []
-        return sorted(p.name for p in self.registry.iterdir() if p.is_dir() and not p.name.startswith("."))
+        """The registry's versions, oldest first (the order `twin models list` shows)."""
+        return model_registry.version_names(self.registry) if self.registry is not None else []
 
     async def status_text(self) -> str:
         assert self.store is not None
@@ -363,6 +433,7 @@ class Twin:
                 f"model: {self.backend.version} ({self.backend.name})",
                 f"uptime: {uptime // 3600}h{uptime % 3600 // 60:02d}m{uptime % 60:02d}s",
                 f"paused: {'yes' if self.paused else 'no'}",
+                f"sending: {self.health.describe()}",
                 f"queue: {self.backend.queue_length()}",
                 f"today: {received} in, {replied} out",
                 f"group probability: {self.probability:g}",

@@ -12,7 +12,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.chatformat import ANIMATED_STICKER, FACE_NAMES, PLACEHOLDERS, Element, render_elements
+from pipeline.chatformat import (
+    ANIMATED_STICKER,
+    FACE_NAMES,
+    PLACEHOLDERS,
+    Element,
+    face_placeholder,
+    render_elements,
+)
 
 # Segment types that are cards of some sort (shares, mini-apps, music, contacts, locations).
 _CARD_TYPES = {"json", "xml", "share", "music", "contact", "location", "markdown", "ark"}
@@ -87,3 +94,9 @@ def outgoing_parts(text: str) -> list[tuple[str, str]]:
     parts.append(("text", text[position:]))
     parts = [(kind, value) for kind, value in parts if kind != "text" or value.strip()]
     return parts
+
+
+def outgoing_text(parts: Iterable[tuple[str, str]]) -> str:
+    """What a bubble looks like once sent (faces back as `[名字]`, dropped placeholders gone):
+    the twin's row in the store and the text its echo is recognised by."""
+    return "".join(face_placeholder(value) if kind == "face" else value for kind, value in parts).strip()

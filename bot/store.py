@@ -17,6 +17,7 @@ from typing import Any, Literal
 import aiosqlite
 
 Origin = Literal["incoming", "twin", "owner"]
+SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 
 # Each entry moves the schema one version up; never edit a shipped entry, append a new one.
 MIGRATIONS: tuple[str, ...] = (
@@ -43,13 +44,51 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX messages_time ON messages (time);
     CREATE INDEX messages_msg_id ON messages (msg_id);
     """,
+    # v3: outgoing bubbles are recorded before they are sent (send_state, echo_key) so that the QQ
+    # side's echo of a twin reply is recognised in any order; `excluded` keeps a row out of prompts
+    # and training (command lines, recalled messages, an operator's choice) with the reason.
+    """
+    ALTER TABLE messages ADD COLUMN excluded TEXT;
+    ALTER TABLE messages ADD COLUMN send_state TEXT;
+    ALTER TABLE messages ADD COLUMN echo_key TEXT;
+    ALTER TABLE messages ADD COLUMN echoed INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_echo ON messages (chat_type, chat, echo_key);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _COLUMNS = (
     "id, chat_type, chat, sender, sender_name, origin, msg_id, time, text, reply_to, kinds, "
-    "model_version, approved"
+    "model_version, approved, excluded, send_state"
 )
+# How a row leaves prompts and training, and how long an outgoing bubble waits for its echo.
+EXCLUDED_COMMAND = "command"
+EXCLUDED_RECALLED = "recalled"
+EXCLUDED_OPERATOR = "operator"
+ECHO_WINDOW_SECONDS = 300
+# The longest text kept for one message: a 1 MB paste is stored cut, never refused.
+MAX_TEXT_CHARS = 20_000
+MAX_NAME_CHARS = 64
+_CONTROL = dict.fromkeys(c for c in range(32) if chr(c) not in "\n\t")
+_TRUNCATED = "…[截断]"
+
+
+def sanitize(text: object, limit: int = MAX_TEXT_CHARS) -> str:
+    """Any value → text SQLite and every later step can hold: lone surrogates become U+FFFD,
+    NUL and other control characters go, and the text is cut at `limit` characters."""
+    text = text if isinstance(text, str) else ("" if text is None else str(text))
+    if not text.isascii():
+        # Pairs written as two surrogates are joined; a lone one becomes U+FFFD.
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    text = text.translate(_CONTROL)
+    if len(text) > limit:
+        text = text[: limit - len(_TRUNCATED)] + _TRUNCATED
+    return text
+
+
+def echo_key(text: str) -> str:
+    """What a sent bubble and its echo have in common whatever the QQ side did to spacing."""
+    return "".join(sanitize(text).split())
 
 
 @dataclass(slots=True)
@@ -68,6 +107,8 @@ class StoredMessage:
     kinds: list[str] = field(default_factory=list)
     model_version: str | None = None
     approved: bool = False
+    excluded: str | None = None  # why it is kept out of prompts and training (None: it is not)
+    send_state: str | None = None  # twin rows: sending → sent | failed
     id: int | None = None
 
     @property
@@ -91,6 +132,8 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
         kinds,
         model_version,
         approved,
+        excluded,
+        send_state,
     ) = row
     return StoredMessage(
         id=id_,
@@ -106,6 +149,8 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
         kinds=json.loads(kinds),
         model_version=model_version,
         approved=bool(approved),
+        excluded=excluded,
+        send_state=send_state,
     )
 
 
@@ -146,8 +191,17 @@ class Store:
         self.path = path
 
     @classmethod
-    async def open(cls, path: str | Path, key: str = "") -> Store:
-        """Open (creating and migrating) the store at `path`; 0600 file in a 0700 directory."""
+    async def open(cls, path: str | Path, key: str = "", synchronous: str = "FULL") -> Store:
+        """Open (creating and migrating) the store at `path`; 0600 file in a 0700 directory.
+
+        `synchronous` is SQLite's durability setting under WAL: FULL (the default) syncs every
+        commit, so an acknowledged message survives a power cut; NORMAL may lose the last commits
+        then (docs/benchmarks.md measures the difference).
+        """
+        if synchronous.upper() not in SYNCHRONOUS_MODES:
+            raise ValueError(
+                f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}"
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         connect = _connector(path, key)
@@ -160,35 +214,104 @@ class Store:
         path.chmod(0o600)
         conn = aiosqlite.Connection(connect, iter_chunk_size=64)
         await conn
-        await conn.execute("PRAGMA synchronous = NORMAL")
+        await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
         return cls(conn, path)
 
     async def close(self) -> None:
         await self._conn.close()
 
     async def add(self, message: StoredMessage) -> int:
-        """Write one message now (committed before the caller goes on)."""
+        """Write one message now (committed before the caller goes on); text fields are sanitised."""
+        message.text = sanitize(message.text)
+        message.sender_name = sanitize(message.sender_name, MAX_NAME_CHARS)
         cursor = await self._conn.execute(
             "INSERT INTO messages (chat_type, chat, sender, sender_name, origin, msg_id, time, text, "
-            "reply_to, kinds, model_version, approved) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "reply_to, kinds, model_version, approved, excluded, send_state, echo_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 message.chat_type,
-                message.chat,
-                message.sender,
+                sanitize(message.chat, MAX_NAME_CHARS),
+                sanitize(message.sender, MAX_NAME_CHARS),
                 message.sender_name,
                 message.origin,
-                message.msg_id,
-                message.time,
+                None if message.msg_id is None else sanitize(message.msg_id, MAX_NAME_CHARS),
+                int(message.time),
                 message.text,
-                message.reply_to,
-                json.dumps(message.kinds),
+                None if message.reply_to is None else sanitize(message.reply_to, MAX_NAME_CHARS),
+                json.dumps([sanitize(k, MAX_NAME_CHARS) for k in message.kinds]),
                 message.model_version,
                 int(message.approved),
+                message.excluded,
+                message.send_state,
+                echo_key(message.text) if message.origin == "twin" else None,
             ),
         )
         await self._conn.commit()
         message.id = cursor.lastrowid
         return message.id or 0
+
+    async def update_text(self, row_id: int, text: str, kinds: list[str]) -> None:
+        """Replace a stored message's rendering once slow details (names of @-targets) are known."""
+        await self._conn.execute(
+            "UPDATE messages SET text = ?, kinds = ? WHERE id = ?",
+            (sanitize(text), json.dumps(kinds), row_id),
+        )
+        await self._conn.commit()
+
+    async def finish_send(self, row_id: int, msg_id: str | None, state: str) -> None:
+        """A recorded bubble was sent (with the QQ side's message id) or failed to go out."""
+        await self._conn.execute(
+            "UPDATE messages SET send_state = ?, msg_id = COALESCE(msg_id, ?) WHERE id = ?",
+            (state, None if msg_id is None else str(msg_id), row_id),
+        )
+        await self._conn.commit()
+
+    async def claim_echo(
+        self, chat_type: str | None, chat: str | None, msg_id: str, text: str, now: int
+    ) -> bool:
+        """True when an account message is the QQ side's echo of a twin bubble, which is then claimed.
+
+        Matched by message id, else by what was actually sent (whitespace aside) among the
+        unclaimed bubbles of the last minutes, oldest first; both within the chat when the event
+        names one (message ids are not unique across chats or restarts of the QQ side). Each
+        bubble is claimed once by text, so the owner typing the same words later is still the
+        owner. Whichever comes first, echo or `send_msg`'s answer, the row is there: it was
+        written before sending.
+        """
+        scope, params = "origin = 'twin' AND time >= ?", [now - ECHO_WINDOW_SECONDS]
+        if chat_type is not None and chat is not None:
+            scope += " AND chat_type = ? AND chat = ?"
+            params += [chat_type, chat]
+        rows = list(
+            await self._conn.execute_fetchall(
+                f"SELECT id FROM messages WHERE {scope} AND msg_id = ? ORDER BY id DESC LIMIT 1",
+                [*params, str(msg_id)],
+            )
+        )
+        if not rows:
+            rows = list(
+                await self._conn.execute_fetchall(
+                    f"SELECT id FROM messages WHERE {scope} AND echoed = 0 AND echo_key = ? "
+                    "ORDER BY id LIMIT 1",
+                    [*params, echo_key(text)],
+                )
+            )
+        if not rows:
+            return False
+        await self._conn.execute(
+            "UPDATE messages SET echoed = 1, msg_id = COALESCE(msg_id, ?) WHERE id = ?",
+            (str(msg_id), rows[0][0]),
+        )
+        await self._conn.commit()
+        return True
+
+    async def exclude(self, msg_id: str, reason: str) -> int:
+        """Keep the messages with this OneBot id out of prompts and training; returns rows changed."""
+        cursor = await self._conn.execute(
+            "UPDATE messages SET excluded = ? WHERE msg_id = ?", (reason, str(msg_id))
+        )
+        await self._conn.commit()
+        return cursor.rowcount
 
     async def recent(
         self, chat_type: str, chat: str, *, since: int, limit: int, after_id: int = 0
@@ -196,16 +319,21 @@ class Store:
         """The last `limit` messages of a chat at or after `since` (and after row `after_id`)."""
         rows = await self._conn.execute_fetchall(
             f"SELECT {_COLUMNS} FROM messages WHERE chat_type = ? AND chat = ? AND time >= ? AND id > ? "
+            "AND excluded IS NULL AND (origin != 'twin' OR send_state IS NULL OR send_state != 'failed') "
             "ORDER BY id DESC LIMIT ?",
             (chat_type, chat, since, after_id, limit),
         )
         return [_row_to_message(tuple(r)) for r in reversed(list(rows))]
 
-    async def is_twin_message(self, msg_id: str) -> bool:
-        """True when the twin sent the message with this OneBot id (NapCat echoes it back)."""
-        rows = await self._conn.execute_fetchall(
-            "SELECT 1 FROM messages WHERE msg_id = ? AND origin = 'twin' LIMIT 1", (msg_id,)
-        )
+    async def is_twin_message(
+        self, msg_id: str, chat_type: str | None = None, chat: str | None = None
+    ) -> bool:
+        """True when the twin sent the message with this OneBot id (in that chat, when named)."""
+        where, params = "msg_id = ? AND origin = 'twin'", [msg_id]
+        if chat_type is not None and chat is not None:
+            where += " AND chat_type = ? AND chat = ?"
+            params += [chat_type, chat]
+        rows = await self._conn.execute_fetchall(f"SELECT 1 FROM messages WHERE {where} LIMIT 1", params)
         return bool(list(rows))
 
     async def last_id(self) -> int:
@@ -217,6 +345,16 @@ class Store:
             "SELECT COUNT(*) FROM messages WHERE time >= ? AND origin = ?", (since, origin)
         )
         return int(next(iter(rows))[0])
+
+    async def sends_since(self, since: int) -> tuple[int, dict[tuple[str, str], int]]:
+        """Bubbles the twin sent at or after `since`: in all, and per chat (the limits' day so far)."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT chat_type, chat, COUNT(*) FROM messages WHERE time >= ? AND origin = 'twin' "
+            "AND (send_state IS NULL OR send_state = 'sent') GROUP BY chat_type, chat",
+            (since,),
+        )
+        by_chat = {(kind, chat): int(n) for kind, chat, n in rows}
+        return sum(by_chat.values()), by_chat
 
     async def approve(self, message_id: int, approved: bool = True) -> None:
         """Mark a twin reply as good enough to train on (operators' choice)."""
@@ -265,8 +403,8 @@ def read_messages_since(
     try:
         twin_clause = "OR (origin = 'twin' AND approved = 1)" if include_approved_twin else ""
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE time >= ? AND (origin IN ('incoming', 'owner') "
-            f"{twin_clause}) ORDER BY time, id",
+            f"SELECT {_COLUMNS} FROM messages WHERE time >= ? AND excluded IS NULL "
+            f"AND (origin IN ('incoming', 'owner') {twin_clause}) ORDER BY time, id",
             (since_ts,),
         ).fetchall()
     finally:

@@ -90,7 +90,14 @@ class OneBotClient:
         self_id: int = 10000,
         nickname: str = "twin",
         heartbeat: float = 5.0,
+        echo: str | None = None,
+        echo_shape: str = "napcat",
     ) -> None:
+        """`echo` makes every message the bot sends come back as the account's own, as real QQ
+        sides report it: "before" or "after" answering the API call, or "lost" (the echo comes,
+        the answer never does). `echo_shape` is whose event shape: "napcat" (`message_sent` with
+        `target_id`), "llonebot" (`message_sent`, CQ-code string, no target), "lagrange" (a
+        `message` event from the account itself)."""
         self.url = url
         self.token = token
         self.self_id = self_id
@@ -104,6 +111,9 @@ class OneBotClient:
         self._ws: ClientConnection | None = None
         self._tasks: list[asyncio.Task] = []
         self._changed = asyncio.Condition()
+        self.echo, self.echo_shape = echo, echo_shape
+        self.echo_mangle: Any = None  # segments → segments: what the QQ side does to an echo
+        self.fail_sends = 0  # the next N sends are refused (retcode 1200), as under risk control
 
     async def __aenter__(self) -> OneBotClient:
         await self.connect()
@@ -233,6 +243,37 @@ class OneBotClient:
             raise OneBotRefused("not connected")
         await self._ws.send(json.dumps({"time": int(time.time()), "self_id": self.self_id, **event}))
 
+    async def send_raw(self, frame: str) -> None:
+        """Send one frame exactly as given (malformed and hostile events)."""
+        if self._ws is None:
+            raise OneBotRefused("not connected")
+        await self._ws.send(frame)
+
+    async def _echo(self, sent: SentMessage) -> None:
+        """The QQ side reporting the account's own message back, in `echo_shape`."""
+        segments = self.echo_mangle(sent.segments) if self.echo_mangle else sent.segments
+        group = sent.group_id
+        event: dict[str, Any] = {
+            "post_type": "message_sent",
+            "message_type": "group" if group else "private",
+            "sub_type": "normal" if group else "friend",
+            "message_id": sent.message_id,
+            "user_id": self.self_id,
+            "message": segments,
+            "raw_message": _raw(segments),
+            "font": 0,
+            "sender": {"user_id": self.self_id, "nickname": self.nickname},
+        }
+        if group:
+            event["group_id"] = group
+        elif self.echo_shape != "llonebot":
+            event["target_id"] = sent.user_id
+        if self.echo_shape == "llonebot":
+            event["message"] = _raw(segments)
+        elif self.echo_shape == "lagrange":
+            event["post_type"] = "message"
+        await self._post(event)
+
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
@@ -252,18 +293,24 @@ class OneBotClient:
             async for frame in self._ws:
                 request = json.loads(frame)
                 if "action" in request:
-                    await self._ws.send(json.dumps(await self._answer(request)))
+                    answer = await self._answer(request)
+                    if answer is not None:
+                        await self._ws.send(json.dumps(answer))
         except ConnectionClosed:
             pass
         finally:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _answer(self, request: dict[str, Any]) -> dict[str, Any] | None:
         action, params = request["action"], request.get("params") or {}
         self.calls.append(request)
         data: Any = None
-        if action in ("send_msg", "send_private_msg", "send_group_msg"):
+        sending = action in ("send_msg", "send_private_msg", "send_group_msg")
+        if sending and self.fail_sends > 0:
+            self.fail_sends -= 1
+            return {"status": "failed", "retcode": 1200, "data": None, "echo": request.get("echo")}
+        if sending:
             message_type = params.get("message_type") or (
                 "group" if action == "send_group_msg" or params.get("group_id") else "private"
             )
@@ -278,9 +325,15 @@ class OneBotClient:
             sent = SentMessage(
                 action, message_type, params.get("user_id"), params.get("group_id"), segments, message_id
             )
+            if self.echo == "before" or self.echo == "lost":
+                await self._echo(sent)
             async with self._changed:
                 self.sent.append(sent)
                 self._changed.notify_all()
+            if self.echo == "lost":
+                return None
+            if self.echo == "after":
+                asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self._echo(sent)))
             data = {"message_id": message_id}
         elif action == "get_login_info":
             data = {"user_id": self.self_id, "nickname": self.nickname}
@@ -360,12 +413,17 @@ def free_port() -> int:
 
 
 # Settings for a bot driven by a program (the demo, the benchmark, the tests): it answers at once,
-# with no burst window or typing delay, and runs no scheduled retrain.
+# with no burst window or typing delay, limits no single sender, and runs no scheduled retrain.
 NO_PACING = {
     "TWIN_BURST_WINDOW": "0",
     "TWIN_TYPING_DELAY": "0",
     "TWIN_TYPING_PER_CHAR": "0",
+    "TWIN_TYPING_JITTER": "0",
     "TWIN_RETRAIN_CRON": "",
+    # A program talks faster than any friend: per-person limits would silence it.
+    "TWIN_RATE_PER_SENDER": "1000",
+    "TWIN_SENDER_HOURLY_CAP": "0",
+    "TWIN_SENDER_DAILY_CAP": "0",
 }
 
 
@@ -387,9 +445,18 @@ class BotProcess:
     def url(self) -> str:
         return f"ws://{self.settings['HOST']}:{self.settings['PORT']}/onebot/v11/ws"
 
+    @property
+    def token(self) -> str | None:
+        """The bot's access token: the one in `settings`, else the one the bot generated and kept."""
+        if self.settings.get("ONEBOT_ACCESS_TOKEN"):
+            return self.settings["ONEBOT_ACCESS_TOKEN"]
+        from bot.transport import DEFAULT_DB, kept_token
+
+        return kept_token({"twin_db": str(self.cwd / self.settings.get("TWIN_DB", DEFAULT_DB))})
+
     def client(self, **kwargs: Any) -> OneBotClient:
         """A test client for this bot, with its access token."""
-        return OneBotClient(self.url, token=self.settings.get("ONEBOT_ACCESS_TOKEN") or None, **kwargs)
+        return OneBotClient(self.url, token=self.token, **kwargs)
 
     def log(self) -> str:
         return self.log_file.read_text(encoding="utf-8", errors="replace") if self.log_file.exists() else ""

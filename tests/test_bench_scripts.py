@@ -22,3 +22,13 @@ def test_train_gpu_bench_runs_every_variant_on_tiny_shapes():
         rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {mode} |")]
         assert len(rows) == 2 and "baseline" in rows[0] and "project" in rows[1]
         assert "1.00×" in rows[0]  # the baseline row is its own reference
+
+
+def test_store_bench_measures_both_durability_settings(tmp_path: Path):
+    command = [sys.executable, str(REPO / "bench" / "store.py"), "--messages", "20", "--trials", "1"]
+    command += ["--dir", str(tmp_path)]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| plain SQLite (WAL) |" in done.stdout and "| SQLCipher (WAL) |" in done.stdout

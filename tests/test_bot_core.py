@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.memory import build_prompt
-from bot.pacing import RateLimiter, filter_bubbles, typing_delay
+from bot.pacing import SendLimiter, SendLimits, filter_bubbles, typing_delay
 from bot.segments import outgoing_parts, render_segments
 from bot.store import MIGRATIONS, SCHEMA_VERSION, Store, StoredMessage, read_messages_since
 from bot.triggers import answers_group, answers_private, called_by_nickname, is_ignored_sender
@@ -109,18 +109,25 @@ def test_output_filter_drops_links_and_blocked_words() -> None:
     assert filter_bubbles(["a.com"], block_links=False, blocked_words=[]) == ["a.com"]
 
 
-def test_rate_limits_per_chat_overall_and_per_day() -> None:
-    limiter = RateLimiter(per_chat=2, total=3, daily_cap=4)
+def test_send_limits_per_chat_per_person_overall_and_per_day() -> None:
+    limiter = SendLimiter(
+        SendLimits(
+            per_chat_minute=2, per_sender_minute=5, total_minute=3, sender_hour=0, sender_day=0, total_day=4
+        )
+    )
     t = 1_700_000_000.0
-    assert [limiter.allow("a", t), limiter.allow("a", t + 1), limiter.allow("a", t + 2)] == [
-        None,
-        None,
-        "chat rate",
-    ]
-    assert limiter.allow("b", t + 3) is None
-    assert limiter.allow("c", t + 4) == "overall rate"
-    assert limiter.allow("c", t + 61) is None  # the minute has passed
-    assert limiter.allow("d", t + 200) == "daily cap"
+
+    def send(chat: str, at: float) -> str | None:
+        blocked = limiter.blocked(chat, chat, at)
+        if blocked is None:
+            limiter.record(chat, chat, at)
+        return blocked
+
+    assert [send("a", t), send("a", t + 1), send("a", t + 2)] == [None, None, "chat rate"]
+    assert send("b", t + 3) is None
+    assert send("c", t + 4) == "overall rate"
+    assert send("c", t + 61) is None  # the minute has passed
+    assert send("d", t + 200) == "daily cap"
 
 
 # ------------------------------------------------------------------------ memory → prompt
@@ -279,3 +286,10 @@ def test_env_example_documents_every_plugin_setting() -> None:
         "COMMAND_START",
     ):
         assert nonebot_setting in documented
+
+
+def test_the_settings_table_in_the_docs_is_generated_from_the_one_schema() -> None:
+    from bot.config import settings_table
+
+    docs = (Path(__file__).parents[1] / "docs" / "bot.md").read_text(encoding="utf-8")
+    assert settings_table() in docs, "docs/bot.md is stale: paste the output of `python -m bot.config`"

@@ -25,9 +25,10 @@ def handlers():
     driver = nonebot.get_driver()
     if "OneBot V11" not in driver._adapters:
         driver.register_adapter(Adapter)
-    if "bot" in sys.modules and not hasattr(sys.modules["bot"], "__plugin__"):
-        del sys.modules["bot"]  # its NoneBot-free submodules stay imported and shared
-    nonebot.load_plugin("bot")
+    if nonebot.get_plugin("bot") is None:  # another test module may have loaded it already
+        if "bot" in sys.modules and not hasattr(sys.modules["bot"], "__plugin__"):
+            del sys.modules["bot"]  # its NoneBot-free submodules stay imported and shared
+        nonebot.load_plugin("bot")
     import bot.handlers
 
     return bot.handlers

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import Config
+from bot.pacing import SendLimits
 from bot.runtime import Twin
 from bot.store import StoredMessage
 from tests.bot_helpers import ScriptedBackend
@@ -87,7 +88,7 @@ async def test_paused_rate_limited_or_already_answered_chats_stay_silent(tmp_pat
     await twin.answer(KEY, await incoming(twin, "在吗?"), outbox.send)
     await twin.answer(KEY, await incoming(twin, "再问一次"), outbox.send)  # over 1 reply a minute
     assert outbox.sent == ["收到:在吗?"]
-    twin.limiter.per_chat = 100
+    twin.limiter.limits = SendLimits(per_chat_minute=100)
     twin.config.twin_burst_window = 0.3
     waiting = asyncio.create_task(twin.answer(KEY, await incoming(twin, "周末去吗"), outbox.send))
     await asyncio.sleep(0.1)  # the owner answers from the phone while the twin waits out the burst

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deploy.onebot_client import BotProcess, OneBotClient
-from pipeline.registry import gguf_name, set_current
+from pipeline.registry import gguf_name, switch_current
 from tests.e2e.conftest import SUPERUSER, bot_env, running_bot, twin_status, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -33,7 +33,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for version in ("v1", "v2"):
         (models / version).mkdir()
         (models / version / gguf_name("Q4_1")).symlink_to(smollm2_gguf())
-    set_current(models, "v1")
+    switch_current(models, "v1", by="test")
     return models
 
 
@@ -88,7 +88,7 @@ async def test_model_switch_keeps_every_message_answered(qq: OneBotClient, bot: 
 
 
 async def test_registry_current_change_is_picked_up(qq: OneBotClient, registry: Path) -> None:
-    set_current(registry, "v1")  # as `twin models rollback` would
+    switch_current(registry, "v1", by="test")  # as `twin models promote v1` would
 
     async def serving_v1() -> bool:
         return "model: v1 (llama_cpp)" in await twin_status(qq)
@@ -120,6 +120,19 @@ async def test_retrain_hands_over_to_the_job_and_reports_to_superusers(qq: OneBo
     assert "model: v1 (llama_cpp)" in await twin_status(qq)
 
 
+@pytest.mark.parametrize("name", ["../x", "v1/../v2", ".hidden", "current", "/etc", "v2/", "history.json"])
+async def test_twin_model_with_a_bad_name_is_refused_and_changes_nothing(
+    qq: OneBotClient, registry: Path, name: str
+) -> None:
+    history = (registry / "history.json").read_text()
+    before = len(qq.replies(user_id=SUPERUSER))
+    await qq.send_private(SUPERUSER, f"/twin model {name}")
+    (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=30)
+    assert answer.text.startswith(f"cannot switch to {name}, still serving v")
+    assert (registry / "current").read_text().strip() in ("v1", "v2")
+    assert (registry / "history.json").read_text() == history
+
+
 async def test_a_version_that_does_not_load_leaves_the_old_one_serving(
     qq: OneBotClient, registry: Path
 ) -> None:
@@ -130,12 +143,12 @@ async def test_a_version_that_does_not_load_leaves_the_old_one_serving(
     (answer,) = await qq.wait_reply(user_id=SUPERUSER, after=before, timeout=30)
     assert answer.text.startswith("cannot switch to v3, still serving v1")
     assert (registry / "current").read_text().strip() == "v1"
-    set_current(registry, "v3")  # promoted behind the bot's back: the watcher refuses it too
+    (registry / "current").write_text("v3\n")  # edited behind the bot's back: the watcher refuses it too
     await asyncio.sleep(1.5)
     assert "model: v1 (llama_cpp)" in await twin_status(qq)
     await qq.send_private(20040, "还活着吗")
     assert await qq.wait_reply(user_id=20040, timeout=60)
-    set_current(registry, "v1")
+    (registry / "current").write_text("v1\n")
 
 
 async def test_sigterm_during_generation_exits_within_10_seconds(qq: OneBotClient, bot: BotProcess) -> None:

@@ -359,12 +359,16 @@ async def test_message_text_never_reaches_the_info_log(qq: OneBotClient, bot: Bo
     assert "秘密暗号742" not in log and "在吗" not in log and TOKEN not in log
 
 
-async def test_refuses_to_listen_beyond_loopback_without_a_token(fake: FakeOpenAI, tmp_path: Path) -> None:
-    settings = bot_settings(fake, tmp_path / "bot.db", HOST="0.0.0.0", ONEBOT_ACCESS_TOKEN="")
+async def test_refuses_to_listen_beyond_loopback_with_a_weak_token(fake: FakeOpenAI, tmp_path: Path) -> None:
+    # An empty token is generated (tests/e2e/test_hostile_transport.py); a short one is refused.
+    settings = bot_settings(fake, tmp_path / "bot.db", HOST="0.0.0.0", ONEBOT_ACCESS_TOKEN="short-token")
     process = BotProcess(settings, cwd=tmp_path)
-    with pytest.raises(RuntimeError, match="bot exited"):
-        process.start(timeout=60)
-    assert "ONEBOT_ACCESS_TOKEN is empty: refusing to start" in process.log()
+    try:
+        with pytest.raises(RuntimeError, match="bot exited"):
+            process.start(timeout=60)
+    finally:
+        process.stop()
+    assert "ONEBOT_ACCESS_TOKEN has only 11 characters: refusing to start" in process.log()
     assert process.process is not None and process.process.returncode == 2
     assert "Traceback" not in process.log()
 
