@@ -1,19 +1,31 @@
-"""The plugin's settings: one pydantic model, read with `get_plugin_config(Config)`.
+"""Every `TWIN_*` setting, in one pydantic model: the bot, `twin retrain` and the retrain child.
 
-Every field is a `TWIN_*` environment variable (or `.env` line); `.env.example` documents
-them all. Lists are JSON (`TWIN_PRIVATE_DENY=[10001, 10002]`).
+The plugin reads it with `get_plugin_config(Config)`; the CLI and the retrain child (which
+inherits the bot's environment and working directory) read the same `.env` / environment with
+`load_config()`, without NoneBot. `.env.example` documents every field; lists are JSON
+(`TWIN_PRIVATE_DENY=[10001, 10002]`).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.chatformat import DEFAULT_PERSONA
+
+# The model registry that `twin export` and `twin retrain` write and the bot follows.
+DEFAULT_MODEL = "models"
+DEFAULT_DB = "data/bot.db"
 
 
 class Config(BaseModel):
-    """qq-twin plugin settings (`TWIN_*`)."""
+    """qq-twin settings (`TWIN_*`)."""
 
     # how the QQ side reaches the bot (bot/transport.py)
     twin_onebot_http_post: bool = Field(
@@ -22,7 +34,7 @@ class Config(BaseModel):
 
     # what answers
     twin_model: str = Field(
-        "", description="a .gguf file, a model directory, or the registry (with `current`)"
+        DEFAULT_MODEL, description="a .gguf file, a model directory, or the registry (with `current`)"
     )
     twin_backend: Literal["llama_cpp", "openai"] = Field(
         "llama_cpp", description="`llama_cpp` in-process, or `openai` (any OpenAI-compatible server)"
@@ -54,10 +66,12 @@ class Config(BaseModel):
     )
 
     # who it is
-    twin_persona: str = Field("我", description="the owner's name in the system prompt (as in the dataset)")
+    twin_persona: str = Field(
+        DEFAULT_PERSONA, description="the owner's name in the system prompt (as in the dataset)"
+    )
 
     # the conversation store
-    twin_db: Path = Field(Path("data/bot.db"), description="conversation store (SQLite, WAL)")
+    twin_db: Path = Field(Path(DEFAULT_DB), description="conversation store (SQLite, WAL)")
     twin_db_key: str = Field("", description="non-empty: encrypt the store with SQLCipher under this key")
     twin_db_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL", description="SQLite durability: FULL syncs every message to disk (docs/benchmarks.md)"
@@ -107,9 +121,43 @@ class Config(BaseModel):
         600, ge=16, description="longest turn in a prompt, characters; longer ones keep their end"
     )
 
-    # retraining
+    # retraining (bot/retrain.py starts `twin retrain --now`; deploy/retrain.py runs the cycle)
     twin_retrain_cron: str = Field("0 4 * * *", description="crontab of scheduled retrains; empty disables")
-    twin_retrain_nice: int = Field(10, ge=0, le=19, description="niceness of the retrain child process")
+    twin_retrain_nice: int = Field(
+        10, ge=0, le=19, description="niceness of the retrain child process and of its training child"
+    )
+    twin_retrain_min_samples: int = Field(20, ge=1, description="fewer new samples than this: skip the cycle")
+    twin_retrain_replay_ratio: float = Field(
+        1.0, ge=0, description="original-dataset samples replayed per new sample (catastrophic forgetting)"
+    )
+    twin_retrain_dataset: Path | None = Field(
+        None, description="the original dataset directory (train.jsonl, val.jsonl) for replay and the gate"
+    )
+    twin_retrain_base_model: str | None = Field(
+        None, description="base model the adapters apply to; default: the serving version's manifest"
+    )
+    twin_retrain_heldout_ratio: float = Field(
+        0.1, ge=0, lt=1, description="share of the newest new samples held out for the gate"
+    )
+    twin_retrain_ppl_tolerance: float = Field(
+        0.02, ge=0, description="candidate perplexity may exceed the serving one by this fraction"
+    )
+    twin_retrain_style_tolerance: float = Field(
+        0.1, ge=0, description="candidate style distance may exceed the serving one by this much"
+    )
+    twin_retrain_max_steps: int = Field(200, ge=1, description="optimizer steps of one incremental run")
+    twin_retrain_learning_rate: float = Field(1e-4, gt=0, description="learning rate of one incremental run")
+    twin_retrain_eval_samples: int = Field(
+        64, ge=1, description="held-out prompts generated for style metrics"
+    )
+    twin_retrain_quants: str = Field("Q4_K_M", description="quantisations exported for the new version")
+    twin_retrain_keep: int = Field(
+        5, ge=1, description="versions kept in the registry (current/previous always)"
+    )
+    twin_retrain_include_approved: bool = Field(
+        True, description="include twin replies an operator approved (never unapproved ones)"
+    )
+    twin_retrain_seed: int = Field(42, description="seed of data shuffling, training and evaluation")
 
     @field_validator("twin_retrain_cron")
     @classmethod
@@ -119,6 +167,37 @@ class Config(BaseModel):
 
             CronTrigger.from_crontab(value)  # raises ValueError naming the bad field
         return value.strip()
+
+    @field_validator("twin_retrain_dataset", "twin_retrain_base_model", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def retrain_quant_list(self) -> list[str]:
+        return [q.strip() for q in self.twin_retrain_quants.split(",") if q.strip()]
+
+
+class _EnvConfig(BaseSettings, Config):
+    """`Config` read by pydantic-settings: field `twin_model` is `TWIN_MODEL` in any case."""
+
+    model_config = SettingsConfigDict(env_file_encoding="utf-8", extra="ignore")
+
+
+def env_files(environ: Mapping[str, str] = os.environ, cwd: Path = Path()) -> tuple[Path, Path]:
+    """The files NoneBot reads settings from, lowest priority first: `.env`, `.env.{ENVIRONMENT}`."""
+    base = cwd / ".env"
+    named = {name.lower(): value for name, value in environ.items()}
+    in_file = {name.lower(): value for name, value in dotenv_values(base, encoding="utf-8").items()}
+    environment = named.get("environment") or in_file.get("environment") or "prod"
+    return base, cwd / f".env.{environment}"
+
+
+def load_config(cwd: Path = Path(), **overrides: object) -> Config:
+    """The settings as the bot sees them (the environment over the `.env` files), without NoneBot.
+
+    Raises pydantic's ValidationError naming the bad field."""
+    return _EnvConfig(_env_file=env_files(os.environ, cwd), **overrides)
 
 
 def settings_table() -> str:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,9 +86,11 @@ async def stop_child(process: asyncio.subprocess.Process, grace: float = STOP_GR
         await process.wait()
 
 
-async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None = None) -> RetrainResult:
-    """Run one cycle as a child process; the bot's `TWIN_*` settings go in its environment."""
-    env = {**os.environ, **settings}
+async def run_retrain(nice: int = 10, secrets: Iterable[str] = (), cwd: Path | None = None) -> RetrainResult:
+    """Run one cycle as a child process. It inherits the bot's environment and working directory,
+    so it reads the bot's `TWIN_*` settings from the same environment and `.env` (`load_config`);
+    `secrets` (the bot's secret setting values) are masked in the summary."""
+    env = dict(os.environ)
     # `deploy` sits next to this package; found the same way from a checkout or an install.
     project = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
@@ -107,6 +110,6 @@ async def run_retrain(settings: dict[str, str], nice: int = 10, cwd: Path | None
         raise
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
     # The summary goes to superusers over QQ: no secret of the child's environment in it.
-    summary = SecretMask(secret_values(env))(lines[-1].strip()) if lines else ""
+    summary = SecretMask({*secret_values(env), *secrets})(lines[-1].strip()) if lines else ""
     log.info("retrain child exited with %s", process.returncode)
     return RetrainResult(returncode=process.returncode or 0, summary=summary[:300])

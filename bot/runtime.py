@@ -7,7 +7,6 @@ here is NoneBot-free so that it can be driven and tested directly.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,6 +15,7 @@ from typing import TypeVar
 
 from bot.backends import Backend, BackendClosed, LlamaCppBackend, OpenAIBackend, SamplingSettings
 from bot.config import Config
+from bot.log_mask import secret_values
 from bot.memory import build_prompt
 from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
 from bot.retrain import describe_status, read_status, registry_of, retrain_running, run_retrain
@@ -76,14 +76,6 @@ def make_backend(config: Config) -> Backend:
 def _midnight() -> int:
     """Unix time of today's local midnight (daily counts and the daily cap)."""
     return int(time.mktime(time.strptime(time.strftime("%Y-%m-%d"), "%Y-%m-%d")))
-
-
-def settings_env(config: Config) -> dict[str, str]:
-    """The plugin's settings as `TWIN_*` environment variables, for the retrain child."""
-    env = {}
-    for name, value in config.model_dump().items():
-        env[name.upper()] = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
-    return env
 
 
 class Twin:
@@ -455,7 +447,8 @@ class Twin:
             return "a retrain cycle is already running"
 
         async def run() -> None:
-            result = await run_retrain(settings_env(self.config), self.config.twin_retrain_nice)
+            secrets = secret_values(self.config.model_dump())
+            result = await run_retrain(self.config.twin_retrain_nice, secrets)
             outcome = "finished" if result.returncode == 0 else f"failed (exit {result.returncode})"
             await report(f"retrain {outcome}: {result.summary}".strip())
 

@@ -33,11 +33,10 @@ from nonebot.drivers import HTTPServerSetup, Request, Response, WebSocket
 from nonebot.utils import escape_tag
 from typing_extensions import override
 
-from bot.config import Config
+from bot.config import DEFAULT_DB, Config, env_files
 
 TOKEN_FILE_NAME = "onebot-token"
 TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters
-DEFAULT_DB = "data/bot.db"
 # The adapter reads its token under either name; the `v11` alias wins when both are set.
 TOKEN_SETTINGS = ("onebot_v11_access_token", "onebot_access_token")
 MIN_EXPOSED_TOKEN_LENGTH = 16
@@ -76,10 +75,8 @@ class AccessToken:
 def settings_layers(environ: Mapping[str, str], cwd: Path = Path()) -> list[dict[str, str | None]]:
     """Where NoneBot reads settings, lowest priority first: `.env`, `.env.{ENVIRONMENT}`, the
     environment; names lower-cased as NoneBot compares them."""
-    env = {name.lower(): value for name, value in environ.items()}
-    base = _dotenv(cwd / ".env")
-    environment = env.get("environment") or base.get("environment") or "prod"
-    return [base, _dotenv(cwd / f".env.{environment}"), env]
+    base, specific = env_files(environ, cwd)
+    return [_dotenv(base), _dotenv(specific), {name.lower(): value for name, value in environ.items()}]
 
 
 def merge_layers(layers: Sequence[Mapping[str, str | None]]) -> dict[str, str | None]:

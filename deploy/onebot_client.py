@@ -450,7 +450,8 @@ class BotProcess:
         """The bot's access token: the one in `settings`, else the one the bot generated and kept."""
         if self.settings.get("ONEBOT_ACCESS_TOKEN"):
             return self.settings["ONEBOT_ACCESS_TOKEN"]
-        from bot.transport import DEFAULT_DB, kept_token
+        from bot.config import DEFAULT_DB
+        from bot.transport import kept_token
 
         return kept_token({"twin_db": str(self.cwd / self.settings.get("TWIN_DB", DEFAULT_DB))})
 

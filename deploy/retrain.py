@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bot.config import Config
 from deploy.registry import get_version, now_iso, prune, register, retrain_lock
-from deploy.settings import RetrainSettings
 from pipeline.errors import InputError, TwinError
 from pipeline.files import private_dir
 from pipeline.records import Message
@@ -179,23 +179,23 @@ class StatusFile:
 # ---------------------------------------------------------------- stages (I/O)
 
 
-def collect_messages(settings: RetrainSettings, since: int) -> list[Message]:
+def collect_messages(settings: Config, since: int) -> list[Message]:
     """The store's messages at or after `since` as records: everyone's, the owner's own, and
     the twin's replies only where an operator approved them."""
     from bot.store import read_messages_since
 
-    if not settings.db.is_file():
-        raise InputError(settings.db, "no conversation store here (TWIN_DB); has the bot run yet?")
+    if not settings.twin_db.is_file():
+        raise InputError(settings.twin_db, "no conversation store here (TWIN_DB); has the bot run yet?")
     try:
         stored = read_messages_since(
-            settings.db,
+            settings.twin_db,
             since,
-            key=settings.db_key or "",
-            include_approved_twin=settings.retrain_include_approved,
+            key=settings.twin_db_key or "",
+            include_approved_twin=settings.twin_retrain_include_approved,
         )
     except Exception as exc:  # sqlite3/sqlcipher errors: wrong key, not a database
         raise InputError(
-            settings.db, f"cannot read the conversation store ({exc}); check TWIN_DB_KEY"
+            settings.twin_db, f"cannot read the conversation store ({exc}); check TWIN_DB_KEY"
         ) from None
     return [to_record(m) for m in stored]
 
@@ -216,16 +216,16 @@ def to_record(stored) -> Message:
     )
 
 
-def dataset_settings_for(settings: RetrainSettings):
+def dataset_settings_for(settings: Config):
     """The settings the original dataset was built with, so new samples are built the same way."""
     from pydantic import ValidationError
 
     from pipeline.dataset.settings import DatasetSettings
 
-    original = settings.retrain_dataset
+    original = settings.twin_retrain_dataset
     if original is None:
         # No original dataset: default build settings, with the persona the bot prompts with.
-        return DatasetSettings(persona=settings.persona) if settings.persona else DatasetSettings()
+        return DatasetSettings(persona=settings.twin_persona)
     if not original.is_dir():
         raise InputError(original, "no such dataset directory (TWIN_RETRAIN_DATASET)")
     report = original / "report.json"
@@ -368,9 +368,9 @@ def _progress_writer(progress_file: Path) -> Callable[[int, int, float], None]:
 # ---------------------------------------------------------------- the cycle
 
 
-def run_cycle(settings: RetrainSettings, *, on_stage: Callable[[str], None] | None = None) -> CycleResult:
+def run_cycle(settings: Config, *, on_stage: Callable[[str], None] | None = None) -> CycleResult:
     """Run one cycle under the registry lock; a second concurrent call raises RetrainBusy."""
-    registry = private_dir(settings.model)
+    registry = private_dir(Path(settings.twin_model))
     with retrain_lock(registry):
         serving = current_version(registry)
         status = StatusFile(registry, serving)
@@ -403,7 +403,7 @@ def _failed(serving: str | None, reason: str) -> CycleResult:
 
 
 def _cycle(
-    settings: RetrainSettings,
+    settings: Config,
     registry: Path,
     serving: str | None,
     status: StatusFile,
@@ -435,25 +435,25 @@ def _cycle(
     built = build_samples(messages, dataset_settings_for(settings))
     samples = sorted(built, key=lambda sample: getattr(sample, "end", 0))
     status.update(new_samples=len(samples))
-    if len(samples) < settings.retrain_min_samples:
+    if len(samples) < settings.twin_retrain_min_samples:
         reason = (
             f"{len(samples)} new samples since the last cycle, fewer than the minimum "
-            f"{settings.retrain_min_samples} (TWIN_RETRAIN_MIN_SAMPLES)"
+            f"{settings.twin_retrain_min_samples} (TWIN_RETRAIN_MIN_SAMPLES)"
         )
         return CycleResult(
             "skipped", f"not retraining: {reason}", reason=reason, serving=serving, new_samples=len(samples)
         )
 
-    new_train, new_heldout = split_heldout([_row(s) for s in samples], settings.retrain_heldout_ratio)
-    original = settings.retrain_dataset
+    new_train, new_heldout = split_heldout([_row(s) for s in samples], settings.twin_retrain_heldout_ratio)
+    original = settings.twin_retrain_dataset
     original_train = read_messages_rows(original / "train.jsonl") if original else []
     original_val = read_messages_rows(original / "val.jsonl") if original else []
     replay = replay_share(
-        original_train, len(new_train), settings.retrain_replay_ratio, settings.retrain_seed
+        original_train, len(new_train), settings.twin_retrain_replay_ratio, settings.twin_retrain_seed
     )
     data_dir = private_dir(work / "data")
     train_rows = new_train + replay
-    random.Random(settings.retrain_seed).shuffle(train_rows)
+    random.Random(settings.twin_retrain_seed).shuffle(train_rows)
     write_jsonl(data_dir / "train.jsonl", train_rows)
     write_jsonl(data_dir / "val.jsonl", original_val + new_heldout)
     data_hash = dataset_hash(data_dir / "train.jsonl", data_dir / "val.jsonl")
@@ -467,14 +467,14 @@ def _cycle(
         **base_model_of(settings, serving_version),
         "data": str(data_dir),
         "output_dir": str(run_dir),
-        "max_steps": settings.retrain_max_steps,
-        "lr": settings.retrain_learning_rate,
-        "seed": settings.retrain_seed,
+        "max_steps": settings.twin_retrain_max_steps,
+        "lr": settings.twin_retrain_learning_rate,
+        "seed": settings.twin_retrain_seed,
     }
     adapter = serving_version.path / ADAPTER_DIR
     if adapter.is_dir():
         train_settings["init_adapter"] = str(adapter)
-    run_training_child(train_settings, work, status, settings.retrain_nice)
+    run_training_child(train_settings, work, status, settings.twin_retrain_nice)
 
     stage("evaluate")
     candidate = evaluate_numbers(run_dir, data_dir, settings)
@@ -483,8 +483,8 @@ def _cycle(
     decision = gate(
         candidate,
         current,
-        ppl_tolerance=settings.retrain_ppl_tolerance,
-        style_tolerance=settings.retrain_style_tolerance,
+        ppl_tolerance=settings.twin_retrain_ppl_tolerance,
+        style_tolerance=settings.twin_retrain_style_tolerance,
     )
     numbers = {"perplexity": candidate.perplexity, "style_distance": candidate.style_distance}
     eval_record = {
@@ -506,7 +506,7 @@ def _cycle(
     from trainer.export import export
 
     export_dir = work / "export"
-    export(run_dir, export_dir, quants=tuple(settings.quant_list))
+    export(run_dir, export_dir, quants=tuple(settings.retrain_quant_list))
 
     stage("promote")
     version = register(
@@ -542,7 +542,7 @@ def _cycle(
             new_samples=len(samples),
             eval=eval_record,
         )
-    removed = prune(registry, settings.retrain_keep)
+    removed = prune(registry, settings.twin_retrain_keep)
     if removed:
         log.info("retrain: removed old versions %s", ", ".join(removed))
     return CycleResult(
@@ -556,10 +556,10 @@ def _cycle(
     )
 
 
-def base_model_of(settings: RetrainSettings, version) -> dict:
+def base_model_of(settings: Config, version) -> dict:
     """The base the serving adapter applies to: the setting, else what its export recorded."""
-    if settings.retrain_base_model:
-        return {"base_model": settings.retrain_base_model}
+    if settings.twin_retrain_base_model:
+        return {"base_model": settings.twin_retrain_base_model}
     source = version.manifest.get("base_source") or {}
     if source.get("source"):
         return {"base_model": str(source["source"]), "gguf_file": source.get("gguf_file")}
@@ -590,15 +590,15 @@ def serving_run_dir(version, candidate_run: Path, work: Path) -> Path:
     return run
 
 
-def evaluate_numbers(run_dir: Path, data_dir: Path, settings: RetrainSettings) -> EvalNumbers:
+def evaluate_numbers(run_dir: Path, data_dir: Path, settings: Config) -> EvalNumbers:
     """Held-out perplexity and style distance of one run's adapter on the cycle's held-out set."""
     from trainer.evaluate import evaluate
 
     report = evaluate(
         run_dir,
         data_dir,
-        max_samples=settings.retrain_eval_samples,
-        seed=settings.retrain_seed,
+        max_samples=settings.twin_retrain_eval_samples,
+        seed=settings.twin_retrain_seed,
         progress=False,
     )
     return EvalNumbers(

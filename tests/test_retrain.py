@@ -19,7 +19,6 @@ from deploy.retrain import (
     split_heldout,
     style_distance,
 )
-from deploy.settings import RetrainSettings
 from pipeline.registry import current_version, read_status
 from tests.gguf_helpers import write_gguf
 
@@ -146,7 +145,9 @@ def _registry(tmp_path):
 
 
 def _settings(tmp_path, reg, db, **extra):
-    return RetrainSettings(model=reg, db=db, _env_file=None, **extra)
+    from bot.config import Config
+
+    return Config(twin_model=str(reg), twin_db=db, **{f"twin_{name}": value for name, value in extra.items()})
 
 
 def test_collection_takes_the_owners_words_and_only_approved_twin_replies(tmp_path):

@@ -14,7 +14,7 @@ def _registry(path: Path | None) -> Path:
         return path
     from deploy.settings import load_settings
 
-    return load_settings().model
+    return Path(load_settings().twin_model)
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -115,12 +115,18 @@ def register(app: typer.Typer) -> None:
     def retrain_command(
         now: bool = typer.Option(False, "--now", help="run one cycle now: collect → train → gate → promote"),
         registry: Path | None = typer.Option(None, "--registry", "-r", help=REGISTRY_HELP),
+        print_settings: bool = typer.Option(
+            False, "--print-settings", help="print the TWIN_* settings as read here (JSON, secrets as ***)"
+        ),
     ) -> None:
         """One incremental retrain cycle (with --now), else the last cycle's status and the schedule."""
         from deploy.settings import load_settings
 
-        overrides = {"model": registry} if registry is not None else {}
+        overrides = {"twin_model": str(registry)} if registry is not None else {}
         settings = load_settings(**overrides)
+        if print_settings:
+            typer.echo(settings_json(settings))
+            return
         if not now:
             _print_status(settings)
             return
@@ -133,12 +139,25 @@ def register(app: typer.Typer) -> None:
         # stops its training child instead of leaving it orphaned.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         # The bot answers from the same cores: this whole cycle (evaluation and export too) yields.
-        lower_priority(settings.retrain_nice)
+        lower_priority(settings.twin_retrain_nice)
         result = run_cycle(settings, on_stage=lambda stage: typer.echo(f"retrain: {stage}…"))
         typer.echo(result.message)
         if result.state == "failed":
             raise typer.Exit(1)
         # promoted, rejected (by the gate), skipped (too little data), registered: exit 0
+
+
+def settings_json(settings) -> str:
+    """The settings as one JSON object of `TWIN_*` names, every secret value written as ***."""
+    import json
+
+    from bot.log_mask import MASK, is_secret_setting
+
+    shown = {
+        name.upper(): MASK if value and is_secret_setting(name) else value
+        for name, value in settings.model_dump(mode="json").items()
+    }
+    return json.dumps(shown, ensure_ascii=False, sort_keys=True)
 
 
 def _print_status(settings) -> None:
@@ -148,11 +167,12 @@ def _print_status(settings) -> None:
     from pipeline.registry import current_version, read_status
 
     console = Console()
-    status = read_status(settings.model)
-    if status.get("state") == "running" and not cycle_running(settings.model):
+    registry = Path(settings.twin_model)
+    status = read_status(registry)
+    if status.get("state") == "running" and not cycle_running(registry):
         status["state"] = "interrupted"  # the process died without recording an end
-    console.print(f"registry {settings.model}: serving {current_version(settings.model) or 'nothing'}")
-    console.print(f"schedule (TWIN_RETRAIN_CRON): {settings.retrain_cron}")
+    console.print(f"registry {registry}: serving {current_version(registry) or 'nothing'}")
+    console.print(f"schedule (TWIN_RETRAIN_CRON): {settings.twin_retrain_cron}")
     if not status:
         console.print("no retrain cycle has run yet; `twin retrain --now` runs one")
         return
