@@ -24,7 +24,8 @@ from nonebot.adapters.onebot.v11 import (
     PrivateMessageEvent,
 )
 from nonebot.log import LoguruHandler
-from nonebot.params import CommandArg
+from nonebot.matcher import Matcher
+from nonebot.params import CommandArg, Depends
 from nonebot.permission import SUPERUSER
 from nonebot.rule import Rule
 from typing_extensions import override
@@ -34,16 +35,18 @@ from apscheduler.triggers.cron import CronTrigger  # noqa: E402
 from nonebot_plugin_apscheduler import scheduler  # noqa: E402
 
 from bot import transport  # noqa: E402
+from bot.admin import COMMAND, run_admin  # noqa: E402
 from bot.config import Config  # noqa: E402
 from bot.runtime import ChatKey, SendBubble, Twin  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
 from bot.store import EXCLUDED_RECALLED, StoredMessage  # noqa: E402
 from bot.triggers import answers_group, answers_private, is_ignored_sender  # noqa: E402
 from pipeline import registry as model_registry  # noqa: E402
+from pipeline.chatformat import GROUP, PRIVATE  # noqa: E402
 
 plugin_config = get_plugin_config(Config)
 driver = get_driver()
-twin: Twin | None = None  # created on startup, closed on shutdown
+_running: Twin | None = None  # created on startup, closed on shutdown; handlers get it injected
 
 # The plugin's own modules log through stdlib logging; show them in NoneBot's (loguru) log.
 _twin_log = logging.getLogger("qq-twin")
@@ -91,13 +94,6 @@ class MessageSentEvent(Event):
     def get_session_id(self) -> str:
         return str(self.user_id)
 
-    @property
-    def chat_key(self) -> ChatKey | None:
-        """The chat it was sent in; None when the QQ side did not say (any chat's echo may match)."""
-        if self.message_type == "group":
-            return ("group", str(self.group_id)) if self.group_id is not None else None
-        return ("c2c", str(self.target_id)) if self.target_id is not None else None
-
 
 Adapter.add_custom_model(MessageSentEvent)
 
@@ -122,7 +118,7 @@ def startup_problem() -> str | None:
 
 @driver.on_startup
 async def start_twin() -> None:
-    global twin
+    global _running
     problem = startup_problem()
     if problem:
         raise RuntimeError(problem)
@@ -132,6 +128,7 @@ async def start_twin() -> None:
         command_prefixes=sorted(driver.config.command_start),
     )
     await twin.start()
+    _running = twin
     if plugin_config.twin_retrain_cron:
         scheduler.add_job(
             scheduled_retrain,
@@ -143,10 +140,27 @@ async def start_twin() -> None:
 
 @driver.on_shutdown
 async def stop_twin() -> None:
-    global twin
+    global _running
+    twin, _running = _running, None
     if twin is not None:
         await twin.close()
-        twin = None
+
+
+def running_twin(matcher: Matcher) -> Twin:
+    """The running twin, for `Depends`: before startup and after shutdown the handler is skipped."""
+    if _running is None or _running.store is None:
+        matcher.skip()
+    return _running
+
+
+async def running_twin_or_say_so(matcher: Matcher) -> Twin:
+    """The running twin for an admin command, which otherwise learns that it is not running."""
+    if _running is None or _running.store is None:
+        await matcher.finish("qq-twin is not running")
+    return _running
+
+
+RunningTwin = Depends(running_twin)
 
 
 # ------------------------------------------------------------------------------- chat
@@ -155,7 +169,7 @@ async def stop_twin() -> None:
 def _not_admin_command(event: MessageEvent) -> bool:
     """`/twin …` from anyone is a command attempt, never chat (and never stored)."""
     text = event.get_plaintext().lstrip()
-    return not any(text.startswith(f"{start}twin") for start in driver.config.command_start if start)
+    return not any(text.startswith(f"{start}{COMMAND}") for start in driver.config.command_start if start)
 
 
 chat = on_message(rule=Rule(_not_admin_command), priority=99, block=False)
@@ -163,11 +177,19 @@ owner_sent = on_type(MessageSentEvent, priority=1, block=True)
 recalled = on_type((FriendRecallNoticeEvent, GroupRecallNoticeEvent), priority=1, block=False)
 
 
-def chat_key(event: MessageEvent) -> ChatKey:
-    """The chat a message event belongs to: ("c2c", friend) or ("group", group)."""
+def chat_key(event: MessageEvent | MessageSentEvent) -> ChatKey | None:
+    """The chat a message belongs to: (PRIVATE, friend) or (GROUP, group). For the account's own
+    messages, the peer; None when the QQ side did not say (an echo in any chat may match)."""
+    if isinstance(event, MessageSentEvent):
+        if event.message_type == "group":
+            return (GROUP, str(event.group_id)) if event.group_id is not None else None
+        return (PRIVATE, str(event.target_id)) if event.target_id is not None else None
     if isinstance(event, GroupMessageEvent):
-        return ("group", str(event.group_id))
-    return ("c2c", str(event.user_id))
+        return (GROUP, str(event.group_id))
+    if event.user_id == event.self_id:  # its own private message (some QQ sides report them)
+        peer = getattr(event, "target_id", None)
+        return (PRIVATE, str(peer)) if peer else None
+    return (PRIVATE, str(event.user_id))
 
 
 def _sender(bot: Bot, key: ChatKey) -> SendBubble:
@@ -179,9 +201,9 @@ def _sender(bot: Bot, key: ChatKey) -> SendBubble:
             message += MessageSegment.face(int(value)) if kind == "face" else MessageSegment.text(value)
         if not message:
             return None
-        target = {"user_id": int(chat_id)} if chat_type == "c2c" else {"group_id": int(chat_id)}
+        target = {"user_id": int(chat_id)} if chat_type == PRIVATE else {"group_id": int(chat_id)}
         result = await bot.send_msg(
-            message_type="private" if chat_type == "c2c" else "group", message=message, **target
+            message_type="private" if chat_type == PRIVATE else "group", message=message, **target
         )
         return (result or {}).get("message_id") if isinstance(result, dict) else None
 
@@ -192,17 +214,15 @@ def _segments(message: Message) -> list[tuple[str, dict]]:
     return [(segment.type, segment.data if isinstance(segment.data, dict) else {}) for segment in message]
 
 
-def _known_names(event: MessageEvent) -> dict[str, str]:
+def _known_names(twin: Twin, event: MessageEvent) -> dict[str, str]:
     """Display names of @-targets known without asking the QQ side (the account's own, the cache)."""
-    assert twin is not None
     names = dict(twin.names)
     names[str(event.self_id)] = twin.nicknames[0] if twin.nicknames else twin.config.twin_persona
     return names
 
 
-async def _look_up_names(bot: Bot, event: MessageEvent, mentions: list[str]) -> bool:
+async def _look_up_names(twin: Twin, bot: Bot, event: MessageEvent, mentions: list[str]) -> bool:
     """Ask the QQ side for the names of unknown @-targets (groups only); True when one was learned."""
-    assert twin is not None
     learned = False
     if not isinstance(event, GroupMessageEvent):
         return False
@@ -221,23 +241,23 @@ async def _look_up_names(bot: Bot, event: MessageEvent, mentions: list[str]) -> 
     return learned
 
 
-async def _store_first(bot: Bot, event: MessageEvent) -> tuple[int, RenderedMessage] | None:
+async def _store_first(twin: Twin, bot: Bot, event: MessageEvent) -> tuple[int, RenderedMessage] | None:
     """Store a chat message before anything that can fail or wait on the network, then enrich it.
 
     Returns its row id and rendering, or None when the twin must not answer it: nothing to show,
     the account's own message (the owner's words or the QQ side's echo of a twin bubble), or an
     ignored or blocked sender (stored for context all the same).
     """
-    assert twin is not None
     key = chat_key(event)
-    rendered = render_segments(_segments(event.original_message), _known_names(event))
+    rendered = render_segments(_segments(event.original_message), _known_names(twin, event))
     if not rendered.text:
         return None
     sender = event.sender
     name = (getattr(sender, "card", None) or sender.nickname or "") if sender is not None else ""
+    chat_type, chat = key or (PRIVATE, str(event.user_id))
     message = StoredMessage(
-        chat_type=key[0],
-        chat=key[1],
+        chat_type=chat_type,
+        chat=chat,
         sender=str(event.user_id),
         sender_name=name,
         origin="incoming",
@@ -248,18 +268,12 @@ async def _store_first(bot: Bot, event: MessageEvent) -> tuple[int, RenderedMess
         kinds=rendered.kinds,
     )
     if event.user_id == event.self_id:
-        if isinstance(event, PrivateMessageEvent):  # the account's own private message: its peer
-            peer = getattr(event, "target_id", None)
-            own_key = ("c2c", str(peer)) if peer else None
-            message.chat = str(peer) if peer else key[1]
-        else:
-            own_key = key
-        await twin.record_own(own_key, message)
+        await twin.record_own(key, message)
         return None
     row = await twin.record(message)
-    if await _look_up_names(bot, event, rendered.mentions):
+    if await _look_up_names(twin, bot, event, rendered.mentions):
         segments = _segments(event.original_message)
-        rendered = render_segments(segments, _known_names(event))
+        rendered = render_segments(segments, _known_names(twin, event))
         assert twin.store is not None
         await twin.store.update_text(row, rendered.text, rendered.kinds)
     ignored = twin.config.twin_ignore_users
@@ -268,10 +282,8 @@ async def _store_first(bot: Bot, event: MessageEvent) -> tuple[int, RenderedMess
     return row, rendered
 
 
-def _private_allowed(event: PrivateMessageEvent) -> bool:
+def _private_allowed(config: Config, event: PrivateMessageEvent) -> bool:
     """Friends per the allow/deny lists; group temp chats and strangers only when allowed."""
-    assert twin is not None
-    config = twin.config
     if not answers_private(event.user_id, allow=config.twin_private_allow, deny=config.twin_private_deny):
         return False
     if event.user_id in config.twin_private_allow or event.sub_type == "friend":
@@ -282,31 +294,28 @@ def _private_allowed(event: PrivateMessageEvent) -> bool:
 
 
 @chat.handle()
-async def handle_private(bot: Bot, event: PrivateMessageEvent) -> None:
-    if twin is None:
-        return
-    stored = await _store_first(bot, event)
-    if stored is None or not _private_allowed(event):
+async def handle_private(bot: Bot, event: PrivateMessageEvent, twin: Twin = RunningTwin) -> None:
+    stored = await _store_first(twin, bot, event)
+    if stored is None or not _private_allowed(twin.config, event):
         return
     key = chat_key(event)
+    assert key is not None  # someone else's message
     await twin.answer(
         key, stored[0], _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id)
     )
 
 
 @chat.handle()
-async def handle_group(bot: Bot, event: GroupMessageEvent) -> None:
-    if twin is None:
-        return
-    stored = await _store_first(bot, event)
+async def handle_group(bot: Bot, event: GroupMessageEvent, twin: Twin = RunningTwin) -> None:
+    stored = await _store_first(twin, bot, event)
     if stored is None:
         return
     row, rendered = stored
     config = twin.config
     assert twin.store is not None
-    quoted_twin = rendered.reply_to is not None and await twin.store.is_twin_message(
-        rendered.reply_to, *chat_key(event)
-    )
+    key = chat_key(event)
+    assert key is not None
+    quoted_twin = rendered.reply_to is not None and await twin.store.is_twin_message(rendered.reply_to, *key)
     addressed = event.to_me or quoted_twin or str(event.self_id) in rendered.mentions
     if not answers_group(
         event.group_id,
@@ -317,24 +326,21 @@ async def handle_group(bot: Bot, event: GroupMessageEvent) -> None:
         probability=twin.probability,
     ):
         return
-    key = chat_key(event)
     await twin.answer(key, row, _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id))
 
 
 @owner_sent.handle()
-async def handle_message_sent(event: MessageSentEvent) -> None:
+async def handle_message_sent(event: MessageSentEvent, twin: Twin = RunningTwin) -> None:
     """Store what the owner typed elsewhere (the retraining signal); never answer it. The QQ
     side's echo of a twin bubble is recognised, whenever it comes, and not stored again."""
-    if twin is None or twin.store is None:
-        return
     rendered = render_segments(_segments(event.message))
     if not rendered.text:
         return
-    key = event.chat_key
+    key = chat_key(event)
     stored = await twin.record_own(
         key,
         StoredMessage(
-            chat_type=key[0] if key else ("group" if event.message_type == "group" else "c2c"),
+            chat_type=key[0] if key else (GROUP if event.message_type == "group" else PRIVATE),
             chat=key[1] if key else str(event.group_id or event.target_id or event.user_id),
             sender=str(event.self_id),
             origin="owner",
@@ -350,22 +356,19 @@ async def handle_message_sent(event: MessageSentEvent) -> None:
 
 
 @recalled.handle()
-async def handle_recall(event: FriendRecallNoticeEvent | GroupRecallNoticeEvent) -> None:
+async def handle_recall(
+    event: FriendRecallNoticeEvent | GroupRecallNoticeEvent, twin: Twin = RunningTwin
+) -> None:
     """A recalled message is never trained on nor shown to the model again."""
-    if twin is None or twin.store is None:
-        return
+    assert twin.store is not None
     await twin.store.exclude(str(event.message_id), EXCLUDED_RECALLED)
 
 
 # ------------------------------------------------------------------------------- admin
 
-admin = on_command("twin", permission=SUPERUSER, priority=1, block=True)
+admin = on_command(COMMAND, permission=SUPERUSER, priority=1, block=True)
 
 ADMIN_ACK = "收到"  # all a group sees of an admin command: the answer goes to a private chat
-ADMIN_HELP = (
-    "/twin status | pause | resume | reset | prob <0..1> | model [version] | retrain"
-    " | block <uin> | unblock <uin> | approve (quoting a twin reply)"
-)
 
 
 async def tell_superusers(text: str) -> None:
@@ -380,6 +383,7 @@ async def tell_superusers(text: str) -> None:
 
 
 async def scheduled_retrain() -> None:
+    twin = _running
     if twin is None:
         return
     if twin.paused:
@@ -389,59 +393,23 @@ async def scheduled_retrain() -> None:
     logger.info(f"qq-twin: scheduled retrain: {answer}")
 
 
-async def run_admin(event: MessageEvent, words: list[str]) -> str:
-    """Carry out one admin command; returns the answer to send."""
-    assert twin is not None
-    verb, rest = (words[0].lower(), words[1:]) if words else ("status", [])
-    if verb == "status":
-        return await twin.status_text()
-    if verb in ("pause", "resume"):
-        await twin.set_paused(verb == "pause")
-        return "paused" if verb == "pause" else "resumed"
-    if verb == "reset":
-        await twin.reset(chat_key(event))
-        return "memory of this chat cleared"
-    if verb == "prob":
-        try:
-            probability = float(rest[0])
-        except (IndexError, ValueError):
-            return f"group probability: {twin.probability:g} (set with /twin prob <0..1>)"
-        if not 0.0 <= probability <= 1.0:
-            return "probability must be between 0 and 1"
-        await twin.set_probability(probability)
-        return f"group probability: {probability:g}"
-    if verb == "model":
-        if not rest:
-            versions = ", ".join(twin.versions()) or "-"
-            return f"serving {twin.backend.version}; versions: {versions}"
-        try:
-            await twin.switch_model(rest[0], by=f"chat:{event.user_id}")
-        except Exception as exc:  # a version that does not load leaves the old one serving
-            return f"cannot switch to {rest[0]}, still serving {twin.backend.version}: {exc}"
-        return f"serving {rest[0]}"
-    if verb == "retrain":
-        return twin.start_retrain(tell_superusers)
-    if verb in ("approve", "unapprove"):
-        quoted = next((seg.data.get("id") for seg in event.original_message if seg.type == "reply"), None)
-        if quoted is None:
-            return f"quote one of the twin's replies with /twin {verb}"
-        assert twin.store is not None
-        changed = await twin.store.approve_sent(str(quoted), verb == "approve")
-        return f"{verb}d for retraining" if changed else "that is not one of the twin's replies"
-    if verb in ("block", "unblock"):
-        if not rest or not rest[0].isdigit():
-            return f"usage: /twin {verb} <uin>"
-        await twin.set_blocked(int(rest[0]), verb == "block")
-        return f"{verb}ed {rest[0]}"
-    return ADMIN_HELP
-
-
 @admin.handle()
-async def handle_admin(bot: Bot, event: MessageEvent, args: Message = CommandArg()) -> None:
+async def handle_admin(
+    bot: Bot,
+    event: MessageEvent,
+    args: Message = CommandArg(),
+    twin: Twin = Depends(running_twin_or_say_so),
+) -> None:
     """Answers go to the superuser's private chat; a group sees only an acknowledgement."""
-    if twin is None:
-        await admin.finish("qq-twin is not running")
-    answer = await run_admin(event, args.extract_plain_text().split())
+    quoted = next((seg.data.get("id") for seg in event.original_message if seg.type == "reply"), None)
+    answer = await run_admin(
+        twin,
+        args.extract_plain_text().split(),
+        chat=chat_key(event),
+        user=str(event.user_id),
+        quoted=None if quoted is None else str(quoted),
+        report=tell_superusers,
+    )
     if isinstance(event, GroupMessageEvent):
         try:
             await bot.send_private_msg(user_id=event.user_id, message=answer)

@@ -22,12 +22,12 @@ from bot.retrain import describe_status, read_status, registry_of, retrain_runni
 from bot.segments import outgoing_parts, outgoing_text
 from bot.store import EXCLUDED_COMMAND, Store, StoredMessage
 from pipeline import registry as model_registry
-from pipeline.chatformat import split_bubbles
+from pipeline.chatformat import PRIVATE, ChatType, split_bubbles
 
 log = logging.getLogger("qq-twin")
 
 T = TypeVar("T")
-ChatKey = tuple[str, str]  # (chat_type, chat): ("c2c", "<uin>") or ("group", "<group code>")
+ChatKey = tuple[ChatType, str]  # (PRIVATE, "<uin>") or (GROUP, "<group code>")
 SendBubble = Callable[[str], Awaitable["int | str | None"]]  # sends one bubble, returns its message id
 
 
@@ -129,7 +129,7 @@ class Twin:
             self.health.halted = True
             self.health.failures = self.health.limit
         sent, by_chat = await self.store.sends_since(_midnight())
-        self.limiter.seed_today(sent, {chat: n for (kind, chat), n in by_chat.items() if kind == "c2c"})
+        self.limiter.seed_today(sent, {chat: n for (kind, chat), n in by_chat.items() if kind == PRIVATE})
         await self.backend.start()
         if self.registry is not None:
             self._watcher = asyncio.create_task(self._watch_registry(), name="twin-registry-watch")
@@ -247,7 +247,7 @@ class Twin:
         """Answer a triggering message once its burst is over; returns the bubbles sent."""
         state = self._chats.setdefault(key, _ChatState())
         state.pending.add(message_id)
-        state.sender = sender or (key[1] if key[0] == "c2c" else "")
+        state.sender = sender or (key[1] if key[0] == PRIVATE else "")
         state.last_trigger = asyncio.get_running_loop().time()
         if state.waiting:
             return []  # the handler already waiting on this burst will answer it as one turn

@@ -437,9 +437,15 @@ def join_burst(texts: Sequence[str]) -> str:
     return "\n".join(t for t in (s.strip() for s in texts) if t)
 
 
+ChatType = Literal["c2c", "group"]
+PRIVATE: ChatType = "c2c"  # a friend, a stranger or a group's temporary chat (QQ NT's `c2c_msg_table`)
+GROUP: ChatType = "group"
+CHAT_TYPES: tuple[ChatType, ...] = (PRIVATE, GROUP)
+
+
 def label_turn(turn: Turn, chat_type: str) -> str:
     """The text of a turn as the model sees it: group speakers are named (`小王：...`)."""
-    if turn.role == "user" and chat_type == "group" and turn.speaker:
+    if turn.role == "user" and chat_type == GROUP and turn.speaker:
         return "\n".join(f"{turn.speaker}{SPEAKER_SEPARATOR}{line}" for line in turn.text.split("\n"))
     return turn.text
 

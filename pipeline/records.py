@@ -6,12 +6,11 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from pipeline.chatformat import CHAT_TYPES, ChatType
 from pipeline.errors import InputError
 from pipeline.files import atomic_path
-
-ChatType = Literal["c2c", "group"]
 
 ELEMENT_KINDS = (
     "text",
@@ -66,8 +65,9 @@ class Message:
             raise ValueError(f"missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
             raise ValueError(f"bad field value ({exc})") from None
-        if msg.chat_type not in ("c2c", "group"):
-            raise ValueError(f"chat_type must be 'c2c' or 'group', not {msg.chat_type!r}")
+        if msg.chat_type not in CHAT_TYPES:
+            expected = " or ".join(map(repr, CHAT_TYPES))
+            raise ValueError(f"chat_type must be {expected}, not {msg.chat_type!r}")
         return msg
 
 

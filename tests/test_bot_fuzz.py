@@ -100,11 +100,11 @@ async def test_generated_events_never_escape_a_handler_and_text_is_stored(handle
         return
     qq = QQSide()
     if isinstance(event, PrivateMessageEvent):
-        await handlers.handle_private(qq, event)
+        await handlers.handle_private(qq, event, twin)
     elif isinstance(event, GroupMessageEvent):
-        await handlers.handle_group(qq, event)
+        await handlers.handle_group(qq, event, twin)
     elif isinstance(event, handlers.MessageSentEvent):
-        await handlers.handle_message_sent(event)
+        await handlers.handle_message_sent(event, twin)
     else:
         return
     segments = [(s.type, s.data) for s in event.get_message()]

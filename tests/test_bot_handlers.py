@@ -48,7 +48,7 @@ async def twin(handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     )
     instance = Twin(config, nicknames=["小明"], backend=ScriptedBackend())
     await instance.start()
-    monkeypatch.setattr(handlers, "twin", instance)
+    monkeypatch.setattr(handlers, "_running", instance)  # what the plugin's startup does
     yield instance
     await instance.close()
 
@@ -202,3 +202,37 @@ async def test_the_scheduled_retrain_is_skipped_while_paused(handlers, twin) -> 
     await handlers.scheduled_retrain()  # no registry behind TWIN_MODEL here: nothing to retrain
     assert twin.retrain_task is None
     assert twin.start_retrain(handlers.tell_superusers).startswith("retrain needs TWIN_MODEL")
+
+
+async def test_before_the_twin_runs_chat_is_left_alone_and_admins_are_told(
+    app: App, handlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nonebot.get_driver().config, "superusers", {str(SUPERUSER)})
+    monkeypatch.setattr(handlers, "_running", None)
+    async with app.test_matcher(handlers.chat) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, private(20001, "在吗"))  # no API call expected: nothing is sent
+    event = private(SUPERUSER, "/twin status")
+    async with app.test_matcher(handlers.admin) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, event)
+        # finished from the dependency: NoneBot unwraps its task group's FinishedException, nonebug
+        # does not see it, so only the answer is checked
+        ctx.should_call_send(event, "qq-twin is not running", result=None)
+
+
+async def test_an_unknown_verb_answers_with_the_help_generated_from_the_verb_table(
+    app: App, handlers, twin
+) -> None:
+    import bot
+    from bot.admin import ADMIN_HELP, ADMIN_VERBS
+
+    usage = bot.__plugin_meta__.usage
+    for verb in ADMIN_VERBS:
+        assert f" {verb.synopsis}" in ADMIN_HELP and f"/twin {verb.synopsis}: {verb.help}" in usage
+    event = private(SUPERUSER, "/twin dance")
+    async with app.test_matcher(handlers.admin) as ctx:
+        bot_ = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot_, event)
+        ctx.should_call_send(event, ADMIN_HELP, result=None)
+        ctx.should_finished(handlers.admin)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import sqlcipher3
 
-from pipeline.chatformat import render_elements
+from pipeline.chatformat import CHAT_TYPES, GROUP, PRIVATE, render_elements
 from pipeline.errors import InputError
 from pipeline.files import atomic_path, write_text_atomic
 from pipeline.ntqq.body import BodyError, decode_body
@@ -26,7 +26,7 @@ from pipeline.records import Message
 _json_str = json.encoder.encode_basestring  # the C escaper json.dumps(ensure_ascii=False) uses
 _KINDS_JSON: dict[tuple[str, ...], str] = {}
 
-CHAT_TABLES = {"c2c": "c2c_msg_table", "group": "group_msg_table"}
+CHAT_TABLES = {PRIVATE: "c2c_msg_table", GROUP: "group_msg_table"}
 
 # Row-level drop rules of docs/ntqq.md.
 MSG_TYPE_UNKNOWN, MSG_TYPE_EMPTY, MSG_TYPE_GRAY_TIP = 0, 1, 5
@@ -136,7 +136,7 @@ def iter_messages_from_db(
     db: str | Path,
     *,
     key: str | None = None,
-    chats: Sequence[str] = ("c2c", "group"),
+    chats: Sequence[str] = CHAT_TYPES,
     hmac: str | None = None,
     report: ExtractReport | None = None,
     progress: bool = False,
@@ -151,7 +151,7 @@ def extract_messages(
     out: str | Path,
     *,
     key: str | None = None,
-    chats: Sequence[str] = ("c2c", "group"),
+    chats: Sequence[str] = CHAT_TYPES,
     hmac: str | None = None,
     report: str | Path | None = None,
     progress: bool = True,
