@@ -30,7 +30,7 @@ from pipeline.chatformat import (
 )
 from pipeline.llama_prompt import SegmentCache, prompt_token_ids
 
-log = logging.getLogger("qq-twin.backend")
+log = logging.getLogger(__name__)
 
 
 class BackendClosed(RuntimeError):

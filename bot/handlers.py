@@ -48,8 +48,9 @@ plugin_config = get_plugin_config(Config)
 driver = get_driver()
 _running: Twin | None = None  # created on startup, closed on shutdown; handlers get it injected
 
-# The plugin's own modules log through stdlib logging; show them in NoneBot's (loguru) log.
-_twin_log = logging.getLogger("qq-twin")
+# The plugin's own modules log through stdlib logging (`getLogger(__name__)`, all under this
+# package's logger); show them in NoneBot's (loguru) log.
+_twin_log = logging.getLogger(__package__)
 if not _twin_log.handlers:
     _twin_log.addHandler(LoguruHandler())
     _twin_log.setLevel(logging.DEBUG)

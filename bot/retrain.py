@@ -19,7 +19,7 @@ from bot.log_mask import SecretMask, secret_values
 from pipeline.registry import CURRENT_FILE, cycle_running
 from pipeline.registry import read_status as registry_status
 
-log = logging.getLogger("qq-twin.retrain")
+log = logging.getLogger(__name__)
 # How long a retrain child may take to record "interrupted" and stop its training child.
 STOP_GRACE_SECONDS = 20.0
 

@@ -24,7 +24,7 @@ from bot.store import EXCLUDED_COMMAND, Store, StoredMessage
 from pipeline import registry as model_registry
 from pipeline.chatformat import PRIVATE, ChatType, split_bubbles
 
-log = logging.getLogger("qq-twin")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ChatKey = tuple[ChatType, str]  # (PRIVATE, "<uin>") or (GROUP, "<group code>")

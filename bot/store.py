@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import aiosqlite
 
+from pipeline.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
+
 Origin = Literal["incoming", "twin", "owner"]
 SYNCHRONOUS_MODES = ("FULL", "NORMAL", "EXTRA")
 
@@ -203,7 +205,7 @@ class Store:
                 f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}, not {synchronous!r}"
             )
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
         connect = _connector(path, key)
         setup = connect()  # migrations run once, synchronously, before serving starts
         try:
@@ -211,7 +213,7 @@ class Store:
             _migrate(setup)
         finally:
             setup.close()
-        path.chmod(0o600)
+        path.chmod(PRIVATE_FILE_MODE)
         conn = aiosqlite.Connection(connect, iter_chunk_size=64)
         await conn
         await conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")

@@ -34,6 +34,7 @@ from nonebot.utils import escape_tag
 from typing_extensions import override
 
 from bot.config import DEFAULT_DB, Config, env_files
+from pipeline.files import PRIVATE_DIR_MODE
 
 TOKEN_FILE_NAME = "onebot-token"
 TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters
@@ -128,7 +129,7 @@ def read_token_file(path: Path) -> str | None:
 
 def write_token_file(path: Path) -> str:
     """A new random token, written owner-only (0600 file; its directory created 0700) and returned."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     token = secrets.token_urlsafe(TOKEN_BYTES)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
     try:

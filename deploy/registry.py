@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline import registry as layout
 from pipeline.errors import InputError, TwinError
-from pipeline.files import atomic_dir, private_dir
+from pipeline.files import PRIVATE_FILE_MODE, atomic_dir, private_dir
 from pipeline.registry import (  # re-exported: the layout's reading side, one definition each
     ANY_CURRENT,
     LOCK_FILE,
@@ -208,7 +208,7 @@ def register(
             else:
                 shutil.copy2(item, target)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, ensure_ascii=False, indent=2), encoding="utf-8")
-        os.chmod(tmp / MANIFEST_FILE, 0o600)
+        os.chmod(tmp / MANIFEST_FILE, PRIVATE_FILE_MODE)
     if move:
         shutil.rmtree(export_dir, ignore_errors=True)
     return ModelVersion(name=name, path=final, manifest=manifest)

@@ -29,7 +29,7 @@ from pipeline.records import Message
 from pipeline.registry import ADAPTER_DIR, current_version, read_status, write_status
 from trainer.style import style_distance
 
-log = logging.getLogger("qq_twin.retrain")
+log = logging.getLogger(__name__)
 
 WORK_DIR = ".retrain"  # inside the registry; a dot-name is never taken for a version
 STAGES = ("collect", "build", "train", "evaluate", "export", "promote")

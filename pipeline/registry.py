@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.files import write_text_atomic  # stdlib-only, like this module
+from pipeline.files import PRIVATE_FILE_MODE, write_text_atomic  # stdlib-only, like this module
 
 CURRENT_FILE = "current"
 STATUS_FILE = "retrain-status.json"
@@ -340,7 +340,7 @@ def history_lock(registry: str | Path) -> Iterator[None]:
     registry = Path(registry)
     if not registry.is_dir():
         raise VersionNotFound(registry, "no such model registry directory")
-    fd = os.open(registry / HISTORY_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(registry / HISTORY_LOCK_FILE, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

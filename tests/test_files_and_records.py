@@ -117,3 +117,20 @@ def test_write_text_atomic_fsyncs_the_file_before_the_rename_and_the_directory_a
     assert kinds == [("fsync", False), ("replace", False), ("fsync", True)]
     assert events[1] == ("replace", str(target))
     assert list(tmp_path.iterdir()) == [target]  # no temp file left
+
+
+def test_private_file_modes_are_written_out_only_in_pipeline_files() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    home = root / "pipeline" / "files.py"
+    written = [
+        f"{path.relative_to(root)}:{n}"
+        for package in ("bot", "deploy", "pipeline", "trainer")
+        for path in sorted((root / package).rglob("*.py"))
+        if path != home
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if re.search(r"\b0o[67]00\b", line)
+    ]
+    assert written == [], "use PRIVATE_FILE_MODE / PRIVATE_DIR_MODE from pipeline.files"

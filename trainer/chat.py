@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.chatformat import (
     DEFAULT_PERSONA,
+    PRIVATE,
     Turn,
     clean_model_output,
     join_burst,
@@ -74,7 +75,7 @@ class ChatModel:
         self._eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "ignore")
         self._llm = llm
 
-    def messages(self, history: Sequence[Turn], chat_type: str = "c2c") -> list[dict[str, str]]:
+    def messages(self, history: Sequence[Turn], chat_type: str = PRIVATE) -> list[dict[str, str]]:
         """The bot's prompt: the system prompt then the turns, via the shared chat format."""
         return to_messages(history, chat_type, system=self.system)
 

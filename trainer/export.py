@@ -30,7 +30,7 @@ from typing import Any
 from pipeline import registry
 from pipeline.chatformat import DEFAULT_PERSONA, clean_model_output, system_prompt
 from pipeline.errors import InputError, TwinError
-from pipeline.files import atomic_dir, disk_full_is_input_error
+from pipeline.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_dir, disk_full_is_input_error
 from pipeline.llama_prompt import prompt_token_ids
 from trainer.config import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE
 from trainer.data import TRAIN_FILE
@@ -382,7 +382,7 @@ def verify_gguf(path: Path, system: str, *, lora: Path | None = None, n_threads:
 
 def _make_private(root: Path) -> None:
     for path in root.rglob("*"):
-        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+        os.chmod(path, PRIVATE_DIR_MODE if path.is_dir() else PRIVATE_FILE_MODE)
 
 
 def _gguf_template(model_dir: Path, quant: str) -> str:

@@ -170,7 +170,7 @@ def chat_command(
     quant: str | None = typer.Option(None, "--quant", help="which GGUF of a model directory"),
 ) -> None:
     """Talk to a model in the terminal with the prompt the bot uses (empty line or Ctrl-D quits)."""
-    from pipeline.chatformat import Turn, split_bubbles, system_prompt
+    from pipeline.chatformat import DEFAULT_PERSONA, Turn, split_bubbles, system_prompt
     from trainer.chat import ChatModel, resolve_chat_model
 
     gguf, manifest = resolve_chat_model(model, quant)
@@ -179,7 +179,7 @@ def chat_command(
         chat = ChatModel(
             gguf,
             system=system,
-            persona=persona or "我",
+            persona=persona or DEFAULT_PERSONA,
             n_threads=threads,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -40,7 +40,7 @@ from pipeline.dataset.redact import needs_redaction, redact_found, redact_values
 from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_tokens, samples_from_turns
 from pipeline.dataset.settings import DatasetSettings
 from pipeline.errors import InputError
-from pipeline.files import atomic_dir
+from pipeline.files import PRIVATE_FILE_MODE, atomic_dir
 from pipeline.records import Message, iter_messages
 
 REPORT_FILE = "report.json"
@@ -179,7 +179,7 @@ def write_samples(samples: Iterable[Sample], path: Path, fmt: str = "openai") ->
 
 def _open_private(path: Path, mode: str = "w") -> IO[Any]:
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
     return os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")
 
 

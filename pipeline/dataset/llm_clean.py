@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline.dataset.samples import Sample
 from pipeline.dataset.settings import LLMSettings
 from pipeline.errors import TwinError
+from pipeline.files import PRIVATE_FILE_MODE
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class VerdictCache:
                     except (ValueError, KeyError, TypeError):
                         continue  # a line cut short by a crash: that sample is simply judged again
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)
         self._out = os.fdopen(fd, "a", encoding="utf-8")
 
     def get(self, key: str) -> Verdict | None:

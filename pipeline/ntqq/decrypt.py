@@ -20,7 +20,7 @@ from typing import Literal
 import sqlcipher3
 
 from pipeline.errors import InputError
-from pipeline.files import PRIVATE_DIR_MODE, atomic_path
+from pipeline.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, atomic_path
 
 QQ_HEADER_SIZE = 1024
 QQ_HEADER_MAGIC = b"SQLite header 3\x00"
@@ -219,7 +219,7 @@ def decrypt_db(src: str | Path, key: str | None, out: str | Path, *, hmac: str |
                 conn.execute("DETACH DATABASE plaintext")
             except sqlcipher3.DatabaseError as exc:
                 raise InputError(src, f"damaged database, cannot export ({exc})") from None
-            os.chmod(tmp, 0o600)
+            os.chmod(tmp, PRIVATE_FILE_MODE)
     return info
 
 
@@ -253,7 +253,7 @@ def _private_workdir() -> Iterator[Path]:
 
 def _copy_body(src: Path, dst: Path, skip: int) -> int:
     with _open_source(src) as fin, dst.open("wb") as fout:
-        os.chmod(dst, 0o600)
+        os.chmod(dst, PRIVATE_FILE_MODE)
         fin.seek(skip)
         shutil.copyfileobj(fin, fout, _COPY_CHUNK)
         return fout.tell()
@@ -266,7 +266,7 @@ def _copy_wal(src: Path, copy: Path) -> bool:
         return False
     dst = copy.with_name(copy.name + "-wal")
     with _open_source(wal) as fin, dst.open("wb") as fout:
-        os.chmod(dst, 0o600)
+        os.chmod(dst, PRIVATE_FILE_MODE)
         shutil.copyfileobj(fin, fout, _COPY_CHUNK)
     return True
 
