@@ -142,9 +142,9 @@ async def start_twin() -> None:
 @driver.on_shutdown
 async def stop_twin() -> None:
     global _running
-    twin, _running = _running, None
-    if twin is not None:
-        await twin.close()
+    if _running is not None:
+        await _running.close()  # messages arriving meanwhile are still stored while it can
+        _running = None
 
 
 def running_twin(matcher: Matcher) -> Twin:
