@@ -1,5 +1,6 @@
 """The `/twin …` admin verbs: one table (verb, arguments, help, action) that the command
-dispatches on and that the plugin's usage text and `/twin help` are generated from.
+dispatches on and that the plugin's usage text and the answer to an unknown verb
+are generated from.
 
 NoneBot-free: `bot/handlers.py` reduces the command event to an `AdminRequest`.
 """
