@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+commands = typer.Typer()
 console = Console()
+
+RunDir = Annotated[Path, typer.Argument(help="a finished `twin train` run directory")]
+Quiet = Annotated[bool, typer.Option("--quiet")]
 
 
 def _progress(quiet: bool) -> bool:
@@ -21,47 +26,63 @@ def _progress(quiet: bool) -> bool:
     return not quiet
 
 
-def register(app: typer.Typer) -> None:
-    """Add this stage's commands to the `twin` app."""
-    app.command("train")(train_command)
-    app.command("eval")(eval_command)
-    app.command("export")(export_command)
-    app.command("chat")(chat_command)
-
-
+@commands.command("train")
 def train_command(
-    data: Path | None = typer.Option(None, "--data", help="dataset directory (train.jsonl, val.jsonl)"),
-    output: Path | None = typer.Option(None, "-o", "--output", help="run directory"),
-    base_model: str | None = typer.Option(
-        None, "--base-model", help="hub id, model dir, .gguf file or `smollm2` (default Qwen/Qwen3-8B)"
-    ),
-    gguf_file: str | None = typer.Option(None, "--gguf-file", help="GGUF file inside --base-model"),
-    config: Path | None = typer.Option(None, "--config", help="YAML/TOML settings; flags override it"),
-    max_steps: int | None = typer.Option(None, "--max-steps"),
-    epochs: float | None = typer.Option(None, "--epochs"),
-    lr: float | None = typer.Option(None, "--lr"),
-    lora_r: int | None = typer.Option(None, "--lora-r"),
-    lora_alpha: int | None = typer.Option(None, "--lora-alpha"),
-    max_seq_len: int | None = typer.Option(None, "--max-seq-len"),
-    batch_size: int | None = typer.Option(None, "--batch-size"),
-    grad_accum: int | None = typer.Option(None, "--grad-accum"),
-    qlora: bool | None = typer.Option(None, "--qlora/--no-qlora", help="4-bit NF4 base (CUDA only)"),
-    init_adapter: Path | None = typer.Option(
-        None, "--init-adapter", help="continue this LoRA adapter instead of starting a fresh one"
-    ),
-    pack: bool | None = typer.Option(None, "--pack/--no-pack", help="sequence packing (default on)"),
-    loss_on: str | None = typer.Option(
-        None, "--loss-on", help="all: learn every owner reply of a sample (default); final: only the last"
-    ),
-    gradient_checkpointing: bool | None = typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing"
-    ),
-    seed: int | None = typer.Option(None, "--seed"),
-    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads"),
-    moe_lora_scope: str | None = typer.Option(None, "--moe-lora-scope", help="expert_only|router_only|all"),
-    max_experts: int | None = typer.Option(None, "--max-experts", help="adapt experts 0..N-1 only"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="list the modules that would get LoRA, then stop"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    data: Annotated[
+        Path | None, typer.Option("--data", help="dataset directory (train.jsonl, val.jsonl)")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="run directory")] = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model", help="hub id, model dir, .gguf file or `smollm2` (default Qwen/Qwen3-8B)"
+        ),
+    ] = None,
+    gguf_file: Annotated[
+        str | None, typer.Option("--gguf-file", help="GGUF file inside --base-model")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML/TOML settings; flags override it")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r")] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
+    max_seq_len: Annotated[int | None, typer.Option("--max-seq-len")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum")] = None,
+    qlora: Annotated[
+        bool | None, typer.Option("--qlora/--no-qlora", help="4-bit NF4 base (CUDA only)")
+    ] = None,
+    init_adapter: Annotated[
+        Path | None,
+        typer.Option("--init-adapter", help="continue this LoRA adapter instead of starting a fresh one"),
+    ] = None,
+    pack: Annotated[
+        bool | None, typer.Option("--pack/--no-pack", help="sequence packing (default on)")
+    ] = None,
+    loss_on: Annotated[
+        str | None,
+        typer.Option(
+            "--loss-on", help="all: learn every owner reply of a sample (default); final: only the last"
+        ),
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
+    moe_lora_scope: Annotated[
+        str | None, typer.Option("--moe-lora-scope", help="expert_only|router_only|all")
+    ] = None,
+    max_experts: Annotated[
+        int | None, typer.Option("--max-experts", help="adapt experts 0..N-1 only")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list the modules that would get LoRA, then stop")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """LoRA / QLoRA fine-tuning on the owner's replies; re-run to resume after a kill."""
     from trainer.config import load_settings
@@ -114,12 +135,13 @@ def train_command(
     console.print(table)
 
 
+@commands.command("eval")
 def eval_command(
-    run_dir: Path = typer.Argument(..., help="a finished `twin train` run directory"),
-    data: Path = typer.Option(..., "--data", help="dataset directory (uses val.jsonl)"),
-    max_samples: int = typer.Option(64, "--max-samples", help="held-out conversations to score"),
-    seed: int = typer.Option(0, "--seed"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    run_dir: RunDir,
+    data: Annotated[Path, typer.Option("--data", help="dataset directory (uses val.jsonl)")],
+    max_samples: Annotated[int, typer.Option("--max-samples", help="held-out conversations to score")] = 64,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Base vs twin: held-out assistant-token perplexity and style metrics (eval.json, eval.md, eval.png)."""
     from pipeline.files import disk_full_is_input_error
@@ -130,15 +152,24 @@ def eval_command(
     console.print(report.markdown())
 
 
+@commands.command("export")
 def export_command(
-    run_dir: Path = typer.Argument(..., help="a finished `twin train` run directory"),
-    output: Path = typer.Option(..., "-o", "--output", help="model directory to create"),
-    quant: str = typer.Option("Q8_0", "--quant", help="comma-separated llama.cpp types, e.g. Q8_0,Q4_K_M"),
-    lora_gguf: bool = typer.Option(False, "--lora-gguf", help="also write the adapter alone as GGUF"),
-    persona: str | None = typer.Option(None, "--persona", help="system prompt persona (default: as trained)"),
-    threads: int = typer.Option(2, "--threads"),
-    keep_merged: bool = typer.Option(False, "--keep-merged", help="keep the merged HF model (merged/)"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    run_dir: RunDir,
+    output: Annotated[Path, typer.Option("-o", "--output", help="model directory to create")],
+    quant: Annotated[
+        str, typer.Option("--quant", help="comma-separated llama.cpp types, e.g. Q8_0,Q4_K_M")
+    ] = "Q8_0",
+    lora_gguf: Annotated[
+        bool, typer.Option("--lora-gguf", help="also write the adapter alone as GGUF")
+    ] = False,
+    persona: Annotated[
+        str | None, typer.Option("--persona", help="system prompt persona (default: as trained)")
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads")] = 2,
+    keep_merged: Annotated[
+        bool, typer.Option("--keep-merged", help="keep the merged HF model (merged/)")
+    ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Merge, convert with llama.cpp's converter, quantise, verify; writes manifest.json and Modelfile."""
     from trainer.export import export
@@ -161,13 +192,14 @@ def export_command(
     console.print(table)
 
 
+@commands.command("chat")
 def chat_command(
-    model: Path = typer.Argument(..., help="a .gguf file, a model directory or a registry (models/)"),
-    persona: str | None = typer.Option(None, "--persona", help="default: the model's manifest"),
-    threads: int = typer.Option(2, "--threads", help="llama.cpp threads"),
-    max_tokens: int = typer.Option(96, "--max-tokens"),
-    temperature: float = typer.Option(0.7, "--temperature"),
-    quant: str | None = typer.Option(None, "--quant", help="which GGUF of a model directory"),
+    model: Annotated[Path, typer.Argument(help="a .gguf file, a model directory or a registry (models/)")],
+    persona: Annotated[str | None, typer.Option("--persona", help="default: the model's manifest")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="llama.cpp threads")] = 2,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 96,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.7,
+    quant: Annotated[str | None, typer.Option("--quant", help="which GGUF of a model directory")] = None,
 ) -> None:
     """Talk to a model in the terminal with the prompt the bot uses (empty line or Ctrl-D quits)."""
     from pipeline.chatformat import Turn, split_bubbles, system_prompt
