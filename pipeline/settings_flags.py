@@ -27,11 +27,12 @@ class Flag:
     """One settings field as a flag: `field` is `"burst_gap"`, or `"llm.model"` in a nested table.
 
     `name` where the flag is not `--` + the field's name (`"--llm-clean"`, or `"--qlora/--no-qlora"`
-    for a switch that can also turn a setting off); `envvar` where the flag reads one.
+    for a switch that can also turn a setting off); `short` (`"-o"`) and `envvar` where it has one.
     """
 
     field: str
     name: str | None = None
+    short: str | None = None
     envvar: str | None = None
     path: bool = False  # a path the settings keep as str (`"mix"`, `"llm.cache"`): shown and parsed as one
 
@@ -79,7 +80,7 @@ def _parameter(model: type[BaseModel], flag: Flag) -> inspect.Parameter:
         owner = owner.model_fields[table].annotation  # a nested settings model
     field = owner.model_fields[name]
     kind = Path if flag.path else _plain(field.annotation)
-    decls = [flag.name or "--" + name.replace("_", "-")]
+    decls = [flag.name or "--" + name.replace("_", "-"), *([flag.short] if flag.short else [])]
     if kind is bool and "/" not in decls[0]:
         # An on-switch: left off, it keeps the file's value rather than forcing False.
         annotation, default = bool, False

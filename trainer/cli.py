@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from pipeline.settings_flags import Flag, settings_flags
+from trainer.config import TrainSettings
 
 commands = typer.Typer()
 console = Console()
@@ -27,58 +30,35 @@ def _progress(quiet: bool) -> bool:
 
 
 @commands.command("train")
+@settings_flags(
+    TrainSettings,
+    "data",
+    Flag("output_dir", "--output", short="-o"),
+    "base_model",
+    "gguf_file",
+    "max_steps",
+    "epochs",
+    "lr",
+    "lora_r",
+    "lora_alpha",
+    "max_seq_len",
+    "batch_size",
+    "grad_accum",
+    Flag("qlora", "--qlora/--no-qlora"),
+    "init_adapter",
+    Flag("pack", "--pack/--no-pack"),
+    "loss_on",
+    Flag("gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing"),
+    "seed",
+    "threads",
+    "moe_lora_scope",
+    "max_experts",
+)
 def train_command(
-    data: Annotated[
-        Path | None, typer.Option("--data", help="dataset directory (train.jsonl, val.jsonl)")
-    ] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="run directory")] = None,
-    base_model: Annotated[
-        str | None,
-        typer.Option(
-            "--base-model", help="hub id, model dir, .gguf file or `smollm2` (default Qwen/Qwen3-8B)"
-        ),
-    ] = None,
-    gguf_file: Annotated[
-        str | None, typer.Option("--gguf-file", help="GGUF file inside --base-model")
-    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML/TOML settings; flags override it")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs")] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
-    lora_r: Annotated[int | None, typer.Option("--lora-r")] = None,
-    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha")] = None,
-    max_seq_len: Annotated[int | None, typer.Option("--max-seq-len")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum")] = None,
-    qlora: Annotated[
-        bool | None, typer.Option("--qlora/--no-qlora", help="4-bit NF4 base (CUDA only)")
-    ] = None,
-    init_adapter: Annotated[
-        Path | None,
-        typer.Option("--init-adapter", help="continue this LoRA adapter instead of starting a fresh one"),
-    ] = None,
-    pack: Annotated[
-        bool | None, typer.Option("--pack/--no-pack", help="sequence packing (default on)")
-    ] = None,
-    loss_on: Annotated[
-        str | None,
-        typer.Option(
-            "--loss-on", help="all: learn every owner reply of a sample (default); final: only the last"
-        ),
-    ] = None,
-    gradient_checkpointing: Annotated[
-        bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")
-    ] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
-    moe_lora_scope: Annotated[
-        str | None, typer.Option("--moe-lora-scope", help="expert_only|router_only|all")
-    ] = None,
-    max_experts: Annotated[
-        int | None, typer.Option("--max-experts", help="adapt experts 0..N-1 only")
-    ] = None,
+    overrides: dict[str, Any] | None = None,  # the TrainSettings flags, given by @settings_flags
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="list the modules that would get LoRA, then stop")
     ] = False,
@@ -87,30 +67,7 @@ def train_command(
     """LoRA / QLoRA fine-tuning on the owner's replies; re-run to resume after a kill."""
     from trainer.config import load_settings
 
-    settings = load_settings(
-        config,
-        data=data,
-        output_dir=output,
-        base_model=base_model,
-        gguf_file=gguf_file,
-        max_steps=max_steps,
-        epochs=epochs,
-        lr=lr,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        max_seq_len=max_seq_len,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        qlora=qlora,
-        init_adapter=init_adapter,
-        pack=pack,
-        loss_on=loss_on,
-        gradient_checkpointing=gradient_checkpointing,
-        seed=seed,
-        threads=threads,
-        moe_lora_scope=moe_lora_scope,
-        max_experts=max_experts,
-    )
+    settings = load_settings(config, **(overrides or {}))
     if dry_run:
         from trainer.moe import dry_run_targets
 
