@@ -1,7 +1,8 @@
 """The `twin` command line: a thin shell over the stage functions.
 
-Each stage registers its commands from `deploy/commands/<stage>.py`; this module only
-assembles them and turns expected failures into one line on stderr and exit status 2.
+Each stage keeps its commands beside its code (`pipeline/cli.py`, `trainer/cli.py`,
+`deploy/commands.py`); this module only assembles them and turns expected failures into one
+line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -13,14 +14,11 @@ from pathlib import Path
 import click
 import typer
 
-from deploy.commands import bot as bot_commands
-from deploy.commands import dataset as dataset_commands
-from deploy.commands import demo as demo_commands
-from deploy.commands import ingest as ingest_commands
-from deploy.commands import models as models_commands
-from deploy.commands import training as training_commands
+from deploy import commands as deploy_cli
+from pipeline import cli as pipeline_cli
 from pipeline.errors import TwinError
 from pipeline.files import is_disk_full
+from trainer import cli as trainer_cli
 
 # peft reads transformers' deprecated `is_gradient_checkpointing` on every adapter load: library
 # noise a user cannot act on (peft's code, not theirs), printed in the middle of a run.
@@ -40,15 +38,8 @@ def _root() -> None:
     """qq-twin: your QQ chat history → a fine-tuned digital twin → a QQ bot."""
 
 
-for module in (
-    ingest_commands,
-    dataset_commands,
-    training_commands,
-    bot_commands,
-    models_commands,
-    demo_commands,
-):
-    module.register(app)
+for stage in (pipeline_cli, trainer_cli, deploy_cli):
+    app.add_typer(stage.commands)
 
 EXIT_BAD_INPUT = 2
 

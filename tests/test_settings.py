@@ -18,7 +18,7 @@ from nonebot.config import Env
 from pydantic.fields import FieldInfo
 
 from bot.config import Config, load_config
-from deploy.commands.models import settings_json
+from deploy.commands import settings_json
 from deploy.settings import load_settings
 
 ROOT = Path(__file__).parents[1]

@@ -32,21 +32,22 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    data: Path = Field(description="dataset directory with train.jsonl (and val.jsonl)")
-    output_dir: Path = Field(description="run directory: checkpoints, adapter/, metrics.json")
+    # The descriptions are the `twin train` flags' help.
+    data: Path = Field(description="dataset directory (train.jsonl, val.jsonl)")
+    output_dir: Path = Field(description="run directory")  # checkpoints, adapter/, metrics.json
     base_model: str = Field(
-        DEFAULT_BASE_MODEL,
-        description="hub id, local model directory, a .gguf file, or `smollm2` (the offline demo base)",
+        DEFAULT_BASE_MODEL,  # `smollm2` is the offline demo base
+        description=f"hub id, model dir, .gguf file or `smollm2` (default {DEFAULT_BASE_MODEL})",
     )
-    gguf_file: str | None = Field(None, description="GGUF file name inside base_model (a directory)")
+    gguf_file: str | None = Field(None, description="GGUF file inside --base-model")
 
     # data
     max_seq_len: int = Field(384, ge=16, description="tokens per sample (longer samples are cut)")
-    pack: bool = Field(True, description="pack samples into rows; attention never crosses samples")
+    # Packed rows keep samples apart: attention never crosses samples.
+    pack: bool = Field(True, description="sequence packing (default on)")
+    # `final`: a reply that also appears as context in later samples is learned once.
     loss_on: LossOn = Field(
-        "all",
-        description="which owner replies of a sample are learned: every one (`all`), or only the last "
-        "(`final`: a reply that also appears as context in later samples is learned once)",
+        "all", description="all: learn every owner reply of a sample (default); final: only the last"
     )
     batch_size: int = Field(4, ge=1, description="rows per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -65,23 +66,23 @@ class TrainSettings(BaseModel):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    qlora: bool = Field(False, description="4-bit NF4 base with double quantisation (CUDA only)")
+    qlora: bool = Field(False, description="4-bit NF4 base (CUDA only)")  # with double quantisation
+    # A PEFT adapter directory; it keeps its own rank and targets.
     init_adapter: Path | None = Field(
-        None,
-        description="continue this LoRA adapter (PEFT layout, its own rank and targets), not a fresh one",
+        None, description="continue this LoRA adapter instead of starting a fresh one"
     )
-    moe_lora_scope: MoeScope = "all"
+    moe_lora_scope: MoeScope = Field("all", description="expert_only|router_only|all")
     expert_patterns: list[str] = Field(
         default_factory=lambda: [r"\.experts\.(\d+)\.", r"\.block_sparse_moe\.experts\.(\d+)\."],
         description="regexes whose first group is an expert index",
     )
     router_patterns: list[str] = Field(default_factory=lambda: [r"\.gate$", r"\.router$", r"\.router\.\w+$"])
-    max_experts: int | None = Field(None, ge=1, description="adapt only experts with index < this")
+    max_experts: int | None = Field(None, ge=1, description="adapt experts 0..N-1 only")
 
     # runtime
     gradient_checkpointing: bool = False
     bf16: bool | None = Field(None, description="bf16 weights and autocast; default: on CUDA only")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")  # default: torch's choice
     save_every: int = Field(25, ge=1, description="checkpoint every N optimizer steps")
     keep_checkpoints: int = Field(1, ge=1)
 

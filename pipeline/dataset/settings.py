@@ -42,36 +42,39 @@ class RuleSettings(_Strict):
 class LLMSettings(_Strict):
     """The optional LLM judging pass against any OpenAI-compatible server."""
 
-    enabled: bool = False
-    api_base: str = "http://127.0.0.1:8000/v1"
-    api_key: str = Field("EMPTY", repr=False)
-    model: str = "qwen3"
-    concurrency: int = Field(8, ge=1, le=256)
+    enabled: bool = Field(False, description="judge samples with an OpenAI-compatible model")
+    api_base: str = Field("http://127.0.0.1:8000/v1", description="e.g. http://127.0.0.1:1234/v1")
+    api_key: str = Field("EMPTY", repr=False, description="judge API key")
+    model: str = Field("qwen3", description="judge model name")
+    concurrency: int = Field(8, ge=1, le=256, description="judge requests in flight")
     max_attempts: int = Field(4, ge=1)
     backoff_s: float = Field(0.5, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     min_score: int = Field(2, ge=1, le=5)
-    optional: bool = False
-    cache: str = ""  # "" → llm-clean-cache.jsonl beside the output directory
+    optional: bool = Field(False, description="continue rule-only if the server is down")
+    # "" → llm-clean-cache.jsonl beside the output directory
+    cache: str = Field("", description="LLM verdict cache (JSONL)")
 
 
 class DatasetSettings(_Strict):
     """All settings of `twin build-dataset`; defaults are those of `rules.toml`."""
 
-    session_gap: int = Field(3600, gt=0)
-    burst_gap: int = Field(120, ge=0)
+    session_gap: int = Field(3600, gt=0, description="seconds of silence that end a conversation")
+    burst_gap: int = Field(120, ge=0, description="seconds within which one sender's messages join")
     max_conversation_messages: int = Field(2000, ge=2)
-    context_turns: int = Field(8, ge=0)
-    max_context_tokens: int = Field(1024, ge=16)
-    no_reply_samples: float = Field(0.0, ge=0, le=1)
-    persona: str = DEFAULT_PERSONA
-    format: Format = "openai"
-    val_fraction: float = Field(0.05, ge=0, lt=1)
-    seed: int = 0
-    mix: str = ""  # path of general instruction data (OpenAI, ShareGPT or Alpaca records)
-    mix_ratio: float = Field(0.0, ge=0, lt=1)
+    context_turns: int = Field(8, ge=0, description="earlier turns carried per sample")
+    max_context_tokens: int = Field(1024, ge=16, description="token budget per sample")
+    no_reply_samples: float = Field(
+        0.0, ge=0, le=1, description="rate of 'read, did not answer' samples (0..1)"
+    )
+    persona: str = Field(DEFAULT_PERSONA, description="name in the system prompt")
+    format: Format = Field("openai", description="openai | sharegpt | alpaca")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="latest share of conversations → val")
+    seed: int = Field(0, description="seed for sampling and mixing")
+    mix: str = Field("", description="general instruction data (OpenAI/ShareGPT/Alpaca JSON[L])")
+    mix_ratio: float = Field(0.0, ge=0, lt=1, description="share of train.jsonl that is mixed data")
     redact_names: list[str] = Field(default_factory=list)
-    skip_bad: bool = False
+    skip_bad: bool = Field(False, description="skip malformed input lines instead of failing")
     rules: RuleSettings = Field(default_factory=RuleSettings)
     llm: LLMSettings = Field(default_factory=LLMSettings)
 

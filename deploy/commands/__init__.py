@@ -1,1 +1,0 @@
-"""`twin` subcommands, one module per stage."""
