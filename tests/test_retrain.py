@@ -9,7 +9,6 @@ import math
 import pytest
 
 from deploy.cli import main as twin
-from deploy.registry import promote, register, retrain_lock
 from deploy.retrain import (
     EvalNumbers,
     collect_messages,
@@ -21,6 +20,7 @@ from deploy.retrain import (
 )
 from deploy.settings import RetrainSettings
 from pipeline.registry import current_version, read_status
+from pipeline.registry_ops import promote, register, retrain_lock
 from tests.gguf_helpers import write_gguf
 
 OWNER = "10000"
@@ -240,7 +240,7 @@ def test_twin_retrain_without_now_reports_the_last_cycle_and_the_schedule(tmp_pa
 
 
 def test_a_cycle_that_died_without_an_end_shows_as_interrupted(tmp_path, capsys):
-    from pipeline.registry import write_status
+    from pipeline.registry_ops import write_status
 
     reg = _registry(tmp_path)
     write_status(reg, {"state": "running", "stage": "train", "started": "2026-01-01T00:00:00+00:00"})
