@@ -366,3 +366,14 @@ def test_a_registry_error_is_one_line_naming_the_path(registry):
     with pytest.raises(RegistryError) as refused:
         switch_current(registry, "v1/../v2", by=CHAT)
     assert "\n" not in str(refused.value) and str(refused.value).startswith(f"{registry}: ")
+
+
+def test_the_registry_switch_the_bot_imports_needs_only_the_standard_library():
+    probe = (
+        "import sys; before = set(sys.modules); import pipeline.registry_ops; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - sys.stdlib_module_names))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "['pipeline']"
