@@ -1,7 +1,7 @@
 """Handing over to the retraining job (`python -m deploy retrain --now`) from the bot.
 
-The bot never imports the trainer: it starts the job as a lower-priority child process and
-reads the registry's lock and status files (`pipeline.registry`).
+The bot never imports the trainer: it starts the job as a lower-priority child process; what
+the job is doing is read from the registry (`pipeline.registry.retrain_status`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bot.log_mask import SecretMask, secret_values
-from pipeline.registry import CURRENT_FILE, cycle_running
-from pipeline.registry import read_status as registry_status
+from pipeline.registry import CURRENT_FILE
 
 log = logging.getLogger(__name__)
 # How long a retrain child may take to record "interrupted" and stop its training child.
@@ -36,36 +35,6 @@ def registry_of(model: str) -> Path | None:
     if path is not None and path.is_dir() and (path / CURRENT_FILE).is_file():
         return path
     return None
-
-
-def retrain_running(registry: Path) -> bool:
-    """True while a retrain cycle holds the registry lock (flock, as deploy.retrain takes it)."""
-    return cycle_running(registry)
-
-
-def read_status(registry: Path | None) -> dict:
-    """The last (or ongoing) retrain cycle as the job recorded it; {} when there is none."""
-    return registry_status(registry) if registry is not None else {}
-
-
-def describe_status(status: dict) -> str:
-    """One line for `/twin status`: state, stage and progress while running, version, time, reason."""
-    if not status:
-        return "never"
-    parts = [str(status.get("state") or "?")]
-    if status.get("state") == "running":
-        if status.get("stage"):
-            parts.append(str(status["stage"]))
-        if isinstance(status.get("progress"), (int, float)):
-            parts.append(f"{status['progress']:.0%}")
-    if status.get("version"):
-        parts.append(str(status["version"]))
-    when = status.get("finished") or status.get("started")
-    if when:
-        parts.append(str(when)[:16].replace("T", " "))
-    if status.get("reason"):
-        parts.append(f"({status['reason']})")
-    return " ".join(parts)
 
 
 async def stop_child(process: asyncio.subprocess.Process, grace: float = STOP_GRACE_SECONDS) -> None:

@@ -18,11 +18,12 @@ from bot.config import Config
 from bot.log_mask import secret_values
 from bot.memory import build_prompt
 from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
-from bot.retrain import describe_status, read_status, registry_of, retrain_running, run_retrain
+from bot.retrain import registry_of, run_retrain
 from bot.segments import outgoing_parts, outgoing_text
 from bot.store import EXCLUDED_COMMAND, Store, StoredMessage
 from pipeline import registry as model_registry
 from pipeline.chatformat import PRIVATE, ChatType, split_bubbles
+from pipeline.registry_ops import switch_current
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ class Twin:
         model_registry.check_version(self.registry, version)  # before anything is loaded
         async with self._model_lock:
             await self.use_version(version)  # `current` moves only once the version really serves
-            model_registry.switch_current(self.registry, version, by=by, reason="/twin model")
+            switch_current(self.registry, version, by=by, reason="/twin model")
 
     def versions(self) -> list[str]:
         """The registry's versions, oldest first (the order `twin models list` shows)."""
@@ -417,7 +418,8 @@ class Twin:
         uptime = int(time.time() - self.started)
         received = await self.store.count_since(_midnight(), "incoming")
         replied = await self.store.count_since(_midnight(), "twin")
-        retrain = describe_status(read_status(self.registry))
+        status = model_registry.retrain_status(self.registry) if self.registry is not None else {}
+        retrain = model_registry.describe_status(status)
         if self.retraining() and not retrain.startswith("running"):
             retrain = f"running (was: {retrain})"
         return "\n".join(
@@ -436,7 +438,7 @@ class Twin:
 
     def retraining(self) -> bool:
         return (self.retrain_task is not None and not self.retrain_task.done()) or (
-            self.registry is not None and retrain_running(self.registry)
+            self.registry is not None and model_registry.cycle_running(self.registry)
         )
 
     def start_retrain(self, report: Callable[[str], Awaitable[None]]) -> str:

@@ -56,7 +56,7 @@ def models_promote(
     registry: Registry = None,
 ) -> None:
     """Serve VERSION (atomic switch of `current`; a running bot swaps to it)."""
-    from deploy.registry import promote
+    from pipeline.registry_ops import promote
 
     path = _registry(registry or ctx.obj)
     promote(path, version, reason="promoted by operator (twin models promote)")
@@ -66,8 +66,8 @@ def models_promote(
 @models.command("rollback")
 def models_rollback(ctx: typer.Context, registry: Registry = None) -> None:
     """Serve the previously promoted version again."""
-    from deploy.registry import rollback
     from pipeline.registry import current_version
+    from pipeline.registry_ops import rollback
 
     path = _registry(registry or ctx.obj)
     before = current_version(path)
@@ -79,8 +79,7 @@ def _print_versions(registry: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from deploy.registry import list_versions, previous_version
-    from pipeline.registry import current_version
+    from pipeline.registry import current_version, list_versions, previous_version
 
     console = Console()
     versions = list_versions(registry)
@@ -262,29 +261,16 @@ def settings_json(settings) -> str:
 
 
 def _print_status(settings) -> None:
-    from rich.console import Console
+    from pipeline.registry import current_version, describe_status, retrain_status
 
-    from deploy.registry import cycle_running
-    from pipeline.registry import current_version, read_status
-
-    console = Console()
     registry = Path(settings.twin_model)
-    status = read_status(registry)
-    if status.get("state") == "running" and not cycle_running(registry):
-        status["state"] = "interrupted"  # the process died without recording an end
-    console.print(f"registry {registry}: serving {current_version(registry) or 'nothing'}")
-    console.print(f"schedule (TWIN_RETRAIN_CRON): {settings.twin_retrain_cron}")
+    status = retrain_status(registry)
+    typer.echo(f"registry {registry}: serving {current_version(registry) or 'nothing'}")
+    typer.echo(f"schedule (TWIN_RETRAIN_CRON): {settings.twin_retrain_cron}")
     if not status:
-        console.print("no retrain cycle has run yet; `twin retrain --now` runs one")
+        typer.echo("no retrain cycle has run yet; `twin retrain --now` runs one")
         return
-    console.print(
-        f"last cycle: {status.get('state')} (stage {status.get('stage')}, started {status.get('started')}, "
-        f"finished {status.get('finished') or '—'})"
-    )
-    if status.get("reason"):
-        console.print(f"reason: {status['reason']}")
-    if status.get("state") == "running":
-        console.print(f"progress: {float(status.get('progress') or 0):.0%} of stage {status.get('stage')}")
+    typer.echo(f"last cycle: {describe_status(status)}")  # the line `/twin status` shows
 
 
 @commands.command("demo")

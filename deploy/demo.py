@@ -140,13 +140,14 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
         console.print(f"  {_summary(train_result)}")
 
     from pipeline import registry
+    from pipeline.registry_ops import switch_current
     from trainer.export import export
 
     with stages.stage("twin export: merge, convert to GGUF, quantise Q8_0"):
         art["registry"] = out / "models"
         version = "v1"
         export(art["run"], art["registry"] / version, quants=("Q8_0",))
-        registry.switch_current(private_dir(art["registry"]), version, by="cli", reason="twin demo")
+        switch_current(private_dir(art["registry"]), version, by="cli", reason="twin demo")
         art["model"] = registry.resolve_model(art["registry"]).gguf
         console.print(f"  {art['model']}")
 

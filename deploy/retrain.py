@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bot.config import Config
-from deploy.registry import get_version, now_iso, prune, register, retrain_lock
 from pipeline.errors import InputError, TwinError
 from pipeline.files import private_dir
 from pipeline.records import Message
-from pipeline.registry import ADAPTER_DIR, current_version, read_status, write_status
+from pipeline.registry import ADAPTER_DIR, current_version, get_version, now_iso, read_status
+from pipeline.registry_ops import CurrentMoved, promote, prune, register, retrain_lock, write_status
 from trainer.style import style_distance
 
 log = logging.getLogger(__name__)
@@ -518,8 +518,6 @@ def _cycle(
         eval_numbers={**numbers, "gate": eval_record, "gate_reason": decision.reason},
         move=True,
     )
-    from deploy.registry import CurrentMoved, promote
-
     try:
         # Checked and switched under one lock: an operator's switch meanwhile stands.
         promote(

@@ -1,8 +1,8 @@
-"""The model registry's on-disk layout: the one module that writes and reads it.
+"""The model registry's on-disk layout: the one module that knows it and reads it.
 
     models/
       current                 text file: the serving version's name (switched atomically)
-      retrain-status.json     last/ongoing retrain cycle, read by `/twin status`
+      retrain-status.json     last/ongoing retrain cycle, read by `/twin status` and `twin retrain`
       retrain.lock            held (flock) while a retrain cycle runs
       history.json            promotions and rollbacks, oldest first (rollback walks it back)
       .history.lock           held (flock) for the moment `current` and the history change
@@ -11,27 +11,24 @@
         model-<QUANT>.gguf    quantised model(s)
         adapter/              the LoRA adapter (PEFT layout), for incremental retraining
 
-The bot imports only this module of the registry (stdlib only): it resolves what to
-serve, notices when `current` changes, and switches it for `/twin model`. Every switch
-of `current` goes through `switch_current` / `rollback_current` (name check, GGUF check,
-history lock, history entry); `deploy/registry.py` builds register, list and prune on top.
+Reading only (stdlib only, the bot imports it): what to serve, the versions in their one
+order, manifests, the history, the retrain lock and status. Every change of the layout
+(register, switch, rollback, prune, the retrain lock and status) is in `pipeline.registry_ops`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import mmap
 import os
 import re
 import struct
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.files import PRIVATE_FILE_MODE, write_text_atomic  # stdlib-only, like this module
+from pipeline.errors import InputError  # stdlib-only, like this module
 
 CURRENT_FILE = "current"
 STATUS_FILE = "retrain-status.json"
@@ -47,15 +44,11 @@ QUANT_PREFERENCE = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q6_K", "F16", "BF16", "F32")
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch
 NUMBERED_VERSION = re.compile(r"^v(\d+)$")
 _RESERVED_NAMES = frozenset({CURRENT_FILE, STATUS_FILE, LOCK_FILE, HISTORY_FILE, MANIFEST_FILE})
+_GGUF_PREFIX, _GGUF_SUFFIX = "model-", ".gguf"
 
 
-class RegistryError(Exception):
-    """A refused registry operation, one line `path: cause`; nothing was changed."""
-
-    def __init__(self, path: str | Path, cause: str) -> None:
-        self.path = str(path)
-        self.cause = cause
-        super().__init__(f"{self.path}: {cause}")
+class RegistryError(InputError):
+    """A refused registry operation, one line `path: cause` (the CLI's exit 2); nothing was changed."""
 
 
 class InvalidVersion(RegistryError, ValueError):
@@ -68,14 +61,6 @@ class VersionNotFound(RegistryError, FileNotFoundError):
 
 class CorruptHistory(RegistryError, ValueError):
     """`history.json` cannot be read as a list of switches."""
-
-
-class NothingToRollBack(RegistryError, ValueError):
-    """The history holds no earlier version that still exists."""
-
-
-class CurrentMoved(RegistryError, ValueError):
-    """`current` no longer names the version the caller expected (someone else switched)."""
 
 
 @dataclass(slots=True)
@@ -104,14 +89,40 @@ def now_iso() -> str:
 
 
 def gguf_name(quant: str) -> str:
-    return f"model-{quant}.gguf"
+    """The file name of a version's model in quantisation `quant`: `model-<QUANT>.gguf`."""
+    return f"{_GGUF_PREFIX}{quant}{_GGUF_SUFFIX}"
 
 
-def read_manifest(model_dir: Path) -> dict:
-    path = model_dir / MANIFEST_FILE
-    if not path.is_file():
+def quant_of(file_name: str) -> str | None:
+    """The quantisation a `model-<QUANT>.gguf` name carries; None for any other name."""
+    if file_name.startswith(_GGUF_PREFIX) and file_name.endswith(_GGUF_SUFFIX):
+        return file_name[len(_GGUF_PREFIX) : -len(_GGUF_SUFFIX)] or None
+    return None
+
+
+def ggufs_in(model_dir: Path) -> dict[str, str]:
+    """The `model-<QUANT>.gguf` files of a directory: quantisation → file name."""
+    return {q: p.name for p in sorted(Path(model_dir).glob("*.gguf")) if (q := quant_of(p.name))}
+
+
+def read_manifest(model_dir: Path, *, required: bool = False) -> dict:
+    """A version's manifest; {} when there is none, unless `required` (a registered version).
+
+    Unreadable JSON or anything but an object is InvalidVersion either way."""
+    path = Path(model_dir) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if required:
+            raise VersionNotFound(path, "no manifest.json: not a registered model version") from None
         return {}
-    return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidVersion(path, f"corrupt manifest, not JSON ({exc})") from None
+    except OSError as exc:
+        raise InvalidVersion(path, f"cannot read the manifest ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise InvalidVersion(path, "corrupt manifest, expected a JSON object")
+    return data
 
 
 def current_version(registry: Path) -> str | None:
@@ -174,18 +185,109 @@ def version_dir(registry: str | Path, name: str) -> Path:
 def check_version(registry: str | Path, name: str, quant: str | None = None) -> ResolvedModel:
     """What version `name` would serve, checked: a valid name, a readable manifest, a sound GGUF."""
     path = version_dir(registry, name)
-    try:
-        manifest = read_manifest(path)
-    except (OSError, ValueError) as exc:
-        raise InvalidVersion(path / MANIFEST_FILE, f"corrupt manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise InvalidVersion(path / MANIFEST_FILE, "corrupt manifest, expected a JSON object")
+    manifest = read_manifest(path)
     try:
         gguf = pick_gguf(path, manifest, quant)
     except FileNotFoundError:
         raise InvalidVersion(path, "no .gguf model file in this version, refusing to serve it") from None
     verify_gguf(gguf)
     return ResolvedModel(gguf=gguf, version=name, manifest=manifest)
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    """One registered version (its manifest read strictly), as `twin models` lists it."""
+
+    name: str
+    path: Path
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def created(self) -> str:
+        return str(self.manifest.get("created") or "")
+
+    @property
+    def parent(self) -> str | None:
+        return self.manifest.get("parent")
+
+    @property
+    def eval(self) -> dict:
+        """The twin's numbers: a retrain's gate numbers, or those of `twin eval` (eval.json) on export."""
+        numbers = dict(self.manifest.get("eval") or {})
+        numbers.setdefault("perplexity", numbers.get("twin_perplexity"))
+        numbers.setdefault("style_distance", numbers.get("twin_style_distance"))
+        return numbers
+
+
+def get_version(registry: str | Path, name: str) -> ModelVersion:
+    """A registered version: a valid name, a directory in the registry, a readable manifest."""
+    path = version_dir(registry, name)
+    return ModelVersion(name=name, path=path, manifest=read_manifest(path, required=True))
+
+
+def list_versions(registry: str | Path) -> list[ModelVersion]:
+    """All registered versions, oldest first."""
+    return [get_version(registry, name) for name in version_names(registry)]
+
+
+# ---------------------------------------------------------------- history (reading side)
+
+
+def read_history(registry: str | Path) -> list[HistoryEntry]:
+    """The switches of `current`, oldest first; [] when there are none."""
+    path = Path(registry) / HISTORY_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptHistory(path, f"corrupt promotion history, not JSON ({exc})") from None
+    known = set(HistoryEntry.__dataclass_fields__)
+    try:
+        return [HistoryEntry(**{k: v for k, v in entry.items() if k in known}) for entry in raw]
+    except (TypeError, AttributeError) as exc:
+        raise CorruptHistory(path, f"corrupt promotion history ({exc})") from None
+
+
+def promotion_stack(entries: list[HistoryEntry]) -> list[str]:
+    """Replay the history: promotions push, rollbacks pop; the top is what should be serving."""
+    stack: list[str] = []
+    for entry in entries:
+        if entry.action == "promote":
+            # A `current` written before switches were recorded still counts as served.
+            if entry.previous and (not stack or stack[-1] != entry.previous):
+                stack.append(entry.previous)
+            stack.append(entry.version)
+        elif entry.action == "rollback":
+            while stack and stack[-1] != entry.version:
+                stack.pop()
+            if not stack:
+                stack.append(entry.version)
+    return stack
+
+
+def _exists(registry: Path, name: str) -> bool:
+    return is_version_name(name) and (registry / name).is_dir()
+
+
+def rollback_targets(registry: str | Path) -> list[str]:
+    """Where repeated rollbacks lead, next first: the promotion stack below the serving version."""
+    registry = Path(registry)
+    current = current_version(registry)
+    stack = promotion_stack(read_history(registry))
+    while stack and stack[-1] == current:
+        stack.pop()
+    targets: list[str] = []
+    for name in reversed(stack):
+        if name != current and name not in targets and _exists(registry, name):
+            targets.append(name)
+    return targets
+
+
+def previous_version(registry: str | Path) -> str | None:
+    """The version a rollback would return to: the one promoted before the serving one."""
+    targets = rollback_targets(registry)
+    return targets[0] if targets else None
 
 
 # ---------------------------------------------------------------- GGUF header check
@@ -331,155 +433,6 @@ def _parse_gguf(path: Path, data: mmap.mmap, size: int) -> GgufInfo:
     return GgufInfo(version=version, tensors=tensors, metadata=metadata, size=size)
 
 
-# ---------------------------------------------------------------- switching `current` (guarded)
-
-
-@contextlib.contextmanager
-def history_lock(registry: str | Path) -> Iterator[None]:
-    """Hold the registry's short lock: `current` and the history change together, one writer at a time."""
-    registry = Path(registry)
-    if not registry.is_dir():
-        raise VersionNotFound(registry, "no such model registry directory")
-    fd = os.open(registry / HISTORY_LOCK_FILE, os.O_RDWR | os.O_CREAT, PRIVATE_FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def read_history(registry: str | Path) -> list[HistoryEntry]:
-    """The switches of `current`, oldest first; [] when there are none."""
-    path = Path(registry) / HISTORY_FILE
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return []
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptHistory(path, f"corrupt promotion history, not JSON ({exc})") from None
-    known = set(HistoryEntry.__dataclass_fields__)
-    try:
-        return [HistoryEntry(**{k: v for k, v in entry.items() if k in known}) for entry in raw]
-    except (TypeError, AttributeError) as exc:
-        raise CorruptHistory(path, f"corrupt promotion history ({exc})") from None
-
-
-def _write_history(registry: Path, entries: list[HistoryEntry]) -> None:
-    text = json.dumps([asdict(e) for e in entries], ensure_ascii=False, indent=1)
-    write_text_atomic(registry / HISTORY_FILE, text)
-
-
-def promotion_stack(entries: list[HistoryEntry]) -> list[str]:
-    """Replay the history: promotions push, rollbacks pop; the top is what should be serving."""
-    stack: list[str] = []
-    for entry in entries:
-        if entry.action == "promote":
-            # A `current` written before switches were recorded still counts as served.
-            if entry.previous and (not stack or stack[-1] != entry.previous):
-                stack.append(entry.previous)
-            stack.append(entry.version)
-        elif entry.action == "rollback":
-            while stack and stack[-1] != entry.version:
-                stack.pop()
-            if not stack:
-                stack.append(entry.version)
-    return stack
-
-
-def _exists(registry: Path, name: str) -> bool:
-    return is_version_name(name) and (registry / name).is_dir()
-
-
-def rollback_targets(registry: str | Path) -> list[str]:
-    """Where repeated rollbacks lead, next first: the promotion stack below the serving version."""
-    registry = Path(registry)
-    current = current_version(registry)
-    stack = promotion_stack(read_history(registry))
-    while stack and stack[-1] == current:
-        stack.pop()
-    targets: list[str] = []
-    for name in reversed(stack):
-        if name != current and name not in targets and _exists(registry, name):
-            targets.append(name)
-    return targets
-
-
-def previous_version(registry: str | Path) -> str | None:
-    """The version a rollback would return to: the one promoted before the serving one."""
-    targets = rollback_targets(registry)
-    return targets[0] if targets else None
-
-
-ANY_CURRENT = object()  # `switch_current(expect_current=...)` default: switch whatever serves now
-
-
-def switch_current(
-    registry: str | Path,
-    version: str,
-    *,
-    by: str,
-    reason: str = "",
-    expect_current: str | object | None = ANY_CURRENT,
-    quant: str | None = None,
-) -> str:
-    """Serve `version`: the one way to promote (`twin models promote`, `/twin model`, a retrain).
-
-    Checks the name and the GGUF, then under the history lock switches `current` (durably)
-    and records a `promote` entry by `by` ("cli", "chat:<uin>", "retrain"). With
-    `expect_current`, refuses (CurrentMoved) unless `current` still names that version.
-    Returns the version now serving; on any RegistryError nothing has changed.
-    """
-    registry = Path(registry)
-    with history_lock(registry):
-        before = current_version(registry)
-        if expect_current is not ANY_CURRENT and before != expect_current:
-            raise CurrentMoved(
-                registry / CURRENT_FILE, f"names {before}, not {expect_current}: someone switched meanwhile"
-            )
-        return _switch_locked(registry, version, "promote", by=by, reason=reason, quant=quant)
-
-
-def rollback_current(registry: str | Path, *, by: str, reason: str = "") -> str:
-    """Serve the previously promoted version again (repeated rollbacks walk further back)."""
-    registry = Path(registry)
-    with history_lock(registry):
-        targets = rollback_targets(registry)
-        if not targets:
-            raise NothingToRollBack(registry / HISTORY_FILE, "no earlier promoted version to roll back to")
-        return _switch_locked(registry, targets[0], "rollback", by=by, reason=reason)
-
-
-def _switch_locked(
-    registry: Path, version: str, action: str, *, by: str, reason: str, quant: str | None = None
-) -> str:
-    """The only writer of `current`; the caller holds the history lock."""
-    check_version(registry, version, quant)
-    entries = read_history(registry)  # before anything changes: a corrupt history refuses the switch
-    before = current_version(registry)
-    if before == version:
-        return version
-    # `current` first: a crash before the history is written leaves a rollback that returns to
-    # `before`, which is what served before, instead of one that returns to a version never served.
-    write_text_atomic(registry / CURRENT_FILE, version + "\n")
-    entries.append(HistoryEntry(action, version, before, now_iso(), reason, by))
-    _write_history(registry, entries)
-    return version
-
-
-def cycle_running(registry: str | Path) -> bool:
-    """True while some process holds the registry's retrain lock."""
-    path = Path(registry) / LOCK_FILE
-    if not path.exists():
-        return False
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
-
-
 # ---------------------------------------------------------------- resolving what to serve
 
 
@@ -530,15 +483,33 @@ def resolve_model(path: str | Path, quant: str | None = None) -> ResolvedModel:
     return ResolvedModel(gguf=pick_gguf(path, manifest, quant), version=version, manifest=manifest)
 
 
-# Retrain status (`retrain-status.json`): written by deploy.retrain, read by `/twin status`.
-# Keys: state (idle|running|promoted|rejected|skipped|registered|failed), stage (collect|build|train|
-# evaluate|export|promote), progress (0..1 within the stage), started, finished, updated (ISO
-# UTC), pid, version (candidate), serving (the version serving), reason (one line), eval.
-STATUS_STATES = ("idle", "running", "promoted", "rejected", "skipped", "registered", "failed")
+# ---------------------------------------------------------------- the retrain cycle: lock and status
 
 
-def read_status(registry: Path) -> dict:
-    """The last or ongoing retrain cycle's status; {} when none was recorded or it is unreadable."""
+def cycle_running(registry: str | Path) -> bool:
+    """True while some process holds the registry's retrain lock: the one probe of a running cycle."""
+    path = Path(registry) / LOCK_FILE
+    if not path.exists():
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+# `retrain-status.json`, written by deploy.retrain through registry_ops.write_status. Keys: state,
+# stage (collect|build|train|evaluate|export|promote), progress (0..1 within the stage), started,
+# finished, updated (ISO UTC), pid, serving, version, new_samples, reason (one line), eval, last.
+STATUS_STATES = ("running", "promoted", "rejected", "skipped", "registered", "failed")  # as written
+# Never written: what a `running` status is shown as once no cycle holds the lock (it died unrecorded).
+INTERRUPTED = "interrupted"
+
+
+def read_status(registry: str | Path) -> dict:
+    """The status file as the cycle wrote it; {} when none was recorded or it is unreadable."""
     try:
         data = json.loads((Path(registry) / STATUS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -546,6 +517,32 @@ def read_status(registry: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def write_status(registry: Path, status: dict) -> None:
-    """Replace the status file atomically and durably (readers never see half a file)."""
-    write_text_atomic(Path(registry) / STATUS_FILE, json.dumps(status, ensure_ascii=False, indent=1))
+def retrain_status(registry: str | Path) -> dict:
+    """The last or ongoing cycle as shown to people: a `running` whose cycle no longer holds the
+    lock (killed before it could record its end) is `interrupted`."""
+    status = read_status(registry)
+    if status.get("state") == "running" and not cycle_running(registry):
+        status["state"] = INTERRUPTED
+    return status
+
+
+def describe_status(status: dict) -> str:
+    """One line for `/twin status` and `twin retrain`: state (stage, progress while running,
+    started, finished), the cycle's version, and why."""
+    if not status:
+        return "never"
+    stage = f"stage {status.get('stage') or '—'}"
+    progress = status.get("progress")
+    if status.get("state") == "running" and isinstance(progress, (int, float)):
+        stage += f" {progress:.0%}"
+    line = f"{status.get('state') or '?'} ({stage}, started {_when(status.get('started'))}, "
+    line += f"finished {_when(status.get('finished'))})"
+    if status.get("version"):
+        line += f" {status['version']}"
+    if status.get("reason"):
+        line += f": {status['reason']}"
+    return line
+
+
+def _when(iso: object) -> str:
+    return str(iso)[:16].replace("T", " ") if iso else "—"

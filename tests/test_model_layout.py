@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pipeline.registry import CURRENT_FILE, current_version, resolve_model, switch_current
+from pipeline.registry import CURRENT_FILE, current_version, resolve_model
+from pipeline.registry_ops import switch_current
 from tests.gguf_helpers import write_gguf
 
 

@@ -8,19 +8,17 @@ import threading
 import pytest
 
 from deploy.cli import main as twin
-from deploy.registry import (
-    RetrainBusy,
+from pipeline.errors import InputError
+from pipeline.registry import (
+    CURRENT_FILE,
+    HISTORY_FILE,
+    current_version,
     list_versions,
     previous_version,
-    promote,
-    prune,
     read_history,
-    register,
-    retrain_lock,
-    rollback,
+    resolve_model,
 )
-from pipeline.errors import InputError
-from pipeline.registry import CURRENT_FILE, HISTORY_FILE, current_version, resolve_model
+from pipeline.registry_ops import RetrainBusy, promote, prune, register, retrain_lock, rollback
 from tests.gguf_helpers import write_gguf
 
 

@@ -1,7 +1,7 @@
 """Every switch of `models/current` goes through one guarded, locked, recorded path.
 
 `/twin model X` from chat, `twin models promote/rollback` and a retrain's promotion all call
-`pipeline.registry.switch_current` / `rollback_current`: a bad name, a way out of the
+`pipeline.registry_ops.switch_current` / `rollback_current`: a bad name, a way out of the
 registry or a broken GGUF is refused with `current` and the history untouched; a switch is
 recorded with who asked, so rollback and prune act on what really served.
 """
@@ -18,23 +18,26 @@ from pathlib import Path
 
 import pytest
 
-from deploy.registry import prune, retrain_lock
 from pipeline import registry as reg_layout
 from pipeline.registry import (
     CURRENT_FILE,
     HISTORY_FILE,
-    CurrentMoved,
     InvalidVersion,
-    NothingToRollBack,
     RegistryError,
     VersionNotFound,
     check_version,
     current_version,
     read_history,
     resolve_model,
+    version_names,
+)
+from pipeline.registry_ops import (
+    CurrentMoved,
+    NothingToRollBack,
+    prune,
+    retrain_lock,
     rollback_current,
     switch_current,
-    version_names,
     write_status,
 )
 from tests.gguf_helpers import gguf_bytes, write_gguf
@@ -363,3 +366,14 @@ def test_a_registry_error_is_one_line_naming_the_path(registry):
     with pytest.raises(RegistryError) as refused:
         switch_current(registry, "v1/../v2", by=CHAT)
     assert "\n" not in str(refused.value) and str(refused.value).startswith(f"{registry}: ")
+
+
+def test_the_registry_switch_the_bot_imports_needs_only_the_standard_library():
+    probe = (
+        "import sys; before = set(sys.modules); import pipeline.registry_ops; "
+        "print(sorted({m.split('.')[0] for m in set(sys.modules) - before} - sys.stdlib_module_names))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "['pipeline']"

@@ -9,7 +9,6 @@ import math
 import pytest
 
 from deploy.cli import main as twin
-from deploy.registry import promote, register, retrain_lock
 from deploy.retrain import (
     EvalNumbers,
     collect_messages,
@@ -20,6 +19,7 @@ from deploy.retrain import (
     style_distance,
 )
 from pipeline.registry import current_version, read_status
+from pipeline.registry_ops import promote, register, retrain_lock
 from tests.gguf_helpers import write_gguf
 
 OWNER = "10000"
@@ -241,7 +241,7 @@ def test_twin_retrain_without_now_reports_the_last_cycle_and_the_schedule(tmp_pa
 
 
 def test_a_cycle_that_died_without_an_end_shows_as_interrupted(tmp_path, capsys):
-    from pipeline.registry import write_status
+    from pipeline.registry_ops import write_status
 
     reg = _registry(tmp_path)
     write_status(reg, {"state": "running", "stage": "train", "started": "2026-01-01T00:00:00+00:00"})
@@ -285,3 +285,48 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, monkeypatch, ca
     assert twin(["retrain", "--registry", str(tmp_path / "models")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "TWIN_RETRAIN_MIN_SAMPLES" in err[0]
+
+
+def test_a_running_status_whose_cycle_is_gone_reads_interrupted_in_twin_status_and_the_cli(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from bot.config import Config
+    from bot.runtime import Twin
+    from pipeline.registry_ops import write_status
+    from tests.bot_helpers import ScriptedBackend
+
+    reg = _registry(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names no process now, and it held no lock
+    write_status(
+        reg,
+        {
+            "state": "running",
+            "stage": "train",
+            "progress": 0.4,
+            "started": "2026-01-01T00:00:00+00:00",
+            "pid": gone.pid,
+        },
+    )
+
+    assert twin(["retrain", "--registry", str(reg)]) == 0
+    (cli_line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("last cycle: ")]
+
+    async def bot_line() -> str:
+        config = Config(
+            twin_db=tmp_path / "bot.db", twin_model=str(reg), twin_model_poll=3600, twin_retrain_cron=""
+        )
+        bot = Twin(config, nicknames=["小明"], backend=ScriptedBackend())
+        await bot.start()
+        try:
+            status = await bot.status_text()
+        finally:
+            await bot.close()
+        (line,) = [line for line in status.splitlines() if line.startswith("last retrain: ")]
+        return line
+
+    shown = asyncio.run(bot_line()).removeprefix("last retrain: ")
+    assert shown == cli_line.removeprefix("last cycle: ")
+    assert shown.startswith("interrupted (stage train, started 2026-01-01 00:00")
+    assert read_status(reg)["state"] == "running"  # shown, never written

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from deploy.onebot_client import BotProcess, OneBotClient
-from pipeline.registry import gguf_name, switch_current
+from pipeline.registry import gguf_name
+from pipeline.registry_ops import switch_current
 from tests.e2e.conftest import SUPERUSER, bot_env, running_bot, twin_status, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]

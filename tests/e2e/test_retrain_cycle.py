@@ -24,10 +24,10 @@ import psutil
 import pytest
 
 from deploy.onebot_client import BotProcess, OneBotClient
-from deploy.registry import list_versions, promote, register
 from deploy.retrain import SETTLE_SECONDS
 from pipeline.records import Message
-from pipeline.registry import current_version, read_status
+from pipeline.registry import current_version, list_versions, read_status
+from pipeline.registry_ops import promote, register
 from tests.e2e.conftest import (
     OWNER,
     SUPERUSER,
@@ -237,7 +237,7 @@ async def test_owner_replies_become_a_promoted_version_that_the_running_bot_serv
 async def test_a_second_trigger_while_a_cycle_runs_is_refused(
     qq: OneBotClient, world: dict[str, Path]
 ) -> None:
-    from deploy.registry import retrain_lock
+    from pipeline.registry_ops import retrain_lock
 
     with retrain_lock(world["registry"]):
         before = len(qq.replies(user_id=SUPERUSER))
