@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot.config import Config
 from pipeline.errors import InputError, TwinError
@@ -28,6 +29,9 @@ from pipeline.records import Message
 from pipeline.registry import ADAPTER_DIR, current_version, get_version, now_iso, read_status
 from pipeline.registry_ops import CurrentMoved, promote, prune, register, retrain_lock, write_status
 from trainer.style import style_distance
+
+if TYPE_CHECKING:
+    from pipeline.registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -402,6 +406,38 @@ def _failed(serving: str | None, reason: str) -> CycleResult:
     )
 
 
+@dataclass(slots=True)
+class _CycleState:
+    """What one cycle's stages hand each other."""
+
+    settings: Config
+    registry: Path
+    serving: str
+    serving_version: ModelVersion
+    status: StatusFile
+    work: Path
+    since: int  # the serving model saw everything before this
+    until: int = 0
+    messages: list[Message] = field(default_factory=list)
+    new_samples: int = 0
+    heldout_samples: int = 0
+    data_hash: str = ""
+    gate_reason: str = ""
+    eval: dict = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.work / "data"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.work / "run"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.work / "export"
+
+
 def _cycle(
     settings: Config,
     registry: Path,
@@ -418,30 +454,57 @@ def _cycle(
     window = serving_version.manifest.get("data_window") or {}
     # The serving model saw everything up to its window's end; only later messages are new.
     since = int(window["until"]) + 1 if window.get("until") else 0
+    cycle = _CycleState(settings, registry, serving, serving_version, status, work, since)
 
     def stage(name: str) -> None:
         status.stage(name)
         on_stage(name)
 
     stage("collect")
-    # The newest few seconds wait for the next cycle: a message stamped just before the query
-    # but written just after it would otherwise fall between two windows.
-    until = int(time.time()) - SETTLE_SECONDS
-    messages = [m for m in collect_messages(settings, since) if m.time <= until]
-
+    _collect(cycle)
     stage("build")
+    if (skipped := _build(cycle)) is not None:
+        return skipped
+    stage("train")
+    _train(cycle)
+    stage("evaluate")
+    if (rejected := _evaluate(cycle)) is not None:
+        return rejected
+    stage("export")
+    _export(cycle)
+    stage("promote")
+    return _promote(cycle)
+
+
+def _collect(cycle: _CycleState) -> None:
+    """The store's messages since the serving model's window, but for the newest few seconds."""
+    # They wait for the next cycle: a message stamped just before the query but written just
+    # after it would otherwise fall between two windows.
+    cycle.until = int(time.time()) - SETTLE_SECONDS
+    cycle.messages = [m for m in collect_messages(cycle.settings, cycle.since) if m.time <= cycle.until]
+
+
+def _build(cycle: _CycleState) -> CycleResult | None:
+    """New samples, a held-out share and a replay of the original data into `work/data`;
+    a skipped result when there are too few new samples."""
     from pipeline.dataset.build import build_samples
 
-    built = build_samples(messages, dataset_settings_for(settings))
+    settings = cycle.settings
+    built = build_samples(cycle.messages, dataset_settings_for(settings))
     samples = sorted(built, key=lambda sample: getattr(sample, "end", 0))
-    status.update(new_samples=len(samples))
+    cycle.new_samples = len(samples)
+    cycle.status.update(new_samples=len(samples))
     if len(samples) < settings.twin_retrain_min_samples:
         reason = (
             f"{len(samples)} new samples since the last cycle, fewer than the minimum "
             f"{settings.twin_retrain_min_samples} (TWIN_RETRAIN_MIN_SAMPLES)"
         )
         return CycleResult(
-            "skipped", f"not retraining: {reason}", reason=reason, serving=serving, new_samples=len(samples)
+            "skipped",
+            f"not retraining: {reason}",
+            reason=reason,
+            serving=cycle.serving,
+            new_samples=len(samples),
         )
 
     new_train, new_heldout = split_heldout([_row(s) for s in samples], settings.twin_retrain_heldout_ratio)
@@ -451,84 +514,101 @@ def _cycle(
     replay = replay_share(
         original_train, len(new_train), settings.twin_retrain_replay_ratio, settings.twin_retrain_seed
     )
-    data_dir = private_dir(work / "data")
+    data_dir = private_dir(cycle.data_dir)
     train_rows = new_train + replay
     random.Random(settings.twin_retrain_seed).shuffle(train_rows)
     write_jsonl(data_dir / "train.jsonl", train_rows)
     write_jsonl(data_dir / "val.jsonl", original_val + new_heldout)
-    data_hash = dataset_hash(data_dir / "train.jsonl", data_dir / "val.jsonl")
+    cycle.data_hash = dataset_hash(data_dir / "train.jsonl", data_dir / "val.jsonl")
+    cycle.heldout_samples = len(original_val) + len(new_heldout)
     log.info(
         "retrain: %d new samples (%d held out), %d replayed", len(samples), len(new_heldout), len(replay)
     )
+    return None
 
-    stage("train")
-    run_dir = work / "run"
+
+def _train(cycle: _CycleState) -> None:
+    """Continue the serving adapter on the cycle's data, in a child process at lower priority."""
+    settings = cycle.settings
     train_settings = {
-        **base_model_of(settings, serving_version),
-        "data": str(data_dir),
-        "output_dir": str(run_dir),
+        **base_model_of(settings, cycle.serving_version),
+        "data": str(cycle.data_dir),
+        "output_dir": str(cycle.run_dir),
         "max_steps": settings.twin_retrain_max_steps,
         "lr": settings.twin_retrain_learning_rate,
         "seed": settings.twin_retrain_seed,
     }
-    adapter = serving_version.path / ADAPTER_DIR
+    adapter = cycle.serving_version.path / ADAPTER_DIR
     if adapter.is_dir():
         train_settings["init_adapter"] = str(adapter)
-    run_training_child(train_settings, work, status, settings.twin_retrain_nice)
+    run_training_child(train_settings, cycle.work, cycle.status, settings.twin_retrain_nice)
 
-    stage("evaluate")
-    candidate = evaluate_numbers(run_dir, data_dir, settings)
-    status.update(progress=0.5)
-    current = evaluate_numbers(serving_run_dir(serving_version, run_dir, work), data_dir, settings)
+
+def _evaluate(cycle: _CycleState) -> CycleResult | None:
+    """Candidate and serving adapter on the same held-out set; a rejected result unless the gate passes."""
+    settings = cycle.settings
+    candidate = evaluate_numbers(cycle.run_dir, cycle.data_dir, settings)
+    cycle.status.update(progress=0.5)
+    serving_run = serving_run_dir(cycle.serving_version, cycle.run_dir, cycle.work)
+    current = evaluate_numbers(serving_run, cycle.data_dir, settings)
     decision = gate(
         candidate,
         current,
         ppl_tolerance=settings.twin_retrain_ppl_tolerance,
         style_tolerance=settings.twin_retrain_style_tolerance,
     )
-    numbers = {"perplexity": candidate.perplexity, "style_distance": candidate.style_distance}
-    eval_record = {
+    cycle.eval = {
         "candidate": asdict(candidate),
         "serving": asdict(current),
-        "heldout_samples": len(original_val) + len(new_heldout),
+        "heldout_samples": cycle.heldout_samples,
     }
-    if not decision.passed:
-        return CycleResult(
-            "rejected",
-            f"candidate rejected by the quality gate, still serving {serving}: {decision.reason}",
-            reason=decision.reason,
-            serving=serving,
-            new_samples=len(samples),
-            eval=eval_record,
-        )
+    cycle.gate_reason = decision.reason
+    if decision.passed:
+        return None
+    return CycleResult(
+        "rejected",
+        f"candidate rejected by the quality gate, still serving {cycle.serving}: {decision.reason}",
+        reason=decision.reason,
+        serving=cycle.serving,
+        new_samples=cycle.new_samples,
+        eval=cycle.eval,
+    )
 
-    stage("export")
+
+def _export(cycle: _CycleState) -> None:
+    """The candidate merged, converted and quantised into `work/export`."""
     from trainer.export import export
 
-    export_dir = work / "export"
-    export(run_dir, export_dir, quants=tuple(settings.retrain_quant_list))
+    export(cycle.run_dir, cycle.export_dir, quants=tuple(cycle.settings.retrain_quant_list))
 
-    stage("promote")
+
+def _promote(cycle: _CycleState) -> CycleResult:
+    """Register the export as a version and serve it, unless an operator switched meanwhile."""
     version = register(
-        registry,
-        export_dir,
-        parent=serving,
-        data_window={"since": since, "until": until, "messages": len(messages), "samples": len(samples)},
-        dataset_hash=data_hash,
-        eval_numbers={**numbers, "gate": eval_record, "gate_reason": decision.reason},
+        cycle.registry,
+        cycle.export_dir,
+        parent=cycle.serving,
+        data_window={
+            "since": cycle.since,
+            "until": cycle.until,
+            "messages": len(cycle.messages),
+            "samples": cycle.new_samples,
+        },
+        dataset_hash=cycle.data_hash,
+        eval_numbers={**cycle.eval["candidate"], "gate": cycle.eval, "gate_reason": cycle.gate_reason},
         move=True,
     )
     try:
         # Checked and switched under one lock: an operator's switch meanwhile stands.
         promote(
-            registry,
+            cycle.registry,
             version.name,
-            reason=f"retrain gate passed: {decision.reason}",
+            reason=f"retrain gate passed: {cycle.gate_reason}",
             by="retrain",
-            expect_current=serving,
+            expect_current=cycle.serving,
         )
     except CurrentMoved:
-        now_serving = current_version(registry)
+        now_serving = current_version(cycle.registry)
         reason = f"{now_serving} was promoted during the cycle; {version.name} is registered but not served"
         return CycleResult(
             "registered",
@@ -537,20 +617,21 @@ def _cycle(
             reason=reason,
             version=version.name,
             serving=now_serving,
-            new_samples=len(samples),
-            eval=eval_record,
+            new_samples=cycle.new_samples,
+            eval=cycle.eval,
         )
-    removed = prune(registry, settings.twin_retrain_keep)
+    removed = prune(cycle.registry, cycle.settings.twin_retrain_keep)
     if removed:
         log.info("retrain: removed old versions %s", ", ".join(removed))
     return CycleResult(
         "promoted",
-        f"promoted {version.name} (parent {serving}, {len(samples)} new samples): {decision.reason}",
-        reason=decision.reason,
+        f"promoted {version.name} (parent {cycle.serving}, {cycle.new_samples} new samples): "
+        f"{cycle.gate_reason}",
+        reason=cycle.gate_reason,
         version=version.name,
         serving=version.name,
-        new_samples=len(samples),
-        eval=eval_record,
+        new_samples=cycle.new_samples,
+        eval=cycle.eval,
     )
 
 

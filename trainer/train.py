@@ -32,7 +32,7 @@ from pipeline.errors import InputError
 from pipeline.files import atomic_dir, private_dir, write_text_atomic
 from trainer.config import ADAPTER_DIR, METRICS_FILE, SETTINGS_FILE, TrainSettings
 from trainer.data import IGNORE, Batch, dataset_hash, encode_all, iter_micro_batches, load_split
-from trainer.models import LoraTargets
+from trainer.models import BaseModelRef, LoraTargets
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,22 @@ class TrainState:
     label_tokens: int = 0
     elapsed_s: float = 0.0
     curve: list[dict[str, float]] = field(default_factory=list)
+
+    def advance(self, *, tokens: int, label_tokens: int, loss: float, lr: float, elapsed_s: float) -> None:
+        """Count one optimizer step and add it to the loss curve."""
+        self.step += 1
+        self.tokens += tokens
+        self.label_tokens += label_tokens
+        self.elapsed_s = elapsed_s
+        self.curve.append(
+            {
+                "step": self.step,
+                "loss": round(loss, 5),
+                "lr": lr,
+                "tokens": self.tokens,
+                "elapsed_s": round(self.elapsed_s, 3),
+            }
+        )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -117,6 +133,29 @@ def owner_loss(model: Any, batch: Batch) -> tuple[Any, int]:
 StepCallback = Callable[[int, int, float], None]
 
 
+@dataclass(slots=True)
+class _Run:
+    """What `_prepare` hands `_fit` and `_save`: a model, its data and its optimizer, ready to step."""
+
+    settings: TrainSettings
+    run_dir: Path
+    base: BaseModelRef
+    accelerator: Any
+    use_bf16: bool
+    tokenizer: Any
+    model: Any  # the LoRA model, as `save_pretrained` wants it
+    wrapped: Any  # the same, as accelerate prepared it for this backend
+    trainable: list[Any]
+    optimizer: Any
+    scheduler: Any
+    checkpointer: _Checkpointer
+    batches: Iterator[Batch]
+    micro_per_step: int  # across all processes
+    total_steps: int
+    state: TrainState
+    resumed_from: int
+
+
 def train(
     settings: TrainSettings, *, progress: bool = True, on_step: StepCallback | None = None
 ) -> TrainResult:
@@ -124,12 +163,20 @@ def train(
 
     `on_step(step, total_steps, loss)` is called after every optimizer step (for status files).
     """
-    from trainer.models import check_qlora, load_model, load_tokenizer, lora_targets, resolve_base
-
     run_dir = Path(settings.output_dir)
     if (run_dir / METRICS_FILE).is_file() and (run_dir / ADAPTER_DIR).is_dir():
         log.info("%s is a finished run; nothing to do", run_dir)
         return _result_from_metrics(run_dir)
+    run = _prepare(settings, run_dir)
+    runtime = _fit(run, progress=progress, on_step=on_step)
+    _save(run, runtime)
+    return _result_from_metrics(run_dir)
+
+
+def _prepare(settings: TrainSettings, run_dir: Path) -> _Run:
+    """Samples, the base model with LoRA, AdamW and its schedule, wrapped for this backend and
+    restored from the run's latest checkpoint if it has one."""
+    from trainer.models import check_qlora, load_tokenizer, resolve_base
 
     conversations = load_split(settings.data)
     base = resolve_base(settings.base_model, settings.gguf_file)
@@ -144,37 +191,17 @@ def train(
     _seed_everything(settings.seed)
 
     tokenizer = load_tokenizer(base)
-    samples = encode_all(tokenizer, conversations, settings.max_seq_len, loss_on=settings.loss_on)
-    if not samples:
-        raise InputError(
-            Path(settings.data) / "train.jsonl",
-            f"no sample keeps an assistant reply within max_seq_len={settings.max_seq_len} tokens",
-        )
-
+    samples = _encode(settings, tokenizer, conversations)
     # CUDA keeps bf16 weights; on CPU weights stay fp32 and bf16 is autocast only (AMX/AVX512-BF16).
-    dtype = torch.bfloat16 if use_bf16 and on_cuda else torch.float32
-    model = load_model(base, dtype=dtype, qlora=settings.qlora, device=str(device))
-    model = _add_lora(model, settings, lora_targets(model, settings))
-    model.config.use_cache = False
-    if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    model = _lora_model(settings, base, torch.bfloat16 if use_bf16 and on_cuda else torch.float32, device)
 
-    micro_per_epoch = _micro_batches_per_epoch(samples, settings)
-    steps_per_epoch = max(1, micro_per_epoch // (settings.grad_accum * accelerator.num_processes))
+    micro_per_step = settings.grad_accum * accelerator.num_processes
+    steps_per_epoch = max(1, _micro_batches_per_epoch(samples, settings) // micro_per_step)
     total_steps = settings.max_steps or max(1, math.ceil(steps_per_epoch * settings.epochs))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = _cosine_with_warmup(optimizer, round(total_steps * settings.warmup_ratio), total_steps)
-
-    private_dir(run_dir)
-    checkpoint = _latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        _check_same_run(run_dir, settings)
-    elif accelerator.is_main_process:
-        stored = {"settings": settings.model_dump(mode="json"), "base": base.to_dict()}
-        stored["dataset_hash"] = dataset_hash(settings.data)
-        write_text_atomic(run_dir / SETTINGS_FILE, json.dumps(stored, ensure_ascii=False, indent=2))
+    checkpoint = _open_run_dir(run_dir, settings, base, accelerator)
 
     deepspeed = accelerator.state.deepspeed_plugin
     if deepspeed is not None:
@@ -188,8 +215,70 @@ def train(
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint, checkpointer, scheduler)
         log.info("resuming %s from step %d", run_dir, state.step)
-    resumed_from = state.step
 
+    return _Run(
+        settings=settings,
+        run_dir=run_dir,
+        base=base,
+        accelerator=accelerator,
+        use_bf16=use_bf16,
+        tokenizer=tokenizer,
+        model=model,
+        wrapped=wrapped,
+        trainable=trainable,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        checkpointer=checkpointer,
+        # Replay the data order up to where the checkpoint stopped (collation only, no compute).
+        batches=_micro_batches(samples, tokenizer, settings, skip=state.step * micro_per_step),
+        micro_per_step=micro_per_step,
+        total_steps=total_steps,
+        state=state,
+        resumed_from=state.step,
+    )
+
+
+def _encode(settings: TrainSettings, tokenizer: Any, conversations: list) -> list:
+    """Every conversation as token ids with owner-only targets; a clear error when none fits."""
+    samples = encode_all(tokenizer, conversations, settings.max_seq_len, loss_on=settings.loss_on)
+    if not samples:
+        raise InputError(
+            Path(settings.data) / "train.jsonl",
+            f"no sample keeps an assistant reply within max_seq_len={settings.max_seq_len} tokens",
+        )
+    return samples
+
+
+def _lora_model(settings: TrainSettings, base: BaseModelRef, dtype: torch.dtype, device: Any) -> Any:
+    """The base model on `device` with LoRA (new, or continuing `init_adapter`) ready to train."""
+    from trainer.models import load_model, lora_targets
+
+    model = load_model(base, dtype=dtype, qlora=settings.qlora, device=str(device))
+    model = _add_lora(model, settings, lora_targets(model, settings))
+    model.config.use_cache = False
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def _open_run_dir(
+    run_dir: Path, settings: TrainSettings, base: BaseModelRef, accelerator: Any
+) -> Path | None:
+    """The run's latest checkpoint when it resumes (with the same settings); else its settings written."""
+    private_dir(run_dir)
+    checkpoint = _latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        _check_same_run(run_dir, settings)
+    elif accelerator.is_main_process:
+        stored = {"settings": settings.model_dump(mode="json"), "base": base.to_dict()}
+        stored["dataset_hash"] = dataset_hash(settings.data)
+        write_text_atomic(run_dir / SETTINGS_FILE, json.dumps(stored, ensure_ascii=False, indent=2))
+    return checkpoint
+
+
+def _micro_batches(samples: list, tokenizer: Any, settings: TrainSettings, *, skip: int) -> Iterator[Batch]:
+    """The endless micro-batch stream, past the first `skip` micro-batches."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = iter_micro_batches(
         samples,
@@ -199,73 +288,82 @@ def train(
         pad_id=pad_id,
         seed=settings.seed,
     )
-    # Replay the data order up to where the checkpoint stopped (collation only, no compute).
-    per_step = settings.grad_accum * accelerator.num_processes
-    for _ in range(state.step * per_step):
+    for _ in range(skip):
         next(batches)
+    return batches
 
-    wrapped.train()
-    bar = _ProgressBar(total_steps, enabled=progress and accelerator.is_main_process)
+
+def _fit(run: _Run, *, progress: bool, on_step: StepCallback | None) -> float:
+    """Optimizer steps up to `total_steps`, checkpointing as it goes; returns the seconds spent."""
+    settings, accelerator, state = run.settings, run.accelerator, run.state
+    run.wrapped.train()
+    bar = _ProgressBar(run.total_steps, enabled=progress and accelerator.is_main_process)
     bar.advance_to(state.step)
     started = time.perf_counter() - state.elapsed_s
     try:
-        while state.step < total_steps:
-            micro = [next(batches) for _ in range(per_step)]
-            mine = micro[accelerator.process_index :: accelerator.num_processes]
+        while state.step < run.total_steps:
+            micro = [next(run.batches) for _ in range(run.micro_per_step)]
             step_targets = sum(int((b.targets != IGNORE).sum()) for b in micro)
-            loss_total = 0.0
-            for index, batch in enumerate(mine):
-                batch = batch.to(device)
-                sync = accelerator.no_sync(wrapped) if index < len(mine) - 1 else contextlib.nullcontext()
-                with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss_sum, _ = wrapped(batch)
-                # A token mean over the whole step, across micro-batches and processes.
-                loss = loss_sum * accelerator.num_processes / max(step_targets, 1)
-                accelerator.backward(loss)
-                loss_total += float(loss_sum.detach())
-            loss_total = _all_reduce_sum(accelerator, loss_total)
-            accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum = _backward(run, micro, step_targets)
+            accelerator.clip_grad_norm_(run.trainable, settings.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
 
-            state.step += 1
-            state.tokens += sum(b.tokens for b in micro)
-            state.label_tokens += step_targets
-            state.elapsed_s = time.perf_counter() - started
-            step_loss = loss_total / max(step_targets, 1)
-            state.curve.append(
-                {
-                    "step": state.step,
-                    "loss": round(step_loss, 5),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": state.tokens,
-                    "elapsed_s": round(state.elapsed_s, 3),
-                }
+            step_loss = loss_sum / max(step_targets, 1)
+            state.advance(
+                tokens=sum(b.tokens for b in micro),
+                label_tokens=step_targets,
+                loss=step_loss,
+                lr=run.scheduler.get_last_lr()[0],
+                elapsed_s=time.perf_counter() - started,
             )
             bar.update(state.step, step_loss, state.tokens / max(state.elapsed_s, 1e-9))
             if on_step is not None and accelerator.is_main_process:
-                on_step(state.step, total_steps, step_loss)
-            if state.step % settings.save_every == 0 and state.step < total_steps:
-                _save_checkpoint(run_dir, accelerator, checkpointer, scheduler, state, settings)
+                on_step(state.step, run.total_steps, step_loss)
+            if state.step % settings.save_every == 0 and state.step < run.total_steps:
+                _save_checkpoint(run.run_dir, accelerator, run.checkpointer, run.scheduler, state, settings)
             accelerator.wait_for_everyone()
     finally:
         bar.close()
+    return time.perf_counter() - started
 
-    runtime = time.perf_counter() - started
-    adapter_dir = run_dir / ADAPTER_DIR
-    weights = checkpointer.adapter_weights()  # every process takes part; complete on the main one
+
+def _backward(run: _Run, micro: list[Batch], step_targets: int) -> float:
+    """Forward and backward over this process's share of one step's micro-batches; the summed
+    loss of the whole step, across processes."""
+    accelerator, device = run.accelerator, run.accelerator.device
+    mine = micro[accelerator.process_index :: accelerator.num_processes]
+    loss_total = 0.0
+    for index, batch in enumerate(mine):
+        batch = batch.to(device)
+        sync = accelerator.no_sync(run.wrapped) if index < len(mine) - 1 else contextlib.nullcontext()
+        with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            loss_sum, _ = run.wrapped(batch)
+        # A token mean over the whole step, across micro-batches and processes.
+        loss = loss_sum * accelerator.num_processes / max(step_targets, 1)
+        accelerator.backward(loss)
+        loss_total += float(loss_sum.detach())
+    return _all_reduce_sum(accelerator, loss_total)
+
+
+def _save(run: _Run, runtime: float) -> None:
+    """`adapter/` and `metrics.json`, which together mark the run finished; checkpoints go."""
+    accelerator, run_dir = run.accelerator, run.run_dir
+    weights = run.checkpointer.adapter_weights()  # every process takes part; complete on the main one
     if accelerator.is_main_process:
-        with atomic_dir(adapter_dir) as tmp:
-            model.save_pretrained(tmp, state_dict=weights)
-            tokenizer.save_pretrained(tmp)
-        metrics = _metrics(state, runtime, total_steps, resumed_from, settings, base.to_dict())
+        with atomic_dir(run_dir / ADAPTER_DIR) as tmp:
+            run.model.save_pretrained(tmp, state_dict=weights)
+            run.tokenizer.save_pretrained(tmp)
+        metrics = _metrics(
+            run.state, runtime, run.total_steps, run.resumed_from, run.settings, run.base.to_dict()
+        )
         metrics["processes"] = accelerator.num_processes
-        metrics["precision"] = ("bf16" if on_cuda else "fp32 + bf16 autocast") if use_bf16 else "fp32"
+        on_cuda = accelerator.device.type == "cuda"
+        metrics["precision"] = ("bf16" if on_cuda else "fp32 + bf16 autocast") if run.use_bf16 else "fp32"
         write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, ensure_ascii=False, indent=2))
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
-    return _result_from_metrics(run_dir)
 
 
 class OwnerLossModel(torch.nn.Module):

@@ -186,6 +186,65 @@ def _open_private(path: Path, mode: str = "w") -> IO[Any]:
 # ---------------------------------------------------------------- the whole build
 
 
+@dataclass(slots=True)
+class _Totals:
+    """What samples add to the report: per conversation, and again per split."""
+
+    samples: int = 0
+    no_reply: int = 0
+    turns: int = 0
+    tokens: int = 0
+    owner_messages: int = 0
+
+    @classmethod
+    def of(cls, sample: Sample) -> _Totals:
+        return cls(1, int(sample.kind == "no_reply"), sample.turns, sample.tokens, sample.owner_messages)
+
+    @classmethod
+    def parse(cls, text: str) -> _Totals:
+        return cls(*map(int, text.split(" ")))
+
+    def __str__(self) -> str:
+        return f"{self.samples} {self.no_reply} {self.turns} {self.tokens} {self.owner_messages}"
+
+    def count(self, sample: Sample) -> None:
+        self.samples += 1
+        self.no_reply += sample.kind == "no_reply"
+        self.turns += sample.turns
+        self.tokens += sample.tokens
+        self.owner_messages += sample.owner_messages
+
+    def add(self, other: _Totals, sign: int = 1) -> None:
+        self.samples += sign * other.samples
+        self.no_reply += sign * other.no_reply
+        self.turns += sign * other.turns
+        self.tokens += sign * other.tokens
+        self.owner_messages += sign * other.owner_messages
+
+
+@dataclass(slots=True)
+class _Scratch:
+    """The first pass's output: one line per sample in `path` (whole samples in `judged` for
+    an LLM pass) and, per conversation, its number, end time and totals."""
+
+    path: Path
+    judged: Path | None
+    samples: int = 0
+    ends: dict[str, int] = field(default_factory=dict)
+    numbers: dict[str, int] = field(default_factory=dict)
+    totals: list[_Totals] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Splits:
+    """The split pass's output: what went to train, val and mix, and what the LLM pass dropped."""
+
+    train: _Totals = field(default_factory=_Totals)
+    val: _Totals = field(default_factory=_Totals)
+    mix: _Totals = field(default_factory=_Totals)
+    llm_dropped: int = 0
+
+
 def build_dataset(
     messages: Path | Iterable[Message],
     out_dir: Path,
@@ -196,7 +255,6 @@ def build_dataset(
     """Build `out_dir/{train,val}.jsonl`, `dataset_info.json` and `report.json`, all or nothing."""
     settings = settings or DatasetSettings()
     out_dir = Path(out_dir)
-    source_name = str(messages) if isinstance(messages, (str, Path)) else "<messages>"
     mix_path = Path(settings.mix) if settings.mix else None
     if mix_path is not None and settings.mix_ratio > 0 and not mix_path.is_file():
         raise InputError(mix_path, "no such mix file")
@@ -212,119 +270,127 @@ def build_dataset(
 
     stats = BuildStats()
     with atomic_dir(out_dir) as tmp, _progress(progress) as bar:
-        scratch = tmp / _SCRATCH
-        # Only a judge (or its cache) needs whole samples back; the split needs a few numbers.
-        judged = tmp / _JUDGE_SCRATCH if settings.llm.enabled else None
-        conversations: dict[str, int] = {}
-        conversation_ids: dict[str, int] = {}
-        # Per conversation: samples, no-reply samples, turns, tokens, owner messages.
-        totals: list[list[int]] = []
         reading = bar.add_task("reading messages", total=total, unit="msg")
-        n_samples = 0
-        with ExitStack() as files:
-            out = files.enter_context(_open_private(scratch))
-            judge_out = files.enter_context(_open_private(judged)) if judged is not None else None
-            shown = _advancing(stream, bar, reading) if progress else stream
-            for sample in build_samples(shown, settings, stats=stats):
-                conversations[sample.conversation] = sample.conversation_end
-                conversation = conversation_ids.setdefault(sample.conversation, len(conversation_ids))
-                if conversation == len(totals):
-                    totals.append([0, 0, 0, 0, 0])
-                no_reply = int(sample.kind == "no_reply")
-                row = totals[conversation]
-                row[0] += 1
-                row[1] += no_reply
-                row[2] += sample.turns
-                row[3] += sample.tokens
-                row[4] += sample.owner_messages
-                meta = ""
-                if judge_out is not None:
-                    judge_out.write(sample.to_json() + "\n")
-                    numbers = (1, no_reply, sample.turns, sample.tokens, sample.owner_messages)
-                    meta = " ".join(map(str, (*numbers, sample.content_hash())))
-                # The output record is encoded once, here; the split only copies the line.
-                out.write(f"{conversation}\t{meta}\t{_line(sample, settings.format)}")
-                n_samples += 1
+        scratch = _sample_pass(_advancing(stream, bar, reading) if progress else stream, settings, stats, tmp)
         bar.update(reading, total=stats.messages, completed=stats.messages)
-        if n_samples == 0:
+        if scratch.samples == 0:
+            source_name = str(messages) if isinstance(messages, (str, Path)) else "<messages>"
             raise InputError(
                 source_name,
                 f"no training samples could be made from {stats.messages} messages "
                 f"({stats.owner_messages} from the owner): nothing the owner answered survived cleaning",
             )
-
-        verdicts = _llm_pass(judged, n_samples, settings, out_dir, llm_state, bar) if judged else {}
-        val_ids = {conversation_ids[key] for key in _latest(conversations, settings.val_fraction)}
-
-        counts: Counter[str] = Counter()
-        turns: Counter[str] = Counter()
-        tokens: Counter[str] = Counter()
-        splitting = bar.add_task("writing samples", total=n_samples, unit="samples")
-        # Bytes in, bytes out: the records were encoded once already, in the first pass.
-        with (
-            _open_private(tmp / formats.TRAIN_FILE, "wb") as train,
-            _open_private(tmp / formats.VAL_FILE, "wb") as val,
-            scratch.open("rb") as lines,
-        ):
-            for done, line in enumerate(lines, start=1):
-                if done % _PROGRESS_BATCH == 0:
-                    bar.advance(splitting, _PROGRESS_BATCH)
-                conversation_field, meta, record = line.split(b"\t", 2)
-                conversation = int(conversation_field)
-                if verdicts:
-                    *numbers, content_hash = meta.decode().split(" ")
-                    verdict = verdicts.get(llm_clean.key_for_hash(content_hash, settings.llm.model))
-                    if not llm_clean.keeps(verdict, settings.llm.min_score):
-                        counts["llm_dropped"] += 1
-                        for i, number in enumerate(numbers):
-                            totals[conversation][i] -= int(number)
-                        continue
-                (val if conversation in val_ids else train).write(record)
-            bar.update(splitting, completed=n_samples)
-            owner_in_training = 0
-            for conversation, (n, no_reply, n_turns, n_tokens, owner) in enumerate(totals):
-                split = "val" if conversation in val_ids else "train"
-                counts[split] += n
-                counts["no_reply"] += no_reply
-                turns[split] += n_turns
-                tokens[split] += n_tokens
-                owner_in_training += owner
-            counts["mix"] = _write_mix(train, mix_path, counts["train"], settings, stats, turns, tokens)
-        scratch.unlink()
-        if judged is not None:
-            judged.unlink()
-
-        info = formats.dataset_info(settings.format)
-        report = DatasetReport(
-            out_dir=str(out_dir),
-            format=settings.format,
-            messages=stats.messages,
-            bad_lines=bad_lines[:1000],
-            chats=len(stats.chats),
-            conversations=stats.conversations,
-            samples={
-                "train": counts["train"],
-                "val": counts["val"],
-                "mix": counts["mix"],
-                "no_reply": counts["no_reply"],
-                "llm_dropped": counts["llm_dropped"],
-            },
-            turns={"train": turns["train"], "val": turns["val"], "mix": turns["mix"]},
-            estimated_tokens={"train": tokens["train"], "val": tokens["val"], "mix": tokens["mix"]},
-            owner_messages=stats.owner_messages,
-            owner_messages_in_training=owner_in_training,
-            owner_share=round(owner_in_training / stats.owner_messages, 4) if stats.owner_messages else 0.0,
-            dropped=dict(sorted(stats.dropped.items())),
-            redactions=dict(sorted(stats.redactions.items())),
-            skipped=dict(sorted(stats.skipped.items())),
-            llm=llm_state,
-            settings=settings.public_dict(),
-        )
+        judged = scratch.judged
+        verdicts = _llm_pass(judged, scratch.samples, settings, out_dir, llm_state, bar) if judged else {}
+        val = {scratch.numbers[key] for key in _latest(scratch.ends, settings.val_fraction)}
+        splits = _split_pass(scratch, verdicts, val, settings, tmp, bar)
+        _write_mix(tmp / formats.TRAIN_FILE, mix_path, settings, stats, splits)
+        report = _report(out_dir, settings, stats, bad_lines, splits, llm_state)
         with _open_private(tmp / INFO_FILE) as out:
-            json.dump(info, out, ensure_ascii=False, indent=2)
+            json.dump(formats.dataset_info(settings.format), out, ensure_ascii=False, indent=2)
         with _open_private(tmp / REPORT_FILE) as out:
             json.dump(report.to_dict(), out, ensure_ascii=False, indent=2)
     return report
+
+
+def _sample_pass(
+    stream: Iterable[Message], settings: DatasetSettings, stats: BuildStats, tmp: Path
+) -> _Scratch:
+    """Pass 1: build every sample and encode its output record once, into a scratch file."""
+    # Only a judge (or its cache) needs whole samples back; the split needs a few numbers.
+    scratch = _Scratch(tmp / _SCRATCH, tmp / _JUDGE_SCRATCH if settings.llm.enabled else None)
+    with ExitStack() as files:
+        out = files.enter_context(_open_private(scratch.path))
+        judge_out = files.enter_context(_open_private(scratch.judged)) if scratch.judged else None
+        for sample in build_samples(stream, settings, stats=stats):
+            scratch.ends[sample.conversation] = sample.conversation_end
+            number = scratch.numbers.setdefault(sample.conversation, len(scratch.numbers))
+            if number == len(scratch.totals):
+                scratch.totals.append(_Totals())
+            scratch.totals[number].count(sample)
+            meta = ""
+            if judge_out is not None:
+                judge_out.write(sample.to_json() + "\n")
+                meta = f"{_Totals.of(sample)} {sample.content_hash()}"
+            # The output record is encoded once, here; the split only copies the line.
+            out.write(f"{number}\t{meta}\t{_line(sample, settings.format)}")
+            scratch.samples += 1
+    return scratch
+
+
+def _split_pass(
+    scratch: _Scratch,
+    verdicts: dict[str, llm_clean.Verdict],
+    val: set[int],
+    settings: DatasetSettings,
+    tmp: Path,
+    bar: Progress,
+) -> _Splits:
+    """Pass 2: copy each kept record to train.jsonl or val.jsonl by its conversation; bytes in, bytes out."""
+    splits = _Splits()
+    splitting = bar.add_task("writing samples", total=scratch.samples, unit="samples")
+    with (
+        _open_private(tmp / formats.TRAIN_FILE, "wb") as train_out,
+        _open_private(tmp / formats.VAL_FILE, "wb") as val_out,
+        scratch.path.open("rb") as lines,
+    ):
+        for done, line in enumerate(lines, start=1):
+            if done % _PROGRESS_BATCH == 0:
+                bar.advance(splitting, _PROGRESS_BATCH)
+            number_field, meta, record = line.split(b"\t", 2)
+            number = int(number_field)
+            if verdicts:
+                totals, content_hash = meta.decode().rsplit(" ", 1)
+                verdict = verdicts.get(llm_clean.key_for_hash(content_hash, settings.llm.model))
+                if not llm_clean.keeps(verdict, settings.llm.min_score):
+                    splits.llm_dropped += 1
+                    scratch.totals[number].add(_Totals.parse(totals), sign=-1)
+                    continue
+            (val_out if number in val else train_out).write(record)
+        bar.update(splitting, completed=scratch.samples)
+    for number, totals in enumerate(scratch.totals):
+        (splits.val if number in val else splits.train).add(totals)
+    scratch.path.unlink()
+    if scratch.judged is not None:
+        scratch.judged.unlink()
+    return splits
+
+
+def _report(
+    out_dir: Path,
+    settings: DatasetSettings,
+    stats: BuildStats,
+    bad_lines: list[int],
+    splits: _Splits,
+    llm_state: dict[str, Any],
+) -> DatasetReport:
+    train, val, mix = splits.train, splits.val, splits.mix
+    owner_in_training = train.owner_messages + val.owner_messages
+    return DatasetReport(
+        out_dir=str(out_dir),
+        format=settings.format,
+        messages=stats.messages,
+        bad_lines=bad_lines[:1000],
+        chats=len(stats.chats),
+        conversations=stats.conversations,
+        samples={
+            "train": train.samples,
+            "val": val.samples,
+            "mix": mix.samples,
+            "no_reply": train.no_reply + val.no_reply,
+            "llm_dropped": splits.llm_dropped,
+        },
+        turns={"train": train.turns, "val": val.turns, "mix": mix.turns},
+        estimated_tokens={"train": train.tokens, "val": val.tokens, "mix": mix.tokens},
+        owner_messages=stats.owner_messages,
+        owner_messages_in_training=owner_in_training,
+        owner_share=round(owner_in_training / stats.owner_messages, 4) if stats.owner_messages else 0.0,
+        dropped=dict(sorted(stats.dropped.items())),
+        redactions=dict(sorted(stats.redactions.items())),
+        skipped=dict(sorted(stats.skipped.items())),
+        llm=llm_state,
+        settings=settings.public_dict(),
+    )
 
 
 def _line(sample: Sample, fmt: str) -> str:
@@ -427,31 +493,23 @@ def _cached_verdicts(
 
 
 def _write_mix(
-    train: IO[bytes],
-    mix_path: Path | None,
-    n_owner: int,
-    settings: DatasetSettings,
-    stats: BuildStats,
-    turns: Counter[str],
-    tokens: Counter[str],
-) -> int:
-    """Append general samples so they make up `mix_ratio` of train.jsonl; returns how many."""
+    train_file: Path, mix_path: Path | None, settings: DatasetSettings, stats: BuildStats, splits: _Splits
+) -> None:
+    """Pass 3: append general samples so they make up `mix_ratio` of train.jsonl."""
+    n_owner = splits.train.samples
     if mix_path is None or settings.mix_ratio <= 0 or n_owner == 0:
-        return 0
+        return
     valid = sum(1 for _ in _iter_mix(mix_path, settings.skip_bad))
     wanted = round(settings.mix_ratio * n_owner / (1 - settings.mix_ratio))
     chosen = set(random.Random(settings.seed).sample(range(valid), min(wanted, valid)))
-    written = 0
-    for index, messages in enumerate(_iter_mix(mix_path, settings.skip_bad)):
-        if index not in chosen:
-            continue
-        clean = _redact_mix_messages(messages, tuple(settings.redact_names), stats.redactions)
-        sample = Sample(messages=clean, source="mix", kind="mix", chat_type="mix")
-        train.write(_line(sample, settings.format).encode("utf-8"))
-        turns["mix"] += sample.turns
-        tokens["mix"] += estimate_messages_tokens(clean)
-        written += 1
-    return written
+    with _open_private(train_file, "ab") as train:
+        for index, messages in enumerate(_iter_mix(mix_path, settings.skip_bad)):
+            if index not in chosen:
+                continue
+            clean = _redact_mix_messages(messages, tuple(settings.redact_names), stats.redactions)
+            sample = Sample(messages=clean, source="mix", kind="mix", chat_type="mix")
+            train.write(_line(sample, settings.format).encode("utf-8"))
+            splits.mix.add(_Totals(samples=1, turns=sample.turns, tokens=estimate_messages_tokens(clean)))
 
 
 def _redact_mix_messages(

@@ -305,6 +305,71 @@ def _uid_map(conn: sqlcipher3.Connection) -> dict[str, str]:
     }
 
 
+@dataclass(slots=True)
+class _Tally:
+    """What `_rows_to_records` counts row by row, copied into the report when the rows end."""
+
+    rows: int = 0
+    messages: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    per_kind: dict[str, int] = field(default_factory=dict)
+    per_chat_type: dict[str, int] = field(default_factory=dict)
+    unknown_types: Counter[int] = field(default_factory=Counter)
+    undecodable_ids: list[str] = field(default_factory=list)
+    unresolved_uids: int = 0
+    replies_resolved: int = 0
+    replies_unresolved: int = 0
+    first_time: int | None = None
+    last_time: int | None = None
+
+    def kept(self, chat_type: str, kinds: list[str], time: int) -> None:
+        self.messages += 1
+        if self.messages == 1:
+            self.first_time = time
+        self.last_time = time
+        self.per_chat_type[chat_type] = self.per_chat_type.get(chat_type, 0) + 1
+        for kind in kinds:
+            self.per_kind[kind] = self.per_kind.get(kind, 0) + 1
+
+    def fill(self, report: ExtractReport) -> None:
+        report.rows = self.rows
+        report.messages = self.messages
+        report.per_chat_type = dict(self.per_chat_type)
+        report.per_kind = dict(self.per_kind)
+        report.dropped = {reason: self.dropped.get(reason, 0) for reason in DROP_REASONS}
+        report.undecodable = self.dropped.get("undecodable", 0)
+        report.undecodable_ids = self.undecodable_ids
+        report.unknown_element_types = {str(k): v for k, v in sorted(self.unknown_types.items())}
+        report.unresolved_uids = self.unresolved_uids
+        report.replies_resolved = self.replies_resolved
+        report.replies_unresolved = self.replies_unresolved
+        report.first_time = self.first_time
+        report.last_time = self.last_time
+
+
+class _RecentIds:
+    """(chat type, chat, sequence) → message id for the last 25k-50k rows, in two generations;
+    most replies quote something just said, and `find_quoted` answers for older quotes."""
+
+    def __init__(self, find_quoted: Callable[[str, object, int], object | None] | None) -> None:
+        self.recent: dict[tuple, object] = {}
+        self.older: dict[tuple, object] = {}
+        self.half = REPLY_WINDOW // 2
+        self.find_quoted = find_quoted
+
+    def remember(self, chat_type: str, chat_key: object, seq: int, msg_id: object) -> None:
+        self.recent[(chat_type, chat_key, seq)] = msg_id
+        if len(self.recent) >= self.half:
+            self.older, self.recent = self.recent, {}
+
+    def quoted(self, chat_type: str, chat_key: object, seq: int) -> object | None:
+        key = (chat_type, chat_key, seq)
+        found = self.recent.get(key) or self.older.get(key)
+        if found is None and self.find_quoted is not None:
+            found = self.find_quoted(chat_type, chat_key, seq)
+        return found
+
+
 def _rows_to_records(
     rows: Iterator[tuple],
     uid_map: dict[str, str],
@@ -316,44 +381,29 @@ def _rows_to_records(
 
     Pure apart from filling `report` and calling `find_quoted` for quotes older than the window.
     """
-    dropped: Counter[str] = Counter()
-    kinds_count: dict[str, int] = {}
-    chat_count: dict[str, int] = {}
-    unknown_types: Counter[int] = Counter()
-    undecodable_ids: list[str] = []
-    n_rows = n_messages = unresolved = replies_ok = replies_missing = 0
-    first_time = last_time = None
-    recent: dict[tuple, object] = {}
-    older: dict[tuple, object] = {}
+    tally = _Tally()
+    ids = _RecentIds(find_quoted)
     # Local names: this loop runs once per row of a possibly multi-million-row history.
-    decode, render, uid_of = decode_body, render_elements, uid_map.get
+    decode, render, dropped = decode_body, render_elements, tally.dropped
     try:
         for row in rows:
-            n_rows += 1
-            if bar is not None and not n_rows & 0x3FF:
-                bar.update(n_rows)
+            tally.rows += 1
+            if bar is not None and not tally.rows & 0x3FF:
+                bar.update(tally.rows)
             (chat_type, msg_id, msg_type, send_type, sender_uid, peer_uid, peer_uin, sender_uin,
              status, time, card, nick, body, reply_seq, seq) = row  # fmt: skip
-            if seq:  # recent (chat, sequence) → id: most replies quote something just said
-                recent[(chat_type, peer_uid, seq)] = msg_id
-                if len(recent) >= REPLY_WINDOW // 2:  # two generations: the last 25k-50k rows
-                    older, recent = recent, {}
-            if send_type == SEND_TYPE_SYSTEM:
-                dropped["system"] += 1
-                continue
-            # Only the owner's own sends can have failed; a received row is delivered by definition.
-            if status is not None and status != STATUS_DELIVERED and send_type in SEND_TYPE_SELF:
-                dropped["failed_send"] += 1
-                continue
-            if msg_type in (MSG_TYPE_UNKNOWN, MSG_TYPE_EMPTY):
-                dropped["empty" if msg_type == MSG_TYPE_EMPTY else "unknown_type"] += 1
+            if seq:
+                ids.remember(chat_type, peer_uid, seq, msg_id)
+            reason = _row_drop_reason(msg_type, send_type, status)
+            if reason:
+                dropped[reason] += 1
                 continue
             try:
                 decoded = decode(body)
             except BodyError:
                 dropped["undecodable"] += 1
-                if len(undecodable_ids) < MAX_LISTED_UNDECODABLE:
-                    undecodable_ids.append(str(msg_id))
+                if len(tally.undecodable_ids) < MAX_LISTED_UNDECODABLE:
+                    tally.undecodable_ids.append(str(msg_id))
                 continue
             if decoded.revoked:
                 dropped["revoked"] += 1
@@ -362,54 +412,23 @@ def _rows_to_records(
                 dropped["gray_tip"] += 1
                 continue
             if decoded.unknown_types:
-                unknown_types.update(decoded.unknown_types)
+                tally.unknown_types.update(decoded.unknown_types)
             text, kinds, _ = render(decoded.elements)
             if not text:
                 dropped["empty"] += 1
                 continue
-            is_self = send_type in SEND_TYPE_SELF
-            if sender_uin:
-                sender = str(sender_uin)
-            else:
-                sender = uid_of(sender_uid or "", "")
-                if not sender:
-                    unresolved += 1
-                    sender = sender_uid or ""
-            if peer_uin:
-                chat = str(peer_uin)
-            elif chat_type == "group":
-                chat = str(peer_uid or "")
-            else:
-                chat = uid_of(peer_uid or "", "") or str(peer_uid or "")
             reply_to = None
             if reply_seq or "reply" in kinds:
                 # The quoted sequence: column 40850, else the reply element's own field.
-                quoted_seq = reply_seq or decoded.reply_seq
-                reply_id = None
-                if quoted_seq:
-                    quoted = (chat_type, peer_uid, quoted_seq)
-                    reply_id = recent.get(quoted) or older.get(quoted)
-                    if reply_id is None and find_quoted is not None:
-                        reply_id = find_quoted(chat_type, peer_uid, quoted_seq)
-                if reply_id is not None:
-                    reply_to = str(reply_id)
-                    replies_ok += 1
-                else:
-                    replies_missing += 1
-            n_messages += 1
-            if n_messages == 1:
-                first_time = time
-            chat_count[chat_type] = chat_count.get(chat_type, 0) + 1
-            for kind in kinds:
-                kinds_count[kind] = kinds_count.get(kind, 0) + 1
-            last_time = time
+                reply_to = _reply_to(ids, chat_type, peer_uid, reply_seq or decoded.reply_seq, tally)
+            tally.kept(chat_type, kinds, time)
             yield (
                 str(msg_id),
                 chat_type,
-                chat,
-                sender,
+                _chat(chat_type, peer_uid, peer_uin, uid_map),
+                _sender(sender_uid, sender_uin, uid_map, tally),
                 (card or nick or "") if chat_type == "group" else (nick or ""),
-                is_self,
+                send_type in SEND_TYPE_SELF,
                 int(time or 0),
                 text,
                 reply_to,
@@ -417,20 +436,52 @@ def _rows_to_records(
             )
     finally:
         if bar is not None:
-            bar.update(n_rows)
-        report.rows = n_rows
-        report.messages = n_messages
-        report.per_chat_type = dict(chat_count)
-        report.per_kind = dict(kinds_count)
-        report.dropped = {reason: dropped.get(reason, 0) for reason in DROP_REASONS}
-        report.undecodable = dropped.get("undecodable", 0)
-        report.undecodable_ids = undecodable_ids
-        report.unknown_element_types = {str(k): v for k, v in sorted(unknown_types.items())}
-        report.unresolved_uids = unresolved
-        report.replies_resolved = replies_ok
-        report.replies_unresolved = replies_missing
-        report.first_time = first_time
-        report.last_time = last_time
+            bar.update(tally.rows)
+        tally.fill(report)
+
+
+def _row_drop_reason(msg_type: int, send_type: int, status: int | None) -> str:
+    """Why a row is not a message, judged from its columns before its body is decoded ("" if it may be)."""
+    if send_type == SEND_TYPE_SYSTEM:
+        return "system"
+    # Only the owner's own sends can have failed; a received row is delivered by definition.
+    if status is not None and status != STATUS_DELIVERED and send_type in SEND_TYPE_SELF:
+        return "failed_send"
+    if msg_type in (MSG_TYPE_UNKNOWN, MSG_TYPE_EMPTY):
+        return "empty" if msg_type == MSG_TYPE_EMPTY else "unknown_type"
+    return ""
+
+
+def _sender(sender_uid: str | None, sender_uin: object, uid_map: dict[str, str], tally: _Tally) -> str:
+    """The sender's QQ number: its column, else through the uid mapping, else the uid (counted)."""
+    if sender_uin:
+        return str(sender_uin)
+    sender = uid_map.get(sender_uid or "", "")
+    if not sender:
+        tally.unresolved_uids += 1
+        sender = sender_uid or ""
+    return sender
+
+
+def _chat(chat_type: str, peer_uid: object, peer_uin: object, uid_map: dict[str, str]) -> str:
+    """The chat's number: the peer's QQ number, the group code, else the peer uid."""
+    if peer_uin:
+        return str(peer_uin)
+    if chat_type == "group":
+        return str(peer_uid or "")
+    return uid_map.get(peer_uid or "", "") or str(peer_uid or "")
+
+
+def _reply_to(
+    ids: _RecentIds, chat_type: str, peer_uid: object, quoted_seq: int, tally: _Tally
+) -> str | None:
+    """The quoted message's id, counted as resolved or not."""
+    reply_id = ids.quoted(chat_type, peer_uid, quoted_seq) if quoted_seq else None
+    if reply_id is None:
+        tally.replies_unresolved += 1
+        return None
+    tally.replies_resolved += 1
+    return str(reply_id)
 
 
 def _stderr_is_terminal() -> bool:
