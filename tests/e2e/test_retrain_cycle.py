@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.asyncio(loop_scope=
 
 REPO = Path(__file__).resolve().parents[2]
 FRIENDS = (20001, 20002, 20003)
+DURING = 21000  # the first friend writing during a cycle (one a second: never reaches 20198)
 T0 = 1_700_000_000
 
 
@@ -193,7 +194,7 @@ async def test_owner_replies_become_a_promoted_version_that_the_running_bot_serv
     while current_version(world["registry"]) == "v0001" and time.monotonic() < deadline:
         if read_status(world["registry"]).get("state") in ("skipped", "failed", "rejected"):
             break  # the assertions below say why
-        friend = 20100 + sent_during
+        friend = DURING + sent_during
         await qq.send_private(friend, "训练的时候也在吗")
         await qq.wait_reply(user_id=friend, timeout=90)
         sent_during += 1
@@ -225,7 +226,7 @@ async def test_owner_replies_become_a_promoted_version_that_the_running_bot_serv
         c for (c,) in store_rows(bot, "SELECT DISTINCT chat FROM messages WHERE origin = 'twin'")
     }
     assert {str(f) for f in (*FRIENDS, 20199, 20198)} | {
-        str(20100 + i) for i in range(sent_during)
+        str(DURING + i) for i in range(sent_during)
     } <= answered_chats
     versions = {v for (v,) in store_rows(bot, "SELECT model_version FROM messages WHERE chat = '20199'") if v}
     assert versions == {"v0002"}
