@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from pipeline.chatformat import BURST_GAP
+
 
 class Config(BaseModel):
     """qq-twin plugin settings (`TWIN_*`)."""
@@ -55,6 +57,9 @@ class Config(BaseModel):
 
     # who it is
     twin_persona: str = Field("我", description="the owner's name in the system prompt (as in the dataset)")
+    twin_burst_gap: int = Field(
+        BURST_GAP, ge=0, description="seconds within which one sender's messages join (dataset burst_gap)"
+    )
 
     # the conversation store
     twin_db: Path = Field(Path("data/bot.db"), description="conversation store (SQLite, WAL)")
