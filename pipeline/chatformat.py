@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, NamedTuple, Protocol
 
-# Placeholders for element kinds that carry no text of their own (ARCHITECTURE.md).
+# Placeholders for element kinds that carry no text of their own (docs/ntqq.md lists them).
 IMAGE = "[图片]"
 ANIMATED_STICKER = "[动画表情]"
 VOICE = "[语音]"
