@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.chatformat import DEFAULT_PERSONA
+from pipeline.chatformat import BURST_GAP, DEFAULT_PERSONA
 
 # The model registry that `twin export` and `twin retrain` write and the bot follows.
 DEFAULT_MODEL = "models"
@@ -68,6 +68,9 @@ class Config(BaseModel):
     # who it is
     twin_persona: str = Field(
         DEFAULT_PERSONA, description="the owner's name in the system prompt (as in the dataset)"
+    )
+    twin_burst_gap: int = Field(
+        BURST_GAP, ge=0, description="seconds within which one sender's messages join (dataset burst_gap)"
     )
 
     # the conversation store

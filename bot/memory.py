@@ -6,32 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bot.store import StoredMessage
-from pipeline.chatformat import Turn, join_burst, system_prompt, to_messages
+from pipeline.chatformat import BURST_GAP, Turn, system_prompt, to_messages, to_turns
 
 CUT_MARK = "…"
 
 
-def history_turns(history: Sequence[StoredMessage]) -> list[Turn]:
-    """Consecutive messages of one speaker become one turn (a burst), as in the dataset.
-
-    Incoming messages are the user's; the owner's own words and the twin's replies are the
-    assistant's (the model speaks as the owner).
-    """
-    turns: list[Turn] = []
-    speakers: list[str] = []
-    bursts: list[list[str]] = []
-    for message in history:
-        role = "user" if message.origin == "incoming" else "assistant"
-        speaker = message.sender_name if role == "user" else ""  # as pipeline.dataset names speakers
-        key = f"{role}:{message.sender if role == 'user' else ''}"
-        if turns and speakers[-1] == key:
-            bursts[-1].append(message.text)
-            turns[-1].text = join_burst(bursts[-1])
-            continue
-        turns.append(Turn(role=role, text=join_burst([message.text]), speaker=speaker, time=message.time))
-        speakers.append(key)
-        bursts.append([message.text])
-    return [t for t in turns if t.text]
+def history_turns(history: Sequence[StoredMessage], burst_gap: int = BURST_GAP) -> list[Turn]:
+    """The chat's turns, merged by the dataset's own turn builder (`chatformat.to_turns`): the
+    owner's words and the twin's replies are the assistant's, incoming messages the user's."""
+    return [chat_turn.turn for chat_turn in to_turns(history, burst_gap)]
 
 
 def keep_end(text: str, limit: int) -> str:
@@ -42,15 +25,19 @@ def keep_end(text: str, limit: int) -> str:
 
 
 def build_prompt(
-    history: Sequence[StoredMessage], chat_type: str, persona: str, max_turn_chars: int = 600
+    history: Sequence[StoredMessage],
+    chat_type: str,
+    persona: str,
+    max_turn_chars: int = 600,
+    burst_gap: int = BURST_GAP,
 ) -> list[dict[str, str]]:
     """The `messages` list for the backend; empty when there is nothing new to answer.
 
     The leading assistant turns are dropped (a sample starts with the other side), and when
     the last turn is already the owner's (they answered themself), there is nothing to say.
-    Every turn is cut to `max_turn_chars`, keeping its end.
+    Every turn is cut to `max_turn_chars`, keeping its end; `burst_gap` must be the dataset's.
     """
-    turns = history_turns(history)
+    turns = history_turns(history, burst_gap)
     while turns and turns[0].role == "assistant":
         turns.pop(0)
     if not turns or turns[-1].role != "user":

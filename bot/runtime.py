@@ -284,7 +284,13 @@ class Twin:
         # Messages that arrived while the last reply was being written are still unanswered:
         # they go last, so the prompt ends with what needs an answer.
         history.sort(key=lambda m: (m.id in pending, m.id or 0))
-        messages = build_prompt(history, chat_type, self.config.twin_persona, self.config.twin_max_turn_chars)
+        messages = build_prompt(
+            history,
+            chat_type,
+            self.config.twin_persona,
+            self.config.twin_max_turn_chars,
+            self.config.twin_burst_gap,
+        )
         if not messages:
             return []
         try:

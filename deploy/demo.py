@@ -135,6 +135,9 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
                 lr=settings.learning_rate,
                 threads=settings.n_threads,
                 seed=settings.seed,
+                # fp32 on every CPU: bf16 autocast (the default where AMX or AVX512-BF16 exist)
+                # would train a different adapter there and print different numbers.
+                bf16=False,
             )
         )
         console.print(f"  {_summary(train_result)}")

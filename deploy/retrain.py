@@ -7,7 +7,6 @@ very end. Whatever happens, `retrain-status.json` says what the cycle did and wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from pipeline.files import private_dir
 from pipeline.records import Message
 from pipeline.registry import ADAPTER_DIR, current_version, get_version, now_iso, read_status
 from pipeline.registry_ops import CurrentMoved, promote, prune, register, retrain_lock, write_status
+from trainer.data import dataset_hash
 from trainer.style import style_distance
 
 if TYPE_CHECKING:
@@ -120,13 +120,6 @@ def replay_share(original: Sequence[dict], new_count: int, ratio: float, seed: i
     """`ratio` original samples per new one, drawn without replacement, reproducibly."""
     want = min(len(original), round(new_count * ratio))
     return random.Random(seed).sample(list(original), want) if want else []
-
-
-def dataset_hash(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return "sha256:" + digest.hexdigest()
 
 
 # ---------------------------------------------------------------- status
@@ -519,7 +512,7 @@ def _build(cycle: _CycleState) -> CycleResult | None:
     random.Random(settings.twin_retrain_seed).shuffle(train_rows)
     write_jsonl(data_dir / "train.jsonl", train_rows)
     write_jsonl(data_dir / "val.jsonl", original_val + new_heldout)
-    cycle.data_hash = dataset_hash(data_dir / "train.jsonl", data_dir / "val.jsonl")
+    cycle.data_hash = dataset_hash(data_dir)  # as `twin train` records it
     cycle.heldout_samples = len(original_val) + len(new_heldout)
     log.info(
         "retrain: %d new samples (%d held out), %d replayed", len(samples), len(new_heldout), len(replay)

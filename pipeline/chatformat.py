@@ -15,9 +15,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
-# Placeholders for element kinds that carry no text of their own (ARCHITECTURE.md).
+# Placeholders for element kinds that carry no text of their own (docs/ntqq.md lists them).
 IMAGE = "[图片]"
 ANIMATED_STICKER = "[动画表情]"
 VOICE = "[语音]"
@@ -441,6 +441,70 @@ ChatType = Literal["c2c", "group"]
 PRIVATE: ChatType = "c2c"  # a friend, a stranger or a group's temporary chat (QQ NT's `c2c_msg_table`)
 GROUP: ChatType = "group"
 CHAT_TYPES: tuple[ChatType, ...] = (PRIVATE, GROUP)
+
+
+# Seconds within which one sender's messages join into one turn. The dataset's `burst_gap`
+# and the bot's `TWIN_BURST_GAP` default to it: a prompt must be merged as training was.
+BURST_GAP = 120
+
+
+class Said(Protocol):
+    """A message as turns need it: a dataset record (`records.Message`) or a bot store row."""
+
+    @property
+    def sender(self) -> str: ...
+    @property
+    def sender_name(self) -> str: ...
+    @property
+    def is_self(self) -> bool: ...
+    @property
+    def time(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+
+
+@dataclass(slots=True)
+class ChatTurn:
+    """A Turn plus what the sample builder needs to know about it."""
+
+    turn: Turn
+    sender: str
+    messages: int  # how many messages the burst joined
+
+
+def to_turns(messages: Iterable[Said], burst_gap: int = BURST_GAP) -> list[ChatTurn]:
+    """Consecutive messages of one sender within `burst_gap` seconds become one turn.
+
+    The account's messages (the owner's, and the twin's in the bot) are the assistant's turns,
+    everyone else's the user's, named by their display name; empty turns are left out.
+    """
+    turns: list[ChatTurn] = []
+    burst: list[Said] = []
+    for msg in messages:
+        if burst and (
+            msg.sender != burst[-1].sender
+            or msg.is_self != burst[-1].is_self
+            or msg.time - burst[-1].time > burst_gap
+        ):
+            _add_turn(turns, burst)
+            burst = []
+        burst.append(msg)
+    if burst:
+        _add_turn(turns, burst)
+    return turns
+
+
+def _add_turn(turns: list[ChatTurn], burst: list[Said]) -> None:
+    first = burst[0]
+    # Most bursts are one message, and `join_burst` of one text is that text stripped.
+    text = first.text.strip() if len(burst) == 1 else join_burst([m.text for m in burst])
+    if not text:
+        return
+    if first.is_self:
+        turn = Turn("assistant", text, "", first.time)
+    else:
+        turn = Turn("user", text, first.sender_name, first.time)
+    turns.append(ChatTurn(turn, first.sender, len(burst)))
 
 
 def label_turn(turn: Turn, chat_type: str) -> str:

@@ -1,4 +1,4 @@
-"""The normalised message record (`messages.jsonl`), as fixed by ARCHITECTURE.md."""
+"""The normalised message record (`messages.jsonl`), a contract of docs/architecture.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Messages → conversations (per chat, split at silences) → turns (bursts of one sender).
+"""Messages → conversations (per chat, split at silences); turns (bursts of one sender) are
+`chatformat.to_turns`, the one turn builder the bot's memory uses too.
 
 `iter_conversations` streams: it holds only the conversations still open, i.e. those
 whose last message is within `session_gap` of the newest message seen. With input in
@@ -12,8 +13,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from operator import attrgetter
 
-from pipeline.chatformat import Turn, join_burst
+from pipeline.chatformat import ChatTurn, to_turns
 from pipeline.records import Message
+
+__all__ = ["ChatTurn", "Conversation", "iter_conversations", "to_turns"]  # turns: re-exported
 
 
 @dataclass(slots=True)
@@ -36,15 +39,6 @@ class Conversation:
     def key(self) -> str:
         """A stable id: chat and start time (used for the train/val split, never written)."""
         return f"{self.chat_type}:{self.chat}:{self.start}"
-
-
-@dataclass(slots=True)
-class ChatTurn:
-    """A chat-format Turn plus what the builder needs to know about it."""
-
-    turn: Turn
-    sender: str
-    messages: int  # how many messages the burst joined
 
 
 def iter_conversations(
@@ -86,30 +80,3 @@ def _closed(conv: Conversation) -> Conversation:
     # Input that is not in time order still yields well-formed conversations.
     conv.messages.sort(key=_by_time)
     return conv
-
-
-def to_turns(messages: list[Message], burst_gap: int) -> list[ChatTurn]:
-    """Consecutive messages of one sender within `burst_gap` seconds become one turn."""
-    turns: list[ChatTurn] = []
-    burst: list[Message] = []
-    for msg in messages:
-        if burst and (msg.sender != burst[-1].sender or msg.time - burst[-1].time > burst_gap):
-            _add_turn(turns, burst)
-            burst = []
-        burst.append(msg)
-    if burst:
-        _add_turn(turns, burst)
-    return turns
-
-
-def _add_turn(turns: list[ChatTurn], burst: list[Message]) -> None:
-    first = burst[0]
-    # Most bursts are one message, and `join_burst` of one text is that text stripped.
-    text = first.text.strip() if len(burst) == 1 else join_burst([m.text for m in burst])
-    if not text:
-        return
-    if first.is_self:
-        turn = Turn("assistant", text, "", first.time)
-    else:
-        turn = Turn("user", text, first.sender_name, first.time)
-    turns.append(ChatTurn(turn, first.sender, len(burst)))

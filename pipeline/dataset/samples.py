@@ -28,10 +28,9 @@ _MESSAGE_OVERHEAD = 4  # role markers and separators of a chat template
 
 
 def estimate_tokens(text: str) -> int:
-    """A cheap upper-ish estimate: one token per CJK character, one per four other characters.
+    """A cheap estimate: one token per CJK character, one per four other characters.
 
-    Qwen/Llama tokenizers spend ~0.7 tokens per Chinese character and ~0.25 per ASCII
-    character, so this errs on the long side and a budget built on it is safe.
+    Not a bound: SmolLM2's tokenizer spends about 1.7× this on real samples (docs/dataset.md).
     """
     return _tokens(*_char_counts(text))
 

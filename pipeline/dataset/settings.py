@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.chatformat import DEFAULT_PERSONA
+from pipeline.chatformat import BURST_GAP, DEFAULT_PERSONA
 from pipeline.errors import InputError
 
 if sys.version_info >= (3, 11):
@@ -60,7 +60,7 @@ class DatasetSettings(_Strict):
     """All settings of `twin build-dataset`; defaults are those of `rules.toml`."""
 
     session_gap: int = Field(3600, gt=0, description="seconds of silence that end a conversation")
-    burst_gap: int = Field(120, ge=0, description="seconds within which one sender's messages join")
+    burst_gap: int = Field(BURST_GAP, ge=0, description="seconds within which one sender's messages join")
     max_conversation_messages: int = Field(2000, ge=2)
     context_turns: int = Field(8, ge=0, description="earlier turns carried per sample")
     max_context_tokens: int = Field(1024, ge=16, description="token budget per sample")
