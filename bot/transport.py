@@ -17,7 +17,6 @@ import ipaddress
 import os
 import secrets
 import stat
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from nonebot.utils import escape_tag
 from typing_extensions import override
 
 from bot.config import DEFAULT_DB, Config, env_files
-from pipeline.files import PRIVATE_DIR_MODE
+from pipeline.files import write_text_atomic
 
 TOKEN_FILE_NAME = "onebot-token"
 TOKEN_BYTES = 32  # secrets.token_urlsafe(32): 43 characters
@@ -129,18 +128,8 @@ def read_token_file(path: Path) -> str | None:
 
 def write_token_file(path: Path) -> str:
     """A new random token, written owner-only (0600 file; its directory created 0700) and returned."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(token + "\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, token + "\n")
     return token
 
 

@@ -220,6 +220,13 @@ class OneBotClient:
         """
         segments = text_segments(message)
         message_id = self.next_message_id() if message_id is None else message_id
+        await self._post(self._own_message(segments, message_id, group_id=group_id, target_id=target_id))
+        return message_id
+
+    def _own_message(
+        self, segments: list[dict[str, Any]], message_id: int, *, group_id: int | None, target_id: int | None
+    ) -> dict[str, Any]:
+        """A `message_sent` event: the account's own message, as NapCat reports it."""
         event: dict[str, Any] = {
             "post_type": "message_sent",
             "message_type": "group" if group_id else "private",
@@ -235,8 +242,7 @@ class OneBotClient:
             event["group_id"] = group_id
         else:
             event["target_id"] = target_id
-        await self._post(event)
-        return message_id
+        return event
 
     async def _post(self, event: dict[str, Any]) -> None:
         if self._ws is None:
@@ -252,23 +258,9 @@ class OneBotClient:
     async def _echo(self, sent: SentMessage) -> None:
         """The QQ side reporting the account's own message back, in `echo_shape`."""
         segments = self.echo_mangle(sent.segments) if self.echo_mangle else sent.segments
-        group = sent.group_id
-        event: dict[str, Any] = {
-            "post_type": "message_sent",
-            "message_type": "group" if group else "private",
-            "sub_type": "normal" if group else "friend",
-            "message_id": sent.message_id,
-            "user_id": self.self_id,
-            "message": segments,
-            "raw_message": _raw(segments),
-            "font": 0,
-            "sender": {"user_id": self.self_id, "nickname": self.nickname},
-        }
-        if group:
-            event["group_id"] = group
-        elif self.echo_shape != "llonebot":
-            event["target_id"] = sent.user_id
+        event = self._own_message(segments, sent.message_id, group_id=sent.group_id, target_id=sent.user_id)
         if self.echo_shape == "llonebot":
+            event.pop("target_id", None)
             event["message"] = _raw(segments)
         elif self.echo_shape == "lagrange":
             event["post_type"] = "message"

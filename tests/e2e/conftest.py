@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
+import pytest
 import pytest_asyncio
 
 from deploy.onebot_client import NO_PACING, BotProcess, OneBotClient
+from tests.fake_openai import FakeOpenAI
 
 T = TypeVar("T")
 
@@ -58,6 +60,14 @@ def end_processes(processes: list[psutil.Process], timeout: float = 10.0) -> Non
         with suppress(psutil.NoSuchProcess):
             process.kill()
     psutil.wait_procs(alive, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeOpenAI]:
+    """A scripted OpenAI-compatible server for the module's bots (tests/fake_openai.py)."""
+    server = FakeOpenAI()
+    yield server
+    server.close()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -23,20 +23,14 @@ from websockets.exceptions import InvalidStatus
 
 from deploy.onebot_client import BotProcess, OneBotClient, OneBotRefused, free_port
 from tests.e2e.conftest import OWNER, SUPERUSER, TOKEN, running_bot, twin_status, wait_until
-from tests.e2e.test_bot_openai import FakeOpenAI, bot_settings, rows
+from tests.e2e.test_bot_openai import bot_settings, rows
+from tests.fake_openai import FakeOpenAI
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 SECRET = "post-signing-secret-7f3a"
 bot_running = contextlib.contextmanager(running_bot)  # a bot for one test: `with bot_running(...) as bot`
 REFUSED_LINE = f"SUPERUSERS contains the bot's own account {SUPERUSER}: refusing the connection; remove it"
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[FakeOpenAI]:
-    server = FakeOpenAI()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
