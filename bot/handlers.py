@@ -23,6 +23,8 @@ from nonebot.adapters.onebot.v11 import (
     MessageSegment,
     PrivateMessageEvent,
 )
+from nonebot.adapters.onebot.v11.config import Config as OneBotConfig
+from nonebot.drivers import ASGIMixin
 from nonebot.log import LoguruHandler
 from nonebot.matcher import Matcher
 from nonebot.params import CommandArg, Depends
@@ -34,7 +36,7 @@ require("nonebot_plugin_apscheduler")
 from apscheduler.triggers.cron import CronTrigger  # noqa: E402
 from nonebot_plugin_apscheduler import scheduler  # noqa: E402
 
-from bot import transport  # noqa: E402
+from bot import health, transport  # noqa: E402
 from bot.admin import COMMAND, run_admin  # noqa: E402
 from bot.config import Config  # noqa: E402
 from bot.runtime import ChatKey, SendBubble, Twin  # noqa: E402
@@ -137,6 +139,15 @@ async def start_twin() -> None:
             id="qq-twin-retrain",
             replace_existing=True,
         )
+
+
+def _access_token() -> str:
+    return get_plugin_config(OneBotConfig).onebot_access_token or ""
+
+
+# Liveness for anyone (says nothing), readiness with details for the holder of the access token.
+if isinstance(driver, ASGIMixin):  # a forward-WebSocket-only driver serves no HTTP at all
+    health.register(driver, lambda: _running, lambda: len(get_bots()), _access_token)
 
 
 @driver.on_shutdown

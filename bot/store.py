@@ -348,6 +348,15 @@ class Store:
         )
         return int(next(iter(rows))[0])
 
+    async def writable(self) -> bool:
+        """True when a write transaction can start now (tried and rolled back, nothing written)."""
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            await self._conn.execute("ROLLBACK")
+        except Exception:  # locked, read-only, disk gone: not writable, whatever the cause
+            return False
+        return True
+
     async def sends_since(self, since: int) -> tuple[int, dict[tuple[str, str], int]]:
         """Bubbles the twin sent at or after `since`: in all, and per chat (the limits' day so far)."""
         rows = await self._conn.execute_fetchall(

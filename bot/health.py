@@ -1,0 +1,88 @@
+"""Liveness and readiness on the bot's own HTTP server.
+
+`GET /twin/health` answers 200 `{"status": "ok"}` to anyone while the process serves and says
+nothing else (a container's or systemd's liveness probe needs no secret). `GET /twin/ready`
+says whether the twin can answer — model loaded, store writable, a OneBot connection open,
+the last retrain — and shows those details only to a caller holding the access token
+(`Authorization: Bearer <ONEBOT_ACCESS_TOKEN>`); everyone else gets 401 and no detail.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+
+from nonebot.adapters.onebot.utils import get_auth_bearer
+from nonebot.drivers import URL, ASGIMixin, HTTPServerSetup, Request, Response
+
+from bot.runtime import Twin
+from pipeline import registry as model_registry
+
+HEALTH_PATH = "/twin/health"
+READY_PATH = "/twin/ready"
+_JSON = {"Content-Type": "application/json"}
+
+
+@dataclass(slots=True)
+class Readiness:
+    """What `/twin/ready` reports to an operator."""
+
+    model: str | None  # the version serving, None before the model loaded
+    store_writable: bool
+    onebot_connections: int
+    paused: bool
+    sending: str  # the send health line of `/twin status`
+    last_retrain: str
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.store_writable and self.onebot_connections > 0
+
+
+async def readiness(twin: Twin | None, onebot_connections: int) -> Readiness:
+    """The twin's readiness now (a store write is tried and rolled back)."""
+    if twin is None or twin.store is None:
+        return Readiness(None, False, onebot_connections, False, "not running", "unknown")
+    status = model_registry.retrain_status(twin.registry) if twin.registry is not None else {}
+    return Readiness(
+        model=twin.backend.version,
+        store_writable=await twin.store.writable(),
+        onebot_connections=onebot_connections,
+        paused=twin.paused,
+        sending=twin.health.describe(),
+        last_retrain=model_registry.describe_status(status),
+    )
+
+
+def authorized(request: Request, token: str) -> bool:
+    """The request carries the access token (compared in constant time); never true without one."""
+    given = get_auth_bearer(request.headers.get("authorization")) or ""
+    return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def register(
+    driver: ASGIMixin,
+    running: Callable[[], Twin | None],
+    connections: Callable[[], int],
+    token: Callable[[], str],
+) -> None:
+    """Serve both routes on the driver's HTTP server."""
+
+    async def health(_: Request) -> Response:
+        return Response(200, headers=_JSON, content=json.dumps({"status": "ok"}))
+
+    async def ready(request: Request) -> Response:
+        if not authorized(request, token()):
+            return Response(401, headers=_JSON, content=json.dumps({"error": "unauthorized"}))
+        report = await readiness(running(), connections())
+        body = {"ready": report.ready, **asdict(report)}
+        return Response(200 if report.ready else 503, headers=_JSON, content=json.dumps(body))
+
+    routes: tuple[tuple[str, str, Callable[[Request], Awaitable[Response]]], ...] = (
+        (HEALTH_PATH, "twin-health", health),
+        (READY_PATH, "twin-ready", ready),
+    )
+    for path, name, handler in routes:
+        driver.setup_http_server(HTTPServerSetup(URL(path), "GET", name, handler))
