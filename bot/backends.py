@@ -159,8 +159,17 @@ class LlamaCppBackend:
         started = time.perf_counter()
         s = self.sampling
         # Forget the oldest turns, then cut the last one, rather than fail or fall silent.
-        messages = fit_messages(messages, self.n_ctx - s.max_tokens, lambda m: len(self.prompt_tokens(m)))
-        prompt = self.prompt_tokens(messages)
+        measured: tuple[list[dict[str, str]], list[int]] | None = None
+
+        def count(candidate: Sequence[dict[str, str]]) -> int:
+            nonlocal measured
+            ids = self.prompt_tokens(candidate)
+            measured = ([dict(m) for m in candidate], ids)
+            return len(ids)
+
+        messages = fit_messages(messages, self.n_ctx - s.max_tokens, count)
+        # Usually the prompt fitted as it was: its ids were just counted, not tokenised again.
+        prompt = measured[1] if measured and measured[0] == messages else self.prompt_tokens(messages)
         out = self._llm.create_completion(
             prompt,
             max_tokens=s.max_tokens,

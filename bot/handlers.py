@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import ChainMap
+from collections.abc import Mapping
 from typing import Literal
 
 from nonebot import get_bots, get_driver, get_plugin_config, logger, on_command, on_message, on_type, require
@@ -226,11 +228,11 @@ def _segments(message: Message) -> list[tuple[str, dict]]:
     return [(segment.type, segment.data if isinstance(segment.data, dict) else {}) for segment in message]
 
 
-def _known_names(twin: Twin, event: MessageEvent) -> dict[str, str]:
-    """Display names of @-targets known without asking the QQ side (the account's own, the cache)."""
-    names = dict(twin.names)
-    names[str(event.self_id)] = twin.nicknames[0] if twin.nicknames else twin.config.twin_persona
-    return names
+def _known_names(twin: Twin, event: MessageEvent) -> Mapping[str, str]:
+    """Display names of @-targets known without asking the QQ side (the account's own, the cache),
+    without copying the cache for every message."""
+    own = twin.nicknames[0] if twin.nicknames else twin.config.twin_persona
+    return ChainMap({str(event.self_id): own}, twin.names)
 
 
 async def _look_up_names(twin: Twin, bot: Bot, event: MessageEvent, mentions: list[str]) -> bool:

@@ -66,21 +66,18 @@ def fit_messages(
             del fitted[system]
         if count(fitted) <= budget:
             return fitted
-    last = fitted[-1]
-    low, high = 0, len(last["content"])  # binary search on how many characters of the end fit
+    original = fitted[-1]["content"]
+    low, high = 0, len(original)  # binary search on how many characters of the end fit
     while low < high:
         middle = (low + high + 1) // 2
-        last["content"] = (
-            keep_end(last["content"], middle) if middle < len(last["content"]) else last["content"]
-        )
+        fitted[-1]["content"] = keep_end(original, middle)
         if count(fitted) <= budget:
             low = middle
         else:
             high = middle - 1
-        last["content"] = messages[-1]["content"]
     if low < len(CUT_MARK) + 1:
         raise ValueError(f"the prompt does not fit {budget} tokens even without history")
-    last["content"] = keep_end(messages[-1]["content"], low)
+    fitted[-1]["content"] = keep_end(original, low)
     return fitted
 
 
