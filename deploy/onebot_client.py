@@ -79,6 +79,25 @@ def _raw(segments: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def private_message_event(
+    self_id: int, user_id: int, message: list[dict[str, Any]] | str, message_id: int, *, nickname: str = ""
+) -> dict[str, Any]:
+    """A friend's private message as the QQ side posts it; `message` is segments or a CQ-code string."""
+    return {
+        "time": int(time.time()),
+        "self_id": self_id,
+        "post_type": "message",
+        "message_type": "private",
+        "sub_type": "friend",
+        "message_id": message_id,
+        "user_id": user_id,
+        "message": message,
+        "raw_message": message if isinstance(message, str) else _raw(message),
+        "font": 0,
+        "sender": {"user_id": user_id, "nickname": nickname or f"user{user_id}", "sex": "unknown", "age": 0},
+    }
+
+
 class OneBotClient:
     """The QQ side of a OneBot v11 reverse WebSocket connection."""
 
@@ -160,19 +179,12 @@ class OneBotClient:
         """A friend's private message to the account; returns its message id."""
         segments = text_segments(message)
         message_id = self.next_message_id()
-        sender = {"user_id": user_id, "nickname": nickname or f"user{user_id}", "sex": "unknown", "age": 0}
-        event = {
-            "post_type": "message",
+        event = private_message_event(self.self_id, user_id, segments, message_id, nickname=nickname)
+        self._messages[message_id] = {
             "message_type": "private",
-            "sub_type": "friend",
-            "message_id": message_id,
-            "user_id": user_id,
+            "sender": event["sender"],
             "message": segments,
-            "raw_message": _raw(segments),
-            "font": 0,
-            "sender": sender,
         }
-        self._messages[message_id] = {"message_type": "private", "sender": sender, "message": segments}
         await self._post(event)
         return message_id
 

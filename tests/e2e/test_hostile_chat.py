@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.onebot_client import BotProcess
+from deploy.onebot_client import BotProcess, private_message_event
 from tests.e2e.conftest import OWNER, SUPERUSER, running_bot, twin_status, wait_until
 from tests.e2e.test_bot_openai import bot_settings, rows
 from tests.fake_openai import FakeOpenAI
@@ -109,20 +109,7 @@ async def test_a_flooding_friend_spends_only_their_own_budget(bot: BotProcess) -
 
 
 def raw_private(user_id: int, message: object, message_id: int, **fields: object) -> str:
-    event = {
-        "time": int(time.time()),
-        "self_id": OWNER,
-        "post_type": "message",
-        "message_type": "private",
-        "sub_type": "friend",
-        "message_id": message_id,
-        "user_id": user_id,
-        "message": message,
-        "raw_message": "",
-        "font": 0,
-        "sender": {"user_id": user_id, "nickname": "坏\\ud83d人"},
-        **fields,
-    }
+    event = {**private_message_event(OWNER, user_id, message, message_id, nickname="坏\\ud83d人"), **fields}
     # A lone surrogate cannot be written from Python: its JSON escape is put in by hand.
     return json.dumps(event, ensure_ascii=False).replace("\\\\ud83d", "\\ud83d")
 

@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import InvalidStatus
 
-from deploy.onebot_client import BotProcess, OneBotClient, OneBotRefused, free_port
+from deploy.onebot_client import BotProcess, OneBotClient, OneBotRefused, free_port, private_message_event
 from tests.e2e.conftest import OWNER, SUPERUSER, TOKEN, running_bot, twin_status, wait_until
 from tests.e2e.test_bot_openai import bot_settings, rows
 from tests.fake_openai import FakeOpenAI
@@ -40,19 +40,7 @@ def bot(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def message_event(user_id: int, text: str, message_id: int) -> dict:
-    return {
-        "time": int(time.time()),
-        "self_id": OWNER,
-        "post_type": "message",
-        "message_type": "private",
-        "sub_type": "friend",
-        "message_id": message_id,
-        "user_id": user_id,
-        "message": [{"type": "text", "data": {"text": text}}],
-        "raw_message": text,
-        "font": 0,
-        "sender": {"user_id": user_id, "nickname": f"user{user_id}"},
-    }
+    return private_message_event(OWNER, user_id, [{"type": "text", "data": {"text": text}}], message_id)
 
 
 async def post(url: str, event: dict, *, token: str | None = TOKEN, secret: str | None = None) -> int:
