@@ -196,11 +196,11 @@ def env_files(environ: Mapping[str, str] = os.environ, cwd: Path = Path()) -> tu
     return base, cwd / f".env.{environment}"
 
 
-def load_config(cwd: Path = Path(), **overrides: object) -> Config:
-    """The settings as the bot sees them (the environment over the `.env` files), without NoneBot.
-
-    Raises pydantic's ValidationError naming the bad field."""
-    return _EnvConfig(_env_file=env_files(os.environ, cwd), **overrides)
+def load_config(cwd: Path = Path(), env_file: Path | None = None, **overrides: object) -> Config:
+    """The settings as the bot sees them (the environment over the `.env` files), without NoneBot;
+    `env_file` replaces `cwd`'s `.env` files. Raises pydantic's ValidationError naming the bad field."""
+    files = (env_file,) if env_file is not None else env_files(os.environ, cwd)
+    return _EnvConfig(_env_file=files, **overrides)
 
 
 def settings_table() -> str:

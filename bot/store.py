@@ -156,33 +156,65 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
     )
 
 
-def _connector(path: Path, key: str) -> Callable[[], sqlite3.Connection]:
-    """A connection factory: plain sqlite3, or SQLCipher keyed before anything else runs."""
+def _connector(path: Path, key: str, read_only: bool = False) -> Callable[[], sqlite3.Connection]:
+    """A connection factory: plain sqlite3, or SQLCipher keyed before anything else runs.
+
+    `read_only` opens through a `mode=ro` URI: nothing (no checkpoint either) writes the database.
+    """
+    target, uri = (f"{Path(path).absolute().as_uri()}?mode=ro", True) if read_only else (str(path), False)
 
     def connect() -> sqlite3.Connection:
         if not key:
-            return sqlite3.connect(path)
+            return sqlite3.connect(target, uri=uri)
         import sqlcipher3
 
-        conn = sqlcipher3.connect(str(path))
+        conn = sqlcipher3.connect(target, uri=uri)
         conn.execute("PRAGMA key = '{}'".format(key.replace("'", "''")))
         return conn  # type: ignore[return-value]
 
     return connect
 
 
+def connect(path: str | Path, key: str = "", *, read_only: bool = False) -> sqlite3.Connection:
+    """A synchronous connection to the store at `path` (SQLCipher-keyed when `key`), not migrated."""
+    return _connector(Path(path), key, read_only)()
+
+
+class SchemaError(RuntimeError):
+    """The store cannot be brought to this bot's schema: newer than it knows, or a migration failed."""
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """The schema version a store is at (0: a new, empty database); also proves a SQLCipher key."""
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # "not a database" on a wrong key
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    row = conn.execute("SELECT version FROM schema_version").fetchone() if exists else None
+    return int(row[0]) if row else 0
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema to SCHEMA_VERSION; also proves a SQLCipher key is right."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
-    version = row[0] if row else 0
+    """Bring the schema to SCHEMA_VERSION, one transaction per step: a failed step leaves the
+    store at the version before it. Also proves a SQLCipher key is right."""
+    version = schema_version(conn)
     if version > SCHEMA_VERSION:
-        raise RuntimeError(f"store schema v{version} is newer than this bot (v{SCHEMA_VERSION})")
-    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.executescript(
-            f"BEGIN; {script}; DELETE FROM schema_version; "
-            f"INSERT INTO schema_version VALUES ({target}); COMMIT;"
+        raise SchemaError(
+            f"store schema v{version} is newer than this bot (v{SCHEMA_VERSION}); "
+            "upgrade qq-twin, or restore a backup made by this version"
         )
+    for target, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        try:
+            conn.executescript(
+                f"BEGIN; CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL); {script}; "
+                f"DELETE FROM schema_version; INSERT INTO schema_version VALUES ({target}); COMMIT;"
+            )
+        except Exception as exc:  # sqlite3's or sqlcipher3's own error classes
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise SchemaError(
+                f"migrating the store to schema v{target} failed ({exc}); it is left at v{target - 1}"
+            ) from exc
 
 
 class Store:
@@ -211,6 +243,8 @@ class Store:
         try:
             setup.execute("PRAGMA journal_mode = WAL")
             _migrate(setup)
+        except SchemaError as exc:
+            raise SchemaError(f"{path}: {exc}") from exc.__cause__
         finally:
             setup.close()
         path.chmod(PRIVATE_FILE_MODE)

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import typer
 
+from deploy import backup as backup_cli
 from deploy import commands as deploy_cli
 from pipeline import cli as pipeline_cli
 from pipeline.errors import TwinError
@@ -38,7 +39,7 @@ def _root() -> None:
     """qq-twin: your QQ chat history → a fine-tuned digital twin → a QQ bot."""
 
 
-for stage in (pipeline_cli, trainer_cli, deploy_cli):
+for stage in (pipeline_cli, trainer_cli, deploy_cli, backup_cli):
     app.add_typer(stage.commands)
 
 EXIT_BAD_INPUT = 2
