@@ -148,7 +148,7 @@ class BackupManifest:
         if not kinds_ok:
             raise InputError(where, "manifest.json is malformed (a field of the wrong type)")
         paths = [m.path for m in files]
-        for path in [*paths, *manifest.dirs]:
+        for path in [*paths, *manifest.dirs, manifest.model]:
             _checked_path(path, where)
         if len(set(paths) | set(manifest.dirs)) != len(paths) + len(manifest.dirs):
             raise InputError(where, "manifest.json names a path twice")
@@ -557,7 +557,7 @@ def _extract(archive: Path, staging: Path, meter: Meter) -> BackupManifest:
                     _mkdirs(staging, name, archive)
                 elif info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) and name in expected:
                     _extract_file(tar, info, expected[name], staging, archive, meter)
-                elif info.isfile() or info.isdir():
+                elif info.type in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.isdir():
                     raise InputError(archive, f"member {name!r} is not in the manifest; refusing the archive")
                 else:
                     raise InputError(
@@ -585,7 +585,7 @@ def _mkdirs(staging: Path, name: str, archive: Path) -> Path:
         path = path / part
         try:
             path.mkdir(mode=PRIVATE_DIR_MODE)
-        except FileExistsError:
+        except (FileExistsError, NotADirectoryError):
             if path.is_symlink() or not path.is_dir():
                 raise InputError(archive, f"member {name!r} collides with a file") from None
     return path
@@ -602,7 +602,7 @@ def _extract_file(
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(target, flags, PRIVATE_FILE_MODE)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise InputError(archive, f"member {member.path!r} collides with another") from None
     digest = hashlib.sha256()
     source = tar.extractfile(info)

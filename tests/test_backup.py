@@ -276,6 +276,8 @@ def hostile_archive(path: Path, name: str, kind: bytes = tarfile.REGTYPE, listed
         ("models/dev", tarfile.CHRTYPE, True, 4, "link or special"),
         ("models/extra", tarfile.REGTYPE, False, 4, "not in the manifest"),
         ("models/big", tarfile.REGTYPE, True, 2, "the manifest says 2"),
+        ("data/bot.db/inner", tarfile.REGTYPE, True, 4, "collides"),
+        ("models/sparse", tarfile.GNUTYPE_SPARSE, True, 4, "link or special"),
     ],
 )
 def test_hostile_members_are_refused_and_nothing_is_written(

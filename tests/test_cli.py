@@ -23,6 +23,8 @@ COMMANDS = (
     "retrain",
     "models",
     "demo",
+    "backup",
+    "restore",
 )
 
 
