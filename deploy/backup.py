@@ -676,10 +676,12 @@ class _RichMeter:
 
 @contextlib.contextmanager
 def _progress() -> Iterator[Meter]:
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, transient=True) as progress:
+    console = Console(stderr=True)  # stdout keeps only the result lines (cron mails, scripts)
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as progress:
         yield _RichMeter(progress)
 
 
