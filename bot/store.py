@@ -156,19 +156,29 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
     )
 
 
-def _connector(path: Path, key: str) -> Callable[[], sqlite3.Connection]:
+def _connector(path: Path, key: str, *, read_only: bool = False) -> Callable[[], sqlite3.Connection]:
     """A connection factory: plain sqlite3, or SQLCipher keyed before anything else runs."""
+    target, uri = (_read_only_uri(path), True) if read_only else (str(path), False)
 
     def connect() -> sqlite3.Connection:
         if not key:
-            return sqlite3.connect(path)
+            return sqlite3.connect(target, uri=uri)
         import sqlcipher3
 
-        conn = sqlcipher3.connect(str(path))
+        conn = sqlcipher3.connect(target, uri=uri)
+        if read_only:  # a wrong key is an answer here, not an error for SQLCipher's own stderr log
+            conn.execute("PRAGMA cipher_log_level = NONE")
         conn.execute("PRAGMA key = '{}'".format(key.replace("'", "''")))
         return conn  # type: ignore[return-value]
 
     return connect
+
+
+def _read_only_uri(path: Path) -> str:
+    # Without a -wal file everything is in the main file, and `immutable` reads it without
+    # creating -wal/-shm beside it; with one (the bot runs, or stopped uncleanly) SQLite must read it.
+    wal = path.with_name(path.name + "-wal").exists()
+    return path.resolve().as_uri() + ("?mode=ro" if wal else "?mode=ro&immutable=1")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -421,6 +431,35 @@ def read_messages_since(
     finally:
         conn.close()
     return [_row_to_message(tuple(r)) for r in rows]
+
+
+class StoreUnreadable(Exception):
+    """The file is not a conversation store that opens with the given key (or none)."""
+
+
+def read_schema_version(path: str | Path, key: str = "") -> int:
+    """The store's schema version (0: never migrated), read without changing the store or its directory.
+
+    Raises StoreUnreadable when it is not a SQLite database, or not one this key decrypts."""
+    path = Path(path)
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    if key:
+        import sqlcipher3
+
+        errors += (sqlcipher3.Error,)
+    try:
+        conn = _connector(path, key, read_only=True)()
+        try:
+            # Any read of sqlite_master decrypts page 1: this is where a wrong key shows.
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "schema_version" not in tables:
+                return 0
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+        finally:
+            conn.close()
+    except errors as exc:
+        raise StoreUnreadable(str(exc)) from None
+    return int(row[0]) if row else 0
 
 
 def now() -> int:
