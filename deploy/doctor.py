@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import os
 import re
 import secrets
 import shutil
@@ -215,8 +216,6 @@ def check_llama_build(system_info: str | None, cpu: frozenset[str] | None, versi
 
 def check_env_file(path: Path, settings: Mapping[str, str | None], *, required: bool) -> Check | None:
     """A settings file is yours, readable, and (when it holds a secret) owner-only."""
-    import os
-
     from bot.log_mask import secret_values
 
     name = path.name
@@ -308,13 +307,8 @@ def check_model(model: Path, persona: str) -> list[Check]:
     try:
         resolved = registry.resolve_model(model)
     except (OSError, InputError) as exc:
-        return [
-            fail(
-                "model",
-                f"TWIN_MODEL: {exc}",
-                EXPORT_FIX,
-            )
-        ]
+        fix = "serve a sound version: twin models promote <version>" if is_registry(model) else EXPORT_FIX
+        return [fail("model", f"TWIN_MODEL: {exc}", fix)]
     gguf = resolved.gguf
     try:
         registry.verify_gguf(gguf)
@@ -574,7 +568,10 @@ def bot_directory(env_file: Path) -> Path:
         raise InputError(
             env_file, "the bot reads settings only from a file named .env in its working directory"
         )
-    return env_file.resolve().parent
+    root = env_file.resolve().parent
+    if not root.is_dir():
+        raise InputError(root, "no such directory")
+    return root
 
 
 def run_checks(root: Path, environ: Mapping[str, str]) -> list[Check]:
@@ -650,8 +647,6 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False,
 ) -> None:
     """Check this setup: packages, llama.cpp build, .env, token, model, store, registry, disk, NapCat."""
-    import os
-
     checks = run_checks(bot_directory(env_file), os.environ)
     if as_json:
         typer.echo(json.dumps([asdict(c) for c in checks], ensure_ascii=False, indent=2))

@@ -23,6 +23,7 @@ COMMANDS = (
     "retrain",
     "models",
     "demo",
+    "doctor",
 )
 
 
