@@ -455,7 +455,7 @@ def check_registry(model: Path) -> list[Check]:
     return [found, ok("rollback", f"twin models rollback would serve {targets[0]}")]
 
 
-def retrain_space_needed(model: Path, config: Config) -> tuple[int, str]:
+def retrain_space_needed(model: Path, config: Config, root: Path) -> tuple[int, str]:
     """Bytes a retrain writes into the registry, and how that was estimated ((0, why) when none)."""
     from deploy.retrain import base_model_of
 
@@ -469,7 +469,7 @@ def retrain_space_needed(model: Path, config: Config) -> tuple[int, str]:
     serving = _tree_size(version.path)
     needed, how = serving * RETRAIN_VERSION_COPIES, f"{RETRAIN_VERSION_COPIES} × the serving version"
     try:
-        base = Path(base_model_of(config, version)["base_model"]).expanduser()
+        base = _under(root, Path(base_model_of(config, version)["base_model"]))
     except InputError:
         base = None
     if base is not None and base.exists() and _tree_size(base) * RETRAIN_BASE_COPIES > needed:
@@ -483,9 +483,9 @@ def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def check_disk(model: Path, config: Config) -> Check:
+def check_disk(model: Path, config: Config, root: Path) -> Check:
     """Free space where a retrain writes, against `retrain_space_needed`."""
-    needed, how = retrain_space_needed(model, config)
+    needed, how = retrain_space_needed(model, config, root)
     where = model if model.is_dir() else model.parent
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -613,7 +613,7 @@ def run_checks(root: Path, environ: Mapping[str, str]) -> list[Check]:
         checks += check_model(model, config.twin_persona)
     checks.append(check_store(db, config.twin_db_key))
     checks += check_registry(model)
-    checks.append(check_disk(model, config))
+    checks.append(check_disk(model, config, root))
     checks += check_napcat(settings, token)
     return checks
 

@@ -358,6 +358,23 @@ def test_an_encrypted_store_without_a_key_fails_asking_for_one(home: Path, capsy
     assert result.code == 1 and "set TWIN_DB_KEY" in result.line("store")
 
 
+async def test_a_store_the_running_bot_holds_open_is_read_through_its_wal(tmp_path: Path) -> None:
+    from bot.store import StoredMessage
+
+    store = await Store.open(tmp_path / "bot.db", DB_KEY)
+    try:
+        await store.add(StoredMessage("c2c", "10001", "10001", "incoming", "在吗", 1_700_000_000))
+        files = {p.name for p in tmp_path.iterdir()}
+
+        check = doctor.check_store(tmp_path / "bot.db", DB_KEY)
+    finally:
+        await store.close()
+
+    assert "bot.db-wal" in files
+    assert check.status == "ok" and f"schema v{SCHEMA_VERSION}" in check.detail
+    assert {p.name for p in tmp_path.iterdir()} <= files  # nothing added beside the store
+
+
 def _set_schema(db: Path, version: int) -> None:
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE schema_version SET version = ?", (version,))
