@@ -156,12 +156,9 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
     )
 
 
-def _connector(path: Path, key: str, read_only: bool = False) -> Callable[[], sqlite3.Connection]:
-    """A connection factory: plain sqlite3, or SQLCipher keyed before anything else runs.
-
-    `read_only` opens through a `mode=ro` URI: nothing (no checkpoint either) writes the database.
-    """
-    target, uri = (f"{Path(path).absolute().as_uri()}?mode=ro", True) if read_only else (str(path), False)
+def _connector(path: Path, key: str, *, read_only: bool = False) -> Callable[[], sqlite3.Connection]:
+    """A connection factory: plain sqlite3, or SQLCipher keyed before anything else runs."""
+    target, uri = (_read_only_uri(path), True) if read_only else (str(path), False)
 
     def connect() -> sqlite3.Connection:
         if not key:
@@ -169,6 +166,8 @@ def _connector(path: Path, key: str, read_only: bool = False) -> Callable[[], sq
         import sqlcipher3
 
         conn = sqlcipher3.connect(target, uri=uri)
+        if read_only:  # a wrong key is an answer here, not an error for SQLCipher's own stderr log
+            conn.execute("PRAGMA cipher_log_level = NONE")
         conn.execute("PRAGMA key = '{}'".format(key.replace("'", "''")))
         return conn  # type: ignore[return-value]
 
@@ -177,7 +176,7 @@ def _connector(path: Path, key: str, read_only: bool = False) -> Callable[[], sq
 
 def connect(path: str | Path, key: str = "", *, read_only: bool = False) -> sqlite3.Connection:
     """A synchronous connection to the store at `path` (SQLCipher-keyed when `key`), not migrated."""
-    return _connector(Path(path), key, read_only)()
+    return _connector(Path(path), key, read_only=read_only)()
 
 
 class SchemaError(RuntimeError):
@@ -192,6 +191,13 @@ def schema_version(conn: sqlite3.Connection) -> int:
     ).fetchone()
     row = conn.execute("SELECT version FROM schema_version").fetchone() if exists else None
     return int(row[0]) if row else 0
+
+
+def _read_only_uri(path: Path) -> str:
+    # Without a -wal file everything is in the main file, and `immutable` reads it without
+    # creating -wal/-shm beside it; with one (the bot runs, or stopped uncleanly) SQLite must read it.
+    wal = path.with_name(path.name + "-wal").exists()
+    return path.resolve().as_uri() + ("?mode=ro" if wal else "?mode=ro&immutable=1")
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -455,6 +461,30 @@ def read_messages_since(
     finally:
         conn.close()
     return [_row_to_message(tuple(r)) for r in rows]
+
+
+class StoreUnreadable(Exception):
+    """The file is not a conversation store that opens with the given key (or none)."""
+
+
+def read_schema_version(path: str | Path, key: str = "") -> int:
+    """The store's schema version (0: never migrated), read without changing the store or its directory.
+
+    Raises StoreUnreadable when it is not a SQLite database, or not one this key decrypts."""
+    path = Path(path)
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    if key:
+        import sqlcipher3
+
+        errors += (sqlcipher3.Error,)
+    try:
+        conn = _connector(path, key, read_only=True)()
+        try:
+            return schema_version(conn)
+        finally:
+            conn.close()
+    except errors as exc:
+        raise StoreUnreadable(str(exc)) from None
 
 
 def now() -> int:

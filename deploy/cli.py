@@ -16,6 +16,7 @@ import typer
 
 from deploy import backup as backup_cli
 from deploy import commands as deploy_cli
+from deploy import doctor
 from pipeline import cli as pipeline_cli
 from pipeline.errors import TwinError
 from pipeline.files import is_disk_full
@@ -39,7 +40,7 @@ def _root() -> None:
     """qq-twin: your QQ chat history → a fine-tuned digital twin → a QQ bot."""
 
 
-for stage in (pipeline_cli, trainer_cli, deploy_cli, backup_cli):
+for stage in (pipeline_cli, trainer_cli, deploy_cli, backup_cli, doctor):
     app.add_typer(stage.commands)
 
 EXIT_BAD_INPUT = 2

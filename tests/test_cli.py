@@ -25,6 +25,7 @@ COMMANDS = (
     "demo",
     "backup",
     "restore",
+    "doctor",
 )
 
 
