@@ -5,7 +5,6 @@ and failover between servers — all against FakeOpenAI over real HTTP."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,30 +22,9 @@ from pipeline.registry import lora_module_name, lora_modules
 from pipeline.registry_ops import promote, register, rollback
 from tests.e2e.conftest import wait_until
 from tests.fake_openai import FakeOpenAI
-from tests.gguf_helpers import write_gguf
+from tests.registry_helpers import export_with_adapter, registry_of_versions
 
 CHAT = [{"role": "system", "content": "你是小明"}, {"role": "user", "content": "在吗"}]
-
-
-def export_with_adapter(tmp_path: Path, name: str, *, rank: int = 16, base: str = "Qwen/Qwen3-0.6B") -> Path:
-    """What `twin export` leaves: a GGUF, the PEFT adapter (config and weights) and the manifest."""
-    d = tmp_path / name
-    (d / "adapter").mkdir(parents=True)
-    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 32, "base_model_name_or_path": base}
-    (d / "adapter" / "adapter_config.json").write_text(json.dumps(config))
-    (d / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
-    write_gguf(d / "model-Q4_K_M.gguf")
-    (d / "manifest.json").write_text(json.dumps({"base": base}))
-    return d
-
-
-def registry_of_versions(tmp_path: Path, *ranks: int) -> Path:
-    """A registry with one version per rank, each promoted in turn (the last one serves)."""
-    reg = tmp_path / "models"
-    for i, rank in enumerate(ranks):
-        version = register(reg, export_with_adapter(tmp_path, f"export{i}", rank=rank))
-        promote(reg, version.name)
-    return reg
 
 
 @pytest.fixture
