@@ -357,13 +357,9 @@ class OpenAIBackend:
         self._pending = 0
 
     async def start(self) -> None:
-        # The server may come up after the bot: failures surface per request (and a missing
-        # adapter is loaded on first use, see `_ask`).
-        if self.runtime_lora and self.adapter is not None:
-            try:
-                await self._load_everywhere(self.model, self.adapter)
-            except SwapFailed as exc:
-                log.warning("%s; it is loaded when first asked for", exc)
+        # The server may come up after the bot: failures surface per request, and an adapter
+        # the server lacks is loaded when first asked for (`_ask`), not here at startup.
+        pass
 
     def bounded(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
         """What is posted: special-token text neutralised (the server renders the template from
