@@ -14,11 +14,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
 
 from bot.memory import estimate_tokens, fit_messages
 from pipeline.chatformat import (
@@ -29,8 +32,10 @@ from pipeline.chatformat import (
     render_chat_template,
 )
 from pipeline.llama_prompt import SegmentCache, prompt_token_ids
+from pipeline.registry import lora_module_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class BackendClosed(RuntimeError):
@@ -62,6 +67,7 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
     async def generate(self, messages: Sequence[dict[str, str]]) -> Generation: ...
+    # `gguf`: what serves `version`, the GGUF for llama.cpp, the LoRA adapter directory for openai.
     async def swap(self, gguf: Path, version: str) -> None: ...
     def queue_length(self) -> int: ...
     async def close(self) -> None: ...
@@ -261,8 +267,53 @@ class LlamaCppBackend:
 # --------------------------------------------------------------------------- OpenAI-compatible
 
 
+# Seconds a server that failed rests before requests try it again (one timeout per rest, not per request).
+BREAKER_COOLDOWN = 30.0
+# vLLM's answer to loading an adapter under a name it already serves (HTTP 400), which is what we wanted.
+_ALREADY_LOADED = "already been loaded"
+
+
+class SwapFailed(RuntimeError):
+    """A server could not load the new version's adapter; the old version still serves."""
+
+
+def shown_url(url: str) -> str:
+    """`url` without any user:password part, for logs and status."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+@dataclass(slots=True)
+class _Server:
+    url: str
+    client: Any  # AsyncOpenAI
+    resting_until: float = 0.0  # the circuit breaker: open (skipped) until then
+
+    def failed(self, cooldown: float) -> None:
+        self.resting_until = time.monotonic() + cooldown
+
+
+def _failover_error(exc: BaseException) -> bool:
+    """A server that is down or broken (connection, timeout, 5xx), as opposed to a bad request."""
+    from openai import APIConnectionError, APIStatusError
+
+    return isinstance(exc, APIConnectionError) or (isinstance(exc, APIStatusError) and exc.status_code >= 500)
+
+
+def _cause(server: _Server, exc: BaseException) -> str:
+    from openai import APIStatusError
+
+    detail = f"HTTP {exc.status_code}" if isinstance(exc, APIStatusError) else type(exc).__name__
+    return f"{shown_url(server.url)}: {detail}"
+
+
 class OpenAIBackend:
-    """Any OpenAI-compatible server (vLLM, llama-server, LM Studio, Ollama) via AsyncOpenAI."""
+    """Any OpenAI-compatible server (vLLM, llama-server, LM Studio, Ollama) via AsyncOpenAI.
+
+    Several servers fail over in order. With `lora`, `version` is a registry version served
+    by vLLM as the LoRA `twin-<version>`; with `runtime_lora` a swap first loads the new
+    adapter into every server (vLLM's `/v1/load_lora_adapter`). docs/serving.md.
+    """
 
     name = "openai"
 
@@ -277,20 +328,38 @@ class OpenAIBackend:
         sampling: SamplingSettings | None = None,
         special_tokens: Sequence[str] = (),
         n_ctx: int = 2048,
+        fallback_urls: Sequence[str] = (),
+        lora: bool = False,
+        runtime_lora: bool = False,
+        adapter: Path | None = None,
+        cooldown: float = BREAKER_COOLDOWN,
     ) -> None:
         from openai import AsyncOpenAI
 
         self.version = model
+        self.lora = lora
+        self.runtime_lora = runtime_lora and lora
+        self.model = lora_module_name(model) if lora else model  # the name requests ask for
+        self.adapter = adapter  # the serving version's adapter directory, for runtime loading
         self.n_ctx = n_ctx  # the server's window is unknown here: prompts are bounded by this too
         self.sampling = sampling or SamplingSettings()
         self.special_tokens = tuple(special_tokens)  # beyond the common families (`TWIN_SPECIAL_TOKENS`)
-        self._client = AsyncOpenAI(
-            base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=retries
-        )
+        self.cooldown = cooldown
+        self._servers = [
+            _Server(
+                url,
+                AsyncOpenAI(base_url=url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=retries),
+            )
+            for url in (base_url, *fallback_urls)
+        ]
+        self.serving_url = base_url  # the server that answered last
+        self._loaded = [self.model] if lora else []  # adapters that may sit in the servers, oldest first
         self._pending = 0
 
     async def start(self) -> None:
-        pass  # the server may come up after the bot; failures surface per request
+        # The server may come up after the bot: failures surface per request, and an adapter
+        # the server lacks is loaded when first asked for (`_ask`), not here at startup.
+        pass
 
     def bounded(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
         """What is posted: special-token text neutralised (the server renders the template from
@@ -301,34 +370,130 @@ class OpenAIBackend:
     async def generate(self, messages: Sequence[dict[str, str]]) -> Generation:
         s = self.sampling
         started = time.perf_counter()
+        model, version, adapter = self.model, self.version, self.adapter  # a swap meanwhile: next request
+        seed = {"seed": s.seed} if s.seed >= 0 else {}
+        request = {
+            "model": model,
+            "messages": self.bounded(messages),
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "extra_body": {
+                "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
+                "repetition_penalty": s.repeat_penalty,  # vLLM / llama-server; others ignore it
+            },
+            **seed,
+        }
         self._pending += 1
         try:
-            seed = {"seed": s.seed} if s.seed >= 0 else {}
-            # The server renders the template from text and may parse special tokens in it.
-            response = await self._client.chat.completions.create(
-                model=self.version,
-                messages=self.bounded(messages),  # type: ignore[arg-type]
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                extra_body={
-                    "chat_template_kwargs": CHAT_TEMPLATE_KWARGS,
-                    "repetition_penalty": s.repeat_penalty,  # vLLM / llama-server; others ignore it
-                },
-                **seed,
-            )
+            response = await self._on_servers(lambda server: self._ask(server, request, adapter))
         finally:
             self._pending -= 1
         text = response.choices[0].message.content or ""
         tokens = response.usage.completion_tokens if response.usage else 0
         elapsed = time.perf_counter() - started
-        return Generation(text=text, version=self.version, tokens=tokens, seconds=elapsed)
+        return Generation(text=text, version=version, tokens=tokens, seconds=elapsed)
+
+    async def _ask(self, server: _Server, request: dict[str, Any], adapter: Path | None) -> Any:
+        from openai import NotFoundError
+
+        try:
+            return await server.client.chat.completions.create(**request)
+        except NotFoundError:
+            # A vLLM restarted since the adapter was loaded at run time no longer knows it.
+            if not (self.runtime_lora and adapter is not None):
+                raise
+            log.warning("%s does not know %s: loading it", shown_url(server.url), request["model"])
+            await self._load(server, request["model"], adapter)
+            return await server.client.chat.completions.create(**request)
+
+    async def _on_servers(self, call: Callable[[_Server], Awaitable[T]]) -> T:
+        """`call` on the first server that answers: those resting after a failure are skipped
+        until their cool-down ends (all of them are tried when every one rests)."""
+        now = time.monotonic()
+        candidates = [s for s in self._servers if s.resting_until <= now] or self._servers
+        for index, server in enumerate(candidates):
+            try:
+                result = await call(server)
+            except Exception as exc:
+                if not _failover_error(exc):
+                    raise
+                server.failed(self.cooldown)
+                if index == len(candidates) - 1:
+                    raise
+                log.warning("%s failed, trying the next server", _cause(server, exc))
+                continue
+            server.resting_until = 0.0
+            if server.url != self.serving_url:
+                log.warning("now served by %s", shown_url(server.url))
+                self.serving_url = server.url
+            return result
+        raise AssertionError("unreachable: there is always a server")
+
+    async def _load(self, server: _Server, name: str, adapter: Path) -> None:
+        """vLLM's `POST /v1/load_lora_adapter`; an adapter already loaded under `name` is success."""
+        from openai import BadRequestError
+
+        try:
+            await server.client.post(
+                "/load_lora_adapter",
+                body={"lora_name": name, "lora_path": str(adapter)},
+                cast_to=httpx.Response,
+            )
+        except BadRequestError as exc:
+            if _ALREADY_LOADED not in exc.response.text:
+                raise
+
+    async def _load_everywhere(self, name: str, adapter: Path) -> None:
+        """Load the adapter into every server (each may be the one that answers next)."""
+        failures = []
+        for server in self._servers:
+            try:
+                await self._load(server, name, adapter)
+            except Exception as exc:
+                failures.append(_cause(server, exc))
+        if failures:
+            raise SwapFailed(f"{name} not loaded: {'; '.join(failures)}")
+        if name not in self._loaded:
+            self._loaded.append(name)
+
+    async def _unload_except(self, keep: set[str]) -> None:
+        """Free adapters nothing needs any more (vLLM's `POST /v1/unload_lora_adapter`); best effort."""
+        from openai import NotFoundError
+
+        for name in [n for n in self._loaded if n not in keep]:
+            self._loaded.remove(name)
+            for server in self._servers:
+                try:
+                    await server.client.post(
+                        "/unload_lora_adapter", body={"lora_name": name}, cast_to=httpx.Response
+                    )
+                except NotFoundError:
+                    pass  # never loaded there, or a restart forgot it: what we wanted
+                except Exception as exc:
+                    log.warning("could not unload %s: %s", name, _cause(server, exc))
 
     async def swap(self, gguf: Path, version: str) -> None:
-        log.warning("the openai backend serves whatever its server loaded; swap to %s ignored", version)
+        """Serve registry version `version`; `gguf` is its adapter directory (with `lora`).
+
+        With runtime loading the adapter goes into every server first and the name switches
+        only once all of them have it (SwapFailed otherwise: the old version still serves); the
+        version served before stays loaded as the rollback target, older ones are unloaded."""
+        if not self.lora:
+            log.warning("the openai backend serves whatever its server loaded; swap to %s ignored", version)
+            return
+        name = lora_module_name(version)
+        if self.runtime_lora:
+            await self._load_everywhere(name, Path(gguf))
+        previous = self.model
+        self.model, self.version, self.adapter = name, version, Path(gguf)
+        log.info("openai backend now asks for %s", name)
+        if self.runtime_lora:
+            await self._unload_except({name, previous})
 
     def queue_length(self) -> int:
         return self._pending
 
     async def close(self) -> None:
-        await self._client.close()
+        for server in self._servers:
+            await server.client.close()

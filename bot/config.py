@@ -8,6 +8,7 @@ inherits the bot's environment and working directory) read the same `.env` / env
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,6 +58,21 @@ class Config(BaseModel):
     twin_openai_api_key: str = Field("EMPTY", description="openai backend: API key")
     twin_openai_timeout: float = Field(60.0, gt=0.0, description="openai backend: seconds per request")
     twin_openai_retries: int = Field(2, ge=0, description="openai backend: retries after timeouts / 5xx")
+    twin_openai_fallback_urls: list[str] | str = Field(
+        [],
+        description="openai backend: further server URLs (comma list or JSON), tried in order when "
+        "the one serving fails (connection, timeout, 5xx) after its retries",
+    )
+    twin_openai_lora: bool = Field(
+        False,
+        description="openai backend: ask for model `twin-<version>` of the registry's serving version "
+        "(vLLM with one LoRA per version, docs/serving.md) and follow promotions and rollbacks",
+    )
+    twin_vllm_runtime_lora: bool = Field(
+        False,
+        description="with TWIN_OPENAI_LORA: load a newly promoted version's adapter into every server "
+        "(vLLM /v1/load_lora_adapter) before serving it",
+    )
     twin_model_poll: float = Field(
         10.0, gt=0.0, description="seconds between looks at the registry's `current`"
     )
@@ -176,6 +192,30 @@ class Config(BaseModel):
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("twin_openai_fallback_urls", mode="before")
+    @classmethod
+    def _url_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)  # a JSON error becomes the field's validation error
+            return [url.strip() for url in text.split(",") if url.strip()]
+        return value
+
+    @field_validator("twin_openai_fallback_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str] | str) -> list[str]:
+        urls = [value] if isinstance(value, str) else value
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"not an http(s) URL: {url.split('@')[-1]!r}")
+        return urls
+
+    @property
+    def openai_urls(self) -> list[str]:
+        """The servers of the openai backend in the order they are tried."""
+        return [self.twin_openai_base_url, *self.twin_openai_fallback_urls]
+
     @property
     def retrain_quant_list(self) -> list[str]:
         return [q.strip() for q in self.twin_retrain_quants.split(",") if q.strip()]
@@ -205,8 +245,6 @@ def load_config(cwd: Path = Path(), env_file: Path | None = None, **overrides: o
 
 def settings_table() -> str:
     """Every plugin setting as the Markdown table of docs/bot.md (generated: this class is its one home)."""
-    import json
-
     rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
     for name, field in Config.model_fields.items():
         default = field.default

@@ -41,7 +41,7 @@ from nonebot_plugin_apscheduler import scheduler  # noqa: E402
 from bot import health, transport  # noqa: E402
 from bot.admin import COMMAND, run_admin  # noqa: E402
 from bot.config import Config  # noqa: E402
-from bot.runtime import ChatKey, SendBubble, Twin  # noqa: E402
+from bot.runtime import ChatKey, SendBubble, Twin, serving_adapter  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
 from bot.store import EXCLUDED_RECALLED, StoredMessage  # noqa: E402
 from bot.triggers import answers_group, answers_private, is_ignored_sender  # noqa: E402
@@ -116,6 +116,11 @@ def startup_problem() -> str | None:
             return "TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
         try:
             model_registry.resolve_model(plugin_config.twin_model)
+        except (FileNotFoundError, ValueError) as exc:
+            return f"TWIN_MODEL: {exc}"
+    elif plugin_config.twin_openai_lora:
+        try:
+            serving_adapter(plugin_config)
         except (FileNotFoundError, ValueError) as exc:
             return f"TWIN_MODEL: {exc}"
     return None

@@ -3,8 +3,9 @@
 `GET /twin/health` answers 200 `{"status": "ok"}` to anyone while the process serves and says
 nothing else (a container's or systemd's liveness probe needs no secret). `GET /twin/ready`
 says whether the twin can answer — model loaded, store writable, a OneBot connection open,
-the last retrain — and shows those details only to a caller holding the access token
-(`Authorization: Bearer <ONEBOT_ACCESS_TOKEN>`); everyone else gets 401 and no detail.
+the last retrain, the model server answering, a failed model switch — and shows those
+details only to a caller holding the access token (`Authorization: Bearer
+<ONEBOT_ACCESS_TOKEN>`); everyone else gets 401 and no detail.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass
 from nonebot.adapters.onebot.utils import get_auth_bearer
 from nonebot.drivers import URL, ASGIMixin, HTTPServerSetup, Request, Response
 
+from bot.backends import OpenAIBackend, shown_url
 from bot.runtime import Twin
 from pipeline import registry as model_registry
 
@@ -35,6 +37,8 @@ class Readiness:
     paused: bool
     sending: str  # the send health line of `/twin status`
     last_retrain: str
+    server: str | None = None  # the openai backend's server that answered last (failover)
+    last_switch: str | None = None  # why the last model switch failed, while the old one serves
 
     @property
     def ready(self) -> bool:
@@ -53,6 +57,8 @@ async def readiness(twin: Twin | None, onebot_connections: int) -> Readiness:
         paused=twin.paused,
         sending=twin.health.describe(),
         last_retrain=model_registry.describe_status(status),
+        server=shown_url(twin.backend.serving_url) if isinstance(twin.backend, OpenAIBackend) else None,
+        last_switch=twin.switch_problem,
     )
 
 

@@ -11,9 +11,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
-from bot.backends import Backend, BackendClosed, LlamaCppBackend, OpenAIBackend, SamplingSettings
+from bot.backends import (
+    Backend,
+    BackendClosed,
+    LlamaCppBackend,
+    OpenAIBackend,
+    SamplingSettings,
+    shown_url,
+)
 from bot.config import Config
 from bot.log_mask import secret_values
 from bot.memory import build_prompt
@@ -51,15 +59,23 @@ def make_backend(config: Config) -> Backend:
         config.twin_repeat_penalty,
     )
     if config.twin_backend == "openai":
+        model, adapter = config.twin_openai_model, None
+        if config.twin_openai_lora:
+            module = serving_adapter(config)
+            model, adapter = module.version, module.path
         return OpenAIBackend(
             config.twin_openai_base_url,
-            config.twin_openai_model,
+            model,
             api_key=config.twin_openai_api_key,
             timeout=config.twin_openai_timeout,
             retries=config.twin_openai_retries,
             sampling=sampling,
             special_tokens=config.twin_special_tokens,
             n_ctx=config.twin_n_ctx,
+            fallback_urls=config.openai_urls[1:],
+            lora=config.twin_openai_lora,
+            runtime_lora=config.twin_vllm_runtime_lora,
+            adapter=adapter,
         )
     if not config.twin_model:
         raise ValueError("TWIN_MODEL is not set: name a .gguf file, a model directory or a registry")
@@ -72,6 +88,24 @@ def make_backend(config: Config) -> Backend:
         sampling=sampling,
         special_tokens=config.twin_special_tokens,
     )
+
+
+def follows_registry(config: Config) -> bool:
+    """Whether the backend serves the registry's `current` (llama.cpp, or vLLM with one LoRA per version)."""
+    return config.twin_backend == "llama_cpp" or config.twin_openai_lora
+
+
+def serving_adapter(config: Config) -> model_registry.LoraModule:
+    """The serving version's adapter for TWIN_OPENAI_LORA; FileNotFoundError / ValueError naming the cause."""
+    registry = registry_of(config.twin_model)
+    if registry is None:
+        raise FileNotFoundError(
+            f"{config.twin_model}: TWIN_OPENAI_LORA needs TWIN_MODEL to name the registry (with `current`)"
+        )
+    version = model_registry.current_version(registry)
+    if version is None:
+        raise FileNotFoundError(f"{registry / model_registry.CURRENT_FILE}: names no version")
+    return model_registry.lora_module(registry, version)
 
 
 def _midnight() -> int:
@@ -111,7 +145,8 @@ class Twin:
             )
         )
         self.health = SendHealth(limit=config.twin_send_failure_limit, backoff=config.twin_send_backoff)
-        self.registry = registry_of(config.twin_model) if config.twin_backend == "llama_cpp" else None
+        self.registry = registry_of(config.twin_model) if follows_registry(config) else None
+        self.switch_problem: str | None = None  # why the last model switch failed, until one succeeds
         self.retrain_task: asyncio.Task | None = None
         self._chats: dict[ChatKey, _ChatState] = {}
         self._stopping = asyncio.Event()
@@ -199,18 +234,27 @@ class Twin:
                     failed = version
                     log.error("cannot serve %s, still serving %s: %s", version, self.backend.version, exc)
 
-    async def use_version(self, version: str) -> None:
-        """Serve `version` from the registry (requests already queued finish on the old model).
-
-        The name and the GGUF are checked first: a name that leaves the registry or a model
-        file that is cut off or not a GGUF is refused before anything is loaded."""
+    def _checked(self, version: str) -> Path:
+        """What serves `version`, checked before anything is loaded: the GGUF (a name that leaves
+        the registry, a file cut off or not a GGUF is refused), or for vLLM the LoRA adapter."""
         assert self.registry is not None
-        resolved = model_registry.check_version(self.registry, version)
-        log.info("switching model %s → %s", self.backend.version, version)
+        if self.backend.name == OpenAIBackend.name:
+            return model_registry.lora_module(self.registry, version).path
+        return model_registry.check_version(self.registry, version).gguf
+
+    async def use_version(self, version: str) -> None:
+        """Serve `version` from the registry (requests already queued finish on the old model);
+        a failure leaves the old version serving and is shown by `/twin status`."""
         try:
-            await self.backend.swap(resolved.gguf, version)
+            path = self._checked(version)
+            log.info("switching model %s → %s", self.backend.version, version)
+            await self.backend.swap(path, version)
         except BackendClosed:
             return
+        except Exception as exc:
+            self.switch_problem = f"{version} failed ({str(exc)[:200]}), still serving {self.backend.version}"
+            raise
+        self.switch_problem = None
 
     # ------------------------------------------------------------------ messages
     async def record(self, message: StoredMessage) -> int:
@@ -410,7 +454,7 @@ class Twin:
         guarded switch (name and GGUF checked, lock held, history recorded)."""
         if self.registry is None:
             raise ValueError("TWIN_MODEL is not a model registry")
-        model_registry.check_version(self.registry, version)  # before anything is loaded
+        self._checked(version)  # before anything is loaded
         async with self._model_lock:
             await self.use_version(version)  # `current` moves only once the version really serves
             switch_current(self.registry, version, by=by, reason="/twin model")
@@ -428,9 +472,14 @@ class Twin:
         retrain = model_registry.describe_status(status)
         if self.retraining() and not retrain.startswith("running"):
             retrain = f"running (was: {retrain})"
+        lines = [f"model: {self.backend.version} ({self.backend.name})"]
+        if isinstance(self.backend, OpenAIBackend):
+            lines.append(f"server: {shown_url(self.backend.serving_url)}")
+        if self.switch_problem:
+            lines.append(f"last switch: {self.switch_problem}")
         return "\n".join(
             [
-                f"model: {self.backend.version} ({self.backend.name})",
+                *lines,
                 f"uptime: {uptime // 3600}h{uptime % 3600 // 60:02d}m{uptime % 60:02d}s",
                 f"paused: {'yes' if self.paused else 'no'}",
                 f"sending: {self.health.describe()}",

@@ -19,7 +19,7 @@ from pipeline.errors import InputError
 commands = typer.Typer()
 models = typer.Typer(
     help="The model registry: without a command, list the versions with their eval numbers "
-    "and which one serves; `promote V`; `rollback`."
+    "and which one serves; `promote V`; `rollback`; `vllm-args` (LoRA flags for vLLM)."
 )
 commands.add_typer(models, name="models")
 
@@ -73,6 +73,32 @@ def models_rollback(ctx: typer.Context, registry: Registry = None) -> None:
     before = current_version(path)
     target = rollback(path, reason="rolled back by operator (twin models rollback)")
     typer.echo(f"rolled back {before} → {target.name} (registry {path})")
+
+
+@models.command("vllm-args")
+def models_vllm_args(
+    ctx: typer.Context,
+    registry: Registry = None,
+    all_versions: Annotated[
+        bool, typer.Option("--all", help="every version, not only the serving one and its rollback target")
+    ] = False,
+    path_prefix: Annotated[
+        str | None,
+        typer.Option(help="where the registry directory is mounted inside vLLM's container, e.g. /models"),
+    ] = None,
+) -> None:
+    """Print vLLM's LoRA flags for the registry: `vllm serve BASE $(twin models vllm-args)`."""
+    from pipeline.registry import lora_modules, version_names, vllm_lora_args
+
+    path = _registry(registry or ctx.obj)
+    modules = lora_modules(path, version_names(path) if all_versions else None)
+    if not modules:
+        raise InputError(path, "no model versions to publish")
+    args = vllm_lora_args(path, modules, path_prefix)
+    base = next((m.base for m in modules if m.base), "")
+    # stderr: stdout is only the flags, so that `$(…)` can splice them into a command line.
+    typer.echo(f"base model: {base or 'not named in the manifests'} (the model `vllm serve` loads)", err=True)
+    typer.echo(" ".join(args))
 
 
 def _print_versions(registry: Path) -> None:

@@ -9,7 +9,8 @@
       <version>/
         manifest.json         base, parent, data window, dataset hash, eval numbers, ggufs, created
         model-<QUANT>.gguf    quantised model(s)
-        adapter/              the LoRA adapter (PEFT layout), for incremental retraining
+        adapter/              the LoRA adapter (PEFT layout), for incremental retraining and
+                              for vLLM, which serves it as `twin-<version>` (`lora_modules`)
 
 Reading only (stdlib only, the bot imports it): what to serve, the versions in their one
 order, manifests, the history, the retrain lock and status. Every change of the layout
@@ -431,6 +432,119 @@ def _parse_gguf(path: Path, data: mmap.mmap, size: int) -> GgufInfo:
     if needed > size:
         raise InvalidVersion(path, f"truncated: {size} bytes, its tensors need {needed}")
     return GgufInfo(version=version, tensors=tensors, metadata=metadata, size=size)
+
+
+# ---------------------------------------------------------------- LoRA adapters for vLLM
+
+LORA_PREFIX = "twin-"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+# vLLM's LoRAConfig accepts only these --max-lora-rank values (vllm/config/lora.py, 0.8+).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(slots=True)
+class LoraModule:
+    """One version's adapter as vLLM loads it: `--lora-modules <name>=<path>`."""
+
+    name: str  # twin-<version>
+    version: str
+    path: Path  # the adapter directory, absolute, inside the registry
+    rank: int
+    base: str  # the base model the adapter applies to ("" when nothing names one)
+
+
+def lora_module_name(version: str) -> str:
+    """The model name a version is served under by vLLM: `twin-<version>`."""
+    if not is_version_name(version):
+        raise InvalidVersion(Path(str(version)), "is not a version name, no LoRA module name for it")
+    return LORA_PREFIX + version
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root)
+
+
+def lora_module(registry: str | Path, version: str) -> LoraModule:
+    """Version `version`'s adapter, checked: config and weights present, nothing outside the registry."""
+    root = Path(registry).resolve()
+    model_dir = version_dir(registry, version)
+    adapter = model_dir / ADAPTER_DIR
+    config_path, weights = adapter / ADAPTER_CONFIG_FILE, adapter / ADAPTER_WEIGHTS_FILE
+    # A link out of the registry would let vLLM load (or the bot publish) files nobody registered.
+    for path in (model_dir, adapter, config_path, weights):
+        if path.exists() and not _inside(path, root):
+            raise InvalidVersion(path, f"is a link to {path.resolve()}, outside the registry; refusing it")
+    if not adapter.is_dir():
+        raise InvalidVersion(adapter, "no LoRA adapter directory in this version")
+    if not weights.is_file():
+        raise InvalidVersion(weights, "missing: the adapter has no weights vLLM can load")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidVersion(config_path, "missing: not a PEFT LoRA adapter") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidVersion(config_path, f"unreadable adapter config ({exc})") from None
+    rank = config.get("r") if isinstance(config, dict) else None
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InvalidVersion(config_path, f"no positive integer rank `r` (found {rank!r})")
+    manifest = read_manifest(model_dir)
+    base = manifest.get("base") or config.get("base_model_name_or_path") or ""
+    return LoraModule(lora_module_name(version), version, adapter.resolve(), rank, str(base))
+
+
+def lora_modules(registry: str | Path, versions: list[str] | None = None) -> list[LoraModule]:
+    """The adapters to publish: `versions`, by default the serving one and its rollback target."""
+    if versions is None:
+        current = current_version(registry)
+        previous = previous_version(registry)
+        versions = [v for v in (current, previous) if v]
+        if not versions:
+            raise VersionNotFound(
+                Path(registry) / CURRENT_FILE, "names no serving version; nothing to publish"
+            )
+    return [lora_module(registry, v) for v in versions]
+
+
+def vllm_max_lora_rank(modules: list[LoraModule]) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that covers every adapter's rank."""
+    needed = max((m.rank for m in modules), default=VLLM_LORA_RANKS[0])
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= needed:
+            return allowed
+    worst = max(modules, key=lambda m: m.rank)
+    raise InvalidVersion(
+        worst.path, f"rank {worst.rank} exceeds vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}"
+    )
+
+
+def vllm_lora_args(
+    registry: str | Path, modules: list[LoraModule], path_prefix: str | None = None
+) -> list[str]:
+    """`--enable-lora --max-lora-rank R --lora-modules twin-vNNNN=PATH …` for `vllm serve`.
+
+    `path_prefix` replaces the registry directory in each path (where vLLM's container mounts it).
+    Adapters trained on different bases cannot share one server: refused."""
+    bases = sorted({m.base for m in modules if m.base})
+    if len(bases) > 1:
+        named = ", ".join(f"{m.version}: {m.base}" for m in modules)
+        raise InvalidVersion(
+            Path(registry), f"adapters of different base models cannot share one vLLM ({named})"
+        )
+    root = Path(registry).resolve()
+    if path_prefix is not None and not path_prefix.startswith("/"):
+        raise InputError(path_prefix, "--path-prefix must be an absolute path (inside vLLM's container)")
+    specs = []
+    for m in modules:
+        path = (
+            str(m.path)
+            if path_prefix is None
+            else f"{path_prefix.rstrip('/')}/{m.path.relative_to(root).as_posix()}"
+        )
+        if any(c.isspace() for c in path):  # `$(twin models vllm-args)` would split it in two
+            raise InputError(path, "an adapter path with whitespace cannot be passed on vLLM's command line")
+        specs.append(f"{m.name}={path}")
+    return ["--enable-lora", "--max-lora-rank", str(vllm_max_lora_rank(modules)), "--lora-modules", *specs]
 
 
 # ---------------------------------------------------------------- resolving what to serve

@@ -29,6 +29,8 @@ def _not_the_default(name: str, field: FieldInfo) -> str:
     default = field.default
     if name == "twin_retrain_cron":
         return "30 5 * * 1"
+    if name == "twin_openai_fallback_urls":
+        return '["http://甲:8000/v1", "http://c/v1"]'
     if get_origin(field.annotation) is Literal:
         return next(choice for choice in get_args(field.annotation) if choice != default)
     if isinstance(default, bool):
@@ -106,3 +108,9 @@ def test_defaults_agree_everywhere(clean_env: Path) -> None:
     from_example = _as_the_bot_reads_it(clean_env).model_dump()
     assert {k: v for k, v in from_example.items() if v != defaults[k]} == {}
     assert load_config().model_dump() == defaults
+
+
+def test_fallback_urls_are_read_as_a_comma_list_by_the_bot_and_the_cli(clean_env: Path) -> None:
+    (clean_env / ".env").write_text("TWIN_OPENAI_FALLBACK_URLS=http://a:8000/v1, http://b:8000/v1\n")
+    for settings in (_as_the_bot_reads_it(clean_env), load_config()):
+        assert settings.twin_openai_fallback_urls == ["http://a:8000/v1", "http://b:8000/v1"]

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from deploy.onebot_client import BotProcess, OneBotClient, OneBotRefused
-from tests.e2e.conftest import OWNER, SUPERUSER, TOKEN, bot_env, running_bot, wait_until
+from pipeline.registry_ops import promote, rollback
+from tests.e2e.conftest import OWNER, SUPERUSER, TOKEN, bot_env, running_bot, twin_status, wait_until
 from tests.fake_openai import FakeOpenAI
+from tests.registry_helpers import registry_of_versions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -242,6 +244,43 @@ async def test_restart_keeps_memory_and_pause_state(fake: FakeOpenAI, tmp_path: 
         second.stop()
     prompt = fake.requests_mentioning("说呀")[-1]["messages"]
     assert [m["content"] for m in prompt[1:]] == ["我叫阿福", "收到:我叫阿福", "我叫什么\n说呀"]
+
+
+async def test_a_promotion_loads_the_new_lora_into_vllm_before_chats_use_it(tmp_path: Path) -> None:
+    """vLLM with one LoRA per version: the bot asks for `twin-<serving version>`, and a promotion
+    in the registry is loaded through /v1/load_lora_adapter before the next chat uses its name."""
+    registry = registry_of_versions(tmp_path, 16, 16)
+    rollback(registry)  # v0001 serves
+    vllm = FakeOpenAI()
+    settings = bot_settings(
+        vllm,
+        tmp_path / "data" / "bot.db",
+        TWIN_MODEL=str(registry),
+        TWIN_OPENAI_LORA="true",
+        TWIN_VLLM_RUNTIME_LORA="true",
+        TWIN_MODEL_POLL="0.2",
+    )
+    process = BotProcess(settings, cwd=tmp_path)
+    process.start()
+    try:
+        async with process.client(self_id=OWNER) as client:
+            await client.send_private(20030, "早")
+            await client.wait_reply(user_id=20030, timeout=20)
+            assert vllm.requests[-1]["model"] == "twin-v0001"
+            promote(registry, "v0002")
+            adapter = str((registry / "v0002" / "adapter").resolve())
+            load = ("load", {"lora_name": "twin-v0002", "lora_path": adapter})
+            assert await wait_until(lambda: load in vllm.lora_calls, 20, interval=0.1)
+            status = await twin_status(client)
+            assert status.startswith("model: v0002 (openai)") and f"server: {vllm.base_url}" in status
+            await client.send_private(20030, "晚")
+            await client.wait_reply(user_id=20030, after=1, timeout=20)
+            assert vllm.requests[-1]["model"] == "twin-v0002"
+    finally:
+        process.stop()
+        vllm.close()
+    sql = "SELECT model_version FROM messages WHERE chat = '20030' AND origin = 'twin' ORDER BY id"
+    assert rows(tmp_path / "data" / "bot.db", sql) == [("v0001",), ("v0002",)]
 
 
 async def test_load_20_users_5_messages_each_then_clean_sigterm(fake: FakeOpenAI, tmp_path: Path) -> None:
