@@ -251,7 +251,10 @@ def health(
 def napcat_config(
     uin: Annotated[
         str | None,
-        typer.Option(help="the QQ account NapCat logs into (default: NapCat's template for any account)"),
+        typer.Option(
+            envvar="NAPCAT_ACCOUNT",
+            help="the QQ account NapCat logs into (default: NapCat's template for an account without one)",
+        ),
     ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="NapCat's config directory")] = Path(
         "napcat/config"
@@ -269,7 +272,7 @@ def napcat_config(
         raise InputError(".env", f"ONEBOT_ACCESS_TOKEN is empty: set one there first ({GENERATE_HINT})")
     if len(token) < MIN_EXPOSED_TOKEN_LENGTH:  # NapCat dials over a network: the bot would refuse it
         raise InputError(".env", f"ONEBOT_ACCESS_TOKEN is shorter than {MIN_EXPOSED_TOKEN_LENGTH} characters")
-    path = write_config(out, uin, url, token)
+    path = write_config(out, uin or None, url, token)  # NAPCAT_ACCOUNT= (empty) means no account yet
     typer.echo(f"wrote {path}: NapCat dials {url} with ONEBOT_ACCESS_TOKEN (restart NapCat to apply)")
 
 
