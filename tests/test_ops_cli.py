@@ -86,7 +86,14 @@ def tiny() -> Iterator[TinyBot]:
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty working directory and an environment without the bot's settings."""
-    bot_settings = {"HOST", "PORT", "ONEBOT_ACCESS_TOKEN", "ONEBOT_V11_ACCESS_TOKEN", "ENVIRONMENT", "NAPCAT_ACCOUNT"}
+    bot_settings = {
+        "HOST",
+        "PORT",
+        "ONEBOT_ACCESS_TOKEN",
+        "ONEBOT_V11_ACCESS_TOKEN",
+        "ENVIRONMENT",
+        "NAPCAT_ACCOUNT",
+    }
     for name in list(os.environ):
         if name.upper() in bot_settings or name.upper().startswith("TWIN_"):
             monkeypatch.delenv(name)
