@@ -262,7 +262,8 @@ def test_retrain_is_a_one_shot_on_the_bots_volumes_and_settings(capsys) -> None:
     every = services()
     retrain, twin = every["retrain"], every["twin"]
     assert retrain["profiles"] == ["retrain"] and retrain["command"] == ["twin", "retrain", "--now"]
-    assert retrain["restart"] == "no"
+    assert retrain["restart"] == "no" and retrain["healthcheck"] == {"disable": True}
+    assert every["napcat-config"]["healthcheck"] == {"disable": True}  # one-shots serve no HTTP
     assert retrain["volumes"] == twin["volumes"] and retrain["env_file"] == twin["env_file"]
     assert retrain["environment"] == twin["environment"]
     assert main(["retrain", "--help"]) == 0 and "--now" in capsys.readouterr().out
