@@ -2,7 +2,8 @@
 
 Settings come from the environment and `.env` (see `.env.example`); plugins from
 `[tool.nonebot]` in pyproject.toml. Before NoneBot starts, every secret setting is masked in
-the log and an empty `ONEBOT_ACCESS_TOKEN` is replaced by a generated one (bot/transport.py).
+the log and an empty `ONEBOT_ACCESS_TOKEN` is replaced by a generated one (bot/transport.py);
+`TWIN_LOG_FORMAT=json` writes one JSON object per log line (bot/log_json.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from nonebot.log import LoguruHandler, default_filter, default_format, logger
 from pydantic import ValidationError
 
 from bot import transport
+from bot.log_json import JsonLines, log_format
 from bot.log_mask import MaskedStream, SecretMask, secret_values
 
 
@@ -40,14 +42,18 @@ def _log_uncaught(kind, value, traceback) -> None:
 setting_layers = transport.settings_layers(os.environ)
 secret_mask = SecretMask(value for layer in setting_layers for value in secret_values(layer))
 logger.remove()
-logger.add(
-    MaskedStream(sys.stdout, secret_mask),
-    level=0,
-    diagnose=False,
-    filter=_quiet_filter,
-    format=default_format,
-    colorize=sys.stdout.isatty(),
-)
+if log_format(transport.merge_layers(setting_layers)) == "json":
+    json_sink = JsonLines(MaskedStream(sys.stdout, secret_mask))
+    logger.add(json_sink, level=0, diagnose=False, filter=_quiet_filter)
+else:
+    logger.add(
+        MaskedStream(sys.stdout, secret_mask),
+        level=0,
+        diagnose=False,
+        filter=_quiet_filter,
+        format=default_format,
+        colorize=sys.stdout.isatty(),
+    )
 logging.lastResort = LoguruHandler(logging.WARNING)  # libraries' unhandled warnings, else raw on stderr
 sys.excepthook = _log_uncaught
 

@@ -33,6 +33,11 @@ class Config(BaseModel):
         False, description="also serve OneBot HTTP POST (/onebot/v11/, /onebot/v11/http); needs ONEBOT_SECRET"
     )
 
+    # how it logs (bot.py)
+    twin_log_format: Literal["text", "json"] = Field(
+        "text", description="`text` lines, or `json`: one object per line (time, level, name, message)"
+    )
+
     # what answers
     twin_model: str = Field(
         DEFAULT_MODEL, description="a .gguf file, a model directory, or the registry (with `current`)"

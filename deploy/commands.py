@@ -1,4 +1,5 @@
-"""`twin serve`, `simulate`, `retrain`, `demo` and `models`: running the bot, the registry, retraining.
+"""`twin serve`, `simulate`, `health`, `napcat-config`, `retrain`, `demo` and `models`: running the
+bot, checking it, connecting NapCat, the registry, retraining.
 
 `serve` and `simulate` act on the bot from outside: one starts `bot.py` as its own process, the
 other is a OneBot client (deploy/onebot_client.py). Neither imports the `bot` package, whose
@@ -14,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from deploy.napcat import COMPOSE_URL
 from pipeline.errors import InputError
 
 commands = typer.Typer()
@@ -231,6 +233,73 @@ def simulate(
         raise InputError(url, str(exc).removeprefix(f"{url}: ")) from None
     except KeyboardInterrupt:
         pass
+
+
+def _bot_settings() -> dict[str, str | None]:
+    """The settings as bot.py reads them: `.env`, `.env.{ENVIRONMENT}`, the environment (lower-case names)."""
+    from bot import transport
+
+    return transport.merge_layers(transport.settings_layers(os.environ))
+
+
+def _access_token(settings: dict[str, str | None]) -> str | None:
+    """ONEBOT_ACCESS_TOKEN as the bot uses it: the configured one, else the one it generated and kept."""
+    from bot import transport
+
+    return transport.configured_token(settings) or transport.kept_token(settings)
+
+
+@commands.command("health")
+def health(
+    url: Annotated[
+        str | None,
+        typer.Option(help="the endpoint to ask (default: http://HOST:PORT/twin/health, or /twin/ready)"),
+    ] = None,
+    ready: Annotated[
+        bool, typer.Option("--ready", help="ask /twin/ready (model, store, OneBot connection) with the token")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 5.0,
+) -> None:
+    """Exit 0 when the running bot is healthy (or ready, with --ready), 1 otherwise; one line of output."""
+    from deploy.health import HEALTH_PATH, READY_PATH, local_url, probe
+
+    settings = _bot_settings()
+    if url is None:
+        path = READY_PATH if ready else HEALTH_PATH
+        url = local_url(settings.get("host") or "127.0.0.1", settings.get("port") or "8080", path)
+    result = probe(url, token=_access_token(settings) if ready else None, timeout=timeout)
+    typer.echo(result.line)
+    if not result.healthy:
+        raise typer.Exit(1)
+
+
+@commands.command("napcat-config")
+def napcat_config(
+    uin: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NAPCAT_ACCOUNT",
+            help="the QQ account NapCat logs into (default: NapCat's template for an account without one)",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="NapCat's config directory")] = Path(
+        "napcat/config"
+    ),
+    url: Annotated[
+        str, typer.Option(help="where NapCat dials the bot (compose: the `twin` service)")
+    ] = COMPOSE_URL,
+) -> None:
+    """Write NapCat's onebot11 config: a reverse WebSocket to the bot with ONEBOT_ACCESS_TOKEN."""
+    from bot.transport import GENERATE_HINT, MIN_EXPOSED_TOKEN_LENGTH
+    from deploy.napcat import write_config
+
+    token = _access_token(_bot_settings())
+    if not token:
+        raise InputError(".env", f"ONEBOT_ACCESS_TOKEN is empty: set one there first ({GENERATE_HINT})")
+    if len(token) < MIN_EXPOSED_TOKEN_LENGTH:  # NapCat dials over a network: the bot would refuse it
+        raise InputError(".env", f"ONEBOT_ACCESS_TOKEN is shorter than {MIN_EXPOSED_TOKEN_LENGTH} characters")
+    path = write_config(out, uin or None, url, token)  # NAPCAT_ACCOUNT= (empty) means no account yet
+    typer.echo(f"wrote {path}: NapCat dials {url} with ONEBOT_ACCESS_TOKEN (restart NapCat to apply)")
 
 
 @commands.command("retrain")

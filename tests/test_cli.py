@@ -20,6 +20,8 @@ COMMANDS = (
     "chat",
     "serve",
     "simulate",
+    "health",
+    "napcat-config",
     "retrain",
     "models",
     "demo",

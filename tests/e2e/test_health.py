@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -50,3 +55,32 @@ async def test_ready_reports_the_model_the_store_and_the_onebot_connection(bot: 
     assert ready.status_code == 200 and body["ready"] is True
     assert body["store_writable"] is True and body["onebot_connections"] == 1
     assert body["sending"] == "ok" and body["last_retrain"] == "never"
+
+
+def twin_health(bot: BotProcess, *args: str) -> subprocess.CompletedProcess:
+    """`twin health` as a container's health check runs it: its own process, settings from the environment."""
+    env = {**os.environ, "HOST": "0.0.0.0", "PORT": bot.settings["PORT"], "ONEBOT_ACCESS_TOKEN": TOKEN}
+    return subprocess.run(
+        [sys.executable, "-m", "deploy", "health", *args],
+        cwd=bot.cwd,
+        env={**env, "PYTHONPATH": str(Path(__file__).parents[2])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_twin_health_is_0_for_a_live_bot_and_ready_only_with_a_qq_side(bot: BotProcess) -> None:
+    live = await asyncio.to_thread(twin_health, bot)
+    assert (
+        live.returncode == 0
+        and live.stdout == f"healthy: http://127.0.0.1:{bot.settings['PORT']}/twin/health\n"
+    )
+    waiting = await asyncio.to_thread(twin_health, bot, "--ready")
+    assert waiting.returncode == 1 and waiting.stdout.startswith("not ready (HTTP 503): model fake-twin")
+    async with bot.client(self_id=OWNER):
+        ready = await asyncio.to_thread(twin_health, bot, "--ready")
+    assert ready.returncode == 0 and ready.stdout.startswith(
+        "ready: model fake-twin, store writable, 1 OneBot"
+    )
+    assert TOKEN not in live.stdout + waiting.stdout + ready.stdout
