@@ -189,7 +189,7 @@ async def start_accounts(
 ) -> Accounts:
     """Create and start a twin for every account (models shared by path loaded once); if one fails
     to start, those already started are closed again."""
-    pool = pool or BackendPool()
+    pool = BackendPool() if pool is None else pool
     accounts: list[Account] = []
     try:
         for config in configs:
