@@ -138,8 +138,10 @@ class Twin:
         await self.backend.start()
         if self.registry is not None:
             self._watcher = asyncio.create_task(self._watch_registry(), name="twin-registry-watch")
+        account = self.config.twin_account
         log.info(
-            "twin ready: backend %s, model %s, paused=%s",
+            "twin ready%s: backend %s, model %s, paused=%s",
+            f" for account {account}" if account else "",
             self.backend.name,
             self.backend.version,
             self.paused,

@@ -302,3 +302,29 @@ async def test_a_shared_model_loads_once_swaps_once_and_outlives_one_account(
     finally:
         await accounts.close()
     assert (shared.closes, alone.closes) == (1, 1)
+
+
+@pytest.mark.parametrize(("accounts", "expected"), [([Path("a.env")], ["--account", "10001"]), ([], [])])
+async def test_the_retrain_child_is_told_which_accounts_settings_to_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accounts: list[Path], expected: list[str]
+) -> None:
+    """With TWIN_ACCOUNTS the child must train on this account's store into its registry; alone,
+    it reads the process's settings as before."""
+    from bot import retrain
+    from bot.runtime import Twin
+
+    started: list[tuple[str, ...]] = []
+
+    async def child(*command: str, **_: object) -> object:
+        started.append(command)
+        raise OSError("not started in this test")
+
+    monkeypatch.setattr(retrain.asyncio, "create_subprocess_exec", child)
+    registry = registry_with(tmp_path / "models", "v1")
+    twin = Twin(
+        account(tmp_path, 10001, registry, twin_accounts=accounts), nicknames=[], backend=ScriptedBackend()
+    )
+    assert twin.start_retrain(lambda text: asyncio.sleep(0)) == "retrain started"
+    with pytest.raises(OSError):
+        await twin.retrain_task
+    assert started == [(sys.executable, "-m", "deploy", "retrain", "--now", *expected)]
