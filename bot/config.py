@@ -276,7 +276,7 @@ def load_accounts(settings: Config, cwd: Path = Path()) -> dict[Path, Config]:
         first = seen_account.setdefault(config.twin_account, file)
         if first != file or file in accounts:
             raise InputError(file, f"TWIN_ACCOUNT {config.twin_account} is already served by {first}")
-        db = (cwd / config.twin_db).expanduser().resolve()
+        db = (cwd / config.twin_db).resolve()
         first = seen_db.setdefault(db, file)
         if first != file:
             raise InputError(file, f"TWIN_DB {config.twin_db} is {first}'s too: each account needs its own")

@@ -130,12 +130,13 @@ def startup_problem() -> str | None:
     for where, config in accounts.items():
         if config.twin_backend != "llama_cpp":
             continue
+        account = f"{where}: " if plugin_config.twin_accounts else ""  # which file, when there are several
         if not config.twin_model:
-            return f"{where}: TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
+            return f"{account}TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
         try:
             model_registry.resolve_model(config.twin_model)
         except (FileNotFoundError, ValueError) as exc:
-            return f"{where}: TWIN_MODEL: {exc}" if plugin_config.twin_accounts else f"TWIN_MODEL: {exc}"
+            return f"{account}TWIN_MODEL: {exc}"
     return None
 
 
@@ -446,7 +447,7 @@ def superuser_reporter(account: Account) -> Callable[[str], Awaitable[None]]:
     that account's own connection, and the log."""
 
     async def tell(text: str) -> None:
-        logger.info(f"qq-twin ({account.label}): {text}")
+        logger.info(f"qq-twin: {text}" if not account.self_id else f"qq-twin ({account.label}): {text}")
         bots = get_bots()
         connections = [bots[account.self_id]] if account.self_id in bots else []
         for bot in connections if account.self_id else bots.values():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 import stat
@@ -78,6 +79,22 @@ def settings_layers(environ: Mapping[str, str], cwd: Path = Path()) -> list[dict
     environment; names lower-cased as NoneBot compares them."""
     base, specific = env_files(environ, cwd)
     return [_dotenv(base), _dotenv(specific), {name.lower(): value for name, value in environ.items()}]
+
+
+def account_layers(settings: Mapping[str, str | None], cwd: Path = Path()) -> list[dict[str, str | None]]:
+    """The account files of `TWIN_ACCOUNTS` as read before NoneBot starts, so that their secrets
+    (`TWIN_DB_KEY`…) are masked in the log too; they are checked later (`bot.config.load_accounts`)."""
+    try:
+        files = json.loads(settings.get("twin_accounts") or "[]")
+    except ValueError:
+        return []
+    layers = []
+    for name in files if isinstance(files, list) else []:
+        try:
+            layers.append(_dotenv(cwd / str(name)))
+        except (OSError, UnicodeDecodeError):  # reported in one line once the plugin checks it
+            continue
+    return layers
 
 
 def merge_layers(layers: Sequence[Mapping[str, str | None]]) -> dict[str, str | None]:

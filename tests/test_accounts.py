@@ -369,3 +369,16 @@ async def test_two_accounts_on_one_gguf_run_one_llama_cpp_instance(
     finally:
         await accounts.close()
     assert freed == loaded  # freed with the last account
+
+
+def test_secrets_in_account_files_are_masked_in_the_log_from_the_start(home: Path) -> None:
+    """bot.py builds its log mask before NoneBot starts: an account's TWIN_DB_KEY is in it."""
+    from bot import transport
+    from bot.log_mask import secret_values
+
+    two_accounts(home, "TWIN_DB_KEY=b-store-key-123")
+    (home / "accounts" / "a.env").write_bytes(b"TWIN_PERSONA=\xff\n")  # unreadable: left to the check
+    settings = transport.merge_layers(transport.settings_layers({}, home))
+    layers = transport.account_layers(settings, home)
+    assert {value for layer in layers for value in secret_values(layer)} == {"b-store-key-123"}
+    assert transport.account_layers({"twin_accounts": "not json"}, home) == []
