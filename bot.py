@@ -40,7 +40,8 @@ def _log_uncaught(kind, value, traceback) -> None:
 
 # Masked before NoneBot logs anything: at DEBUG it logs its whole configuration.
 setting_layers = transport.settings_layers(os.environ)
-secret_mask = SecretMask(value for layer in setting_layers for value in secret_values(layer))
+masked_layers = [*setting_layers, *transport.account_layers(transport.merge_layers(setting_layers))]
+secret_mask = SecretMask(value for layer in masked_layers for value in secret_values(layer))
 logger.remove()
 if log_format(transport.merge_layers(setting_layers)) == "json":
     json_sink = JsonLines(MaskedStream(sys.stdout, secret_mask))

@@ -3,22 +3,26 @@
 The plugin reads it with `get_plugin_config(Config)`; the CLI and the retrain child (which
 inherits the bot's environment and working directory) read the same `.env` / environment with
 `load_config()`, without NoneBot. `.env.example` documents every field; lists are JSON
-(`TWIN_PRIVATE_DENY=[10001, 10002]`).
+(`TWIN_PRIVATE_DENY=[10001, 10002]`). With `TWIN_ACCOUNTS`, each account's settings are its
+own file laid over those (`load_accounts`; docs/bot.md#several-accounts).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from pipeline.chatformat import BURST_GAP, DEFAULT_PERSONA
+from pipeline.errors import InputError
 
 # The model registry that `twin export` and `twin retrain` write and the bot follows.
 DEFAULT_MODEL = "models"
@@ -92,6 +96,17 @@ class Config(BaseModel):
     )
     twin_burst_gap: int = Field(
         BURST_GAP, ge=0, description="seconds within which one sender's messages join (dataset burst_gap)"
+    )
+
+    # several QQ accounts in one process (docs/bot.md#several-accounts)
+    twin_accounts: list[Path] = Field(
+        [], description="one settings file per QQ account (JSON list); empty = one account, these settings"
+    )
+    twin_account: int = Field(
+        0, ge=0, description="the QQ number (self_id) these settings serve; 0 = whichever connects"
+    )
+    twin_superusers: list[int] = Field(
+        [], description="who may give this account /twin commands; empty = SUPERUSERS"
     )
 
     # the conversation store
@@ -246,6 +261,81 @@ def load_config(cwd: Path = Path(), env_file: Path | None = None, **overrides: o
     `env_file` replaces `cwd`'s `.env` files. Raises pydantic's ValidationError naming the bad field."""
     files = (env_file,) if env_file is not None else env_files(os.environ, cwd)
     return _EnvConfig(_env_file=files, **overrides)
+
+
+# ------------------------------------------------------------------------- several accounts
+
+# What one process shares, so an account file may not set it.
+PROCESS_WIDE = ("twin_accounts", "twin_onebot_http_post")
+
+
+def _account_layer(file: Path) -> dict[str, object]:
+    """An account file's settings, decoded as the environment's are (lists are JSON)."""
+    if not file.is_file():
+        raise InputError(file, "no such file" if not file.exists() else "not a regular file")
+    try:
+        names = dotenv_values(file, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(file, f"cannot read it ({type(exc).__name__})") from None
+    for name, value in names.items():
+        field = name.lower()
+        if field not in Config.model_fields:
+            raise InputError(file, f"{name} is not a TWIN_* setting (only those belong in an account file)")
+        if field in PROCESS_WIDE:
+            raise InputError(file, f"{name.upper()} is for the whole process: set it in .env, not here")
+        if value is None:
+            raise InputError(file, f"{name} has no value (write {name.upper()}=…)")
+    try:
+        return DotEnvSettingsSource(_EnvConfig, env_file=file, env_file_encoding="utf-8")()
+    except SettingsError as exc:  # a list or a flag that is not JSON
+        named = re.search(r'field "(\w+)"', str(exc))
+        raise InputError(file, f"{named[1].upper() if named else 'a setting'}: not valid JSON") from None
+
+
+def load_account_config(file: Path, cwd: Path = Path(), **overrides: object) -> Config:
+    """One account's settings: its file over the environment over the `.env` files.
+
+    Raises InputError naming the file and the bad setting."""
+    layer = _account_layer(file)
+    try:
+        config = load_config(cwd, **{**layer, **overrides})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = "_".join(str(p) for p in error["loc"]).upper()
+        where = file if name.lower() in layer else ".env / environment"
+        raise InputError(where, f"{name}: {error['msg']}") from None
+    if not config.twin_account:
+        raise InputError(file, "TWIN_ACCOUNT is not set: name the QQ number this file's settings serve")
+    return config
+
+
+def load_accounts(settings: Config, cwd: Path = Path()) -> dict[Path, Config]:
+    """Every account's settings by file, in `TWIN_ACCOUNTS` order; refuses two files for one QQ
+    number or one store (InputError naming the second file)."""
+    accounts: dict[Path, Config] = {}
+    seen_account: dict[int, Path] = {}
+    seen_db: dict[Path, Path] = {}
+    for name in settings.twin_accounts:
+        file = cwd / name
+        config = load_account_config(file, cwd)
+        first = seen_account.setdefault(config.twin_account, file)
+        if first != file or file in accounts:
+            raise InputError(file, f"TWIN_ACCOUNT {config.twin_account} is already served by {first}")
+        db = (cwd / config.twin_db).resolve()
+        first = seen_db.setdefault(db, file)
+        if first != file:
+            raise InputError(file, f"TWIN_DB {config.twin_db} is {first}'s too: each account needs its own")
+        accounts[file] = config
+    return accounts
+
+
+def account_settings(settings: Config, account: int, cwd: Path = Path(), **overrides: object) -> Config:
+    """The settings of the account `TWIN_ACCOUNTS` lists for QQ number `account` (`twin retrain
+    --account`, the bot's retrain child)."""
+    for file, config in load_accounts(settings, cwd).items():
+        if config.twin_account == account:
+            return load_account_config(file, cwd, **overrides) if overrides else config
+    raise InputError("TWIN_ACCOUNTS", f"no account file has TWIN_ACCOUNT={account}")
 
 
 def settings_table() -> str:

@@ -1,4 +1,4 @@
-"""The plugin's matchers: OneBot events in, calls on the running `Twin`, replies out.
+"""The plugin's matchers: OneBot events in, calls on the connection's running `Twin`, replies out.
 
 Imported by `bot/__init__.py` only when NoneBot loads the package as a plugin, because
 matchers, `get_driver()` and `get_plugin_config()` need an initialised NoneBot.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Literal
 
 from nonebot import get_bots, get_driver, get_plugin_config, logger, on_command, on_message, on_type, require
@@ -30,7 +30,7 @@ from nonebot.drivers import ASGIMixin
 from nonebot.log import LoguruHandler
 from nonebot.matcher import Matcher
 from nonebot.params import CommandArg, Depends
-from nonebot.permission import SUPERUSER
+from nonebot.permission import Permission
 from nonebot.rule import Rule
 from typing_extensions import override
 
@@ -39,18 +39,22 @@ from apscheduler.triggers.cron import CronTrigger  # noqa: E402
 from nonebot_plugin_apscheduler import scheduler  # noqa: E402
 
 from bot import health, transport  # noqa: E402
+from bot.accounts import Account, Accounts, start_accounts  # noqa: E402
 from bot.admin import COMMAND, run_admin  # noqa: E402
-from bot.config import Config  # noqa: E402
+from bot.config import Config, load_accounts  # noqa: E402
 from bot.runtime import ChatKey, SendBubble, Twin, serving_adapter  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
 from bot.store import EXCLUDED_RECALLED, StoredMessage  # noqa: E402
 from bot.triggers import answers_group, answers_private, is_ignored_sender  # noqa: E402
 from pipeline import registry as model_registry  # noqa: E402
 from pipeline.chatformat import GROUP, PRIVATE  # noqa: E402
+from pipeline.errors import TwinError  # noqa: E402
 
 plugin_config = get_plugin_config(Config)
 driver = get_driver()
-_running: Twin | None = None  # created on startup, closed on shutdown; handlers get it injected
+# The twins by QQ account, created on startup and closed on shutdown; handlers get the twin of
+# the event's connection injected.
+_accounts: Accounts | None = None
 
 # The plugin's own modules log through stdlib logging (`getLogger(__name__)`, all under this
 # package's logger); show them in NoneBot's (loguru) log.
@@ -106,44 +110,66 @@ Adapter.add_custom_model(MessageSentEvent)
 # ------------------------------------------------------------------------------- lifecycle
 
 
+def account_settings() -> dict[str, Config]:
+    """Each account's settings by where they come from: the files of `TWIN_ACCOUNTS` laid over
+    the process's settings, or those alone. Raises TwinError naming a bad or clashing file."""
+    if not plugin_config.twin_accounts:
+        return {".env / environment": plugin_config}
+    return {str(file): config for file, config in load_accounts(plugin_config).items()}
+
+
 def startup_problem() -> str | None:
     """What would stop the bot from serving, as one line for the operator (None when all is well)."""
     problem = transport.startup_problem()  # no token, a weak one off loopback, HTTP POST unsigned
     if problem:
         return problem
-    if plugin_config.twin_backend == "llama_cpp":
-        if not plugin_config.twin_model:
-            return "TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
+    try:
+        accounts = account_settings()
+    except TwinError as exc:
+        return str(exc)
+    for where, config in accounts.items():
+        account = f"{where}: " if plugin_config.twin_accounts else ""  # which file, when there are several
         try:
-            model_registry.resolve_model(plugin_config.twin_model)
+            if config.twin_backend == "llama_cpp":
+                if not config.twin_model:
+                    return f"{account}TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
+                model_registry.resolve_model(config.twin_model)
+            elif config.twin_openai_lora:
+                serving_adapter(config)
         except (FileNotFoundError, ValueError) as exc:
-            return f"TWIN_MODEL: {exc}"
-    elif plugin_config.twin_openai_lora:
-        try:
-            serving_adapter(plugin_config)
-        except (FileNotFoundError, ValueError) as exc:
-            return f"TWIN_MODEL: {exc}"
+            return f"{account}TWIN_MODEL: {exc}"
     return None
 
 
 @driver.on_startup
 async def start_twin() -> None:
-    global _running
+    global _accounts
     problem = startup_problem()
     if problem:
         raise RuntimeError(problem)
-    twin = Twin(
-        plugin_config,
+    accounts = await start_accounts(
+        list(account_settings().values()),
+        several=bool(plugin_config.twin_accounts),
+        superusers=driver.config.superusers,
         nicknames=sorted(driver.config.nickname),
         command_prefixes=sorted(driver.config.command_start),
     )
-    await twin.start()
-    _running = twin
-    if plugin_config.twin_retrain_cron:
+    # The QQ side may not log in as a superuser; a QQ account no file names is told of once.
+    transport.set_accounts(accounts.served(), accounts.superusers())
+    _accounts = accounts
+    for account in accounts:
+        cron = account.twin.config.twin_retrain_cron
+        if not cron:
+            continue
+        if account.twin.model_shared_with:
+            note = account.twin.shared_registry_note()
+            logger.warning(f"qq-twin: no scheduled retrain for {account.label}: {note}")
+            continue
         scheduler.add_job(
             scheduled_retrain,
-            CronTrigger.from_crontab(plugin_config.twin_retrain_cron),
-            id="qq-twin-retrain",
+            CronTrigger.from_crontab(cron),
+            args=[account],
+            id=f"qq-twin-retrain-{account.self_id}" if account.self_id else "qq-twin-retrain",
             replace_existing=True,
         )
 
@@ -154,29 +180,39 @@ def _access_token() -> str:
 
 # Liveness for anyone (says nothing), readiness with details for the holder of the access token.
 if isinstance(driver, ASGIMixin):  # a forward-WebSocket-only driver serves no HTTP at all
-    health.register(driver, lambda: _running, lambda: len(get_bots()), _access_token)
+    health.register(driver, lambda: _accounts, lambda: set(get_bots()), _access_token)
 
 
 @driver.on_shutdown
 async def stop_twin() -> None:
-    global _running
-    if _running is not None:
-        await _running.close()  # messages arriving meanwhile are still stored while it can
-        _running = None
+    global _accounts
+    if _accounts is not None:
+        await _accounts.close()  # messages arriving meanwhile are still stored while they can be
+        _accounts = None
 
 
-def running_twin(matcher: Matcher) -> Twin:
-    """The running twin, for `Depends`: before startup and after shutdown the handler is skipped."""
-    if _running is None or _running.store is None:
+def _account(bot: Bot) -> Account | None:
+    """The running account the connection belongs to (None before startup, after shutdown, or
+    for a QQ account this process does not serve)."""
+    account = _accounts.find(bot.self_id) if _accounts is not None else None
+    return account if account is not None and account.twin.store is not None else None
+
+
+def running_twin(bot: Bot, matcher: Matcher) -> Twin:
+    """The connection's running twin, for `Depends`: without one the handler is skipped, so an
+    event of an account this process does not serve is stored nowhere and never answered."""
+    account = _account(bot)
+    if account is None:
         matcher.skip()
-    return _running
+    return account.twin
 
 
-async def running_twin_or_say_so(matcher: Matcher) -> Twin:
+async def running_twin_or_say_so(bot: Bot, matcher: Matcher) -> Twin:
     """The running twin for an admin command, which otherwise learns that it is not running."""
-    if _running is None or _running.store is None:
+    account = _account(bot)
+    if account is None:
         await matcher.finish("qq-twin is not running")
-    return _running
+    return account.twin
 
 
 RunningTwin = Depends(running_twin)
@@ -385,31 +421,54 @@ async def handle_recall(
 
 # ------------------------------------------------------------------------------- admin
 
-admin = on_command(COMMAND, permission=SUPERUSER, priority=1, block=True)
+
+def _superusers_here(bot: Bot) -> frozenset[str]:
+    """Who may command the account on this connection; before startup, NoneBot's SUPERUSERS (who
+    learn that the twin is not running), for a connection no account serves, nobody."""
+    if _accounts is None:
+        return frozenset(user.removeprefix("onebot:") for user in driver.config.superusers)
+    account = _accounts.find(bot.self_id)
+    return account.superusers if account is not None else frozenset()
+
+
+async def _is_account_superuser(bot: Bot, event: MessageEvent) -> bool:
+    return event.get_user_id() in _superusers_here(bot)
+
+
+# Not NoneBot's SUPERUSER, which is one list for every account: a superuser of one account
+# must not command another.
+ACCOUNT_SUPERUSER = Permission(_is_account_superuser)
+admin = on_command(COMMAND, permission=ACCOUNT_SUPERUSER, priority=1, block=True)
 
 ADMIN_ACK = "收到"  # all a group sees of an admin command: the answer goes to a private chat
 
 
-async def tell_superusers(text: str) -> None:
-    """Report to every superuser in private chat, and to the log."""
-    logger.info(f"qq-twin: {text}")
-    for bot in get_bots().values():
-        for user in driver.config.superusers:
-            try:
-                await bot.call_api("send_private_msg", user_id=int(user), message=text)
-            except Exception as exc:
-                logger.warning(f"could not tell superuser: {exc!r}")
+def superuser_reporter(account: Account) -> Callable[[str], Awaitable[None]]:
+    """What tells the account's superusers later (a retrain's outcome): a private message through
+    that account's own connection, and the log."""
+
+    async def tell(text: str) -> None:
+        logger.info(f"qq-twin: {text}" if not account.self_id else f"qq-twin ({account.label}): {text}")
+        bots = get_bots()
+        connections = [bots[account.self_id]] if account.self_id in bots else []
+        for bot in connections if account.self_id else bots.values():
+            for user in sorted(account.superusers):
+                try:
+                    await bot.call_api("send_private_msg", user_id=int(user), message=text)
+                except Exception as exc:
+                    logger.warning(f"could not tell superuser: {exc!r}")
+
+    return tell
 
 
-async def scheduled_retrain() -> None:
-    twin = _running
-    if twin is None:
+async def scheduled_retrain(account: Account) -> None:
+    if account.twin.store is None:  # stopped
         return
-    if twin.paused:
-        logger.info("qq-twin: scheduled retrain skipped (paused)")
+    if account.twin.paused:
+        logger.info(f"qq-twin: scheduled retrain of {account.label} skipped (paused)")
         return
-    answer = twin.start_retrain(tell_superusers)
-    logger.info(f"qq-twin: scheduled retrain: {answer}")
+    answer = account.twin.start_retrain(superuser_reporter(account))
+    logger.info(f"qq-twin: scheduled retrain of {account.label}: {answer}")
 
 
 @admin.handle()
@@ -421,13 +480,15 @@ async def handle_admin(
 ) -> None:
     """Answers go to the superuser's private chat; a group sees only an acknowledgement."""
     quoted = next((seg.data.get("id") for seg in event.original_message if seg.type == "reply"), None)
+    account = _account(bot)
+    assert account is not None  # the twin was found for this connection
     answer = await run_admin(
         twin,
         args.extract_plain_text().split(),
         chat=chat_key(event),
         user=str(event.user_id),
         quoted=None if quoted is None else str(quoted),
-        report=tell_superusers,
+        report=superuser_reporter(account),
     )
     if isinstance(event, GroupMessageEvent):
         try:

@@ -5,19 +5,22 @@ nothing else (a container's or systemd's liveness probe needs no secret). `GET /
 says whether the twin can answer — model loaded, store writable, a OneBot connection open,
 the last retrain, the model server answering, a failed model switch — and shows those
 details only to a caller holding the access token (`Authorization: Bearer
-<ONEBOT_ACCESS_TOKEN>`); everyone else gets 401 and no detail.
+<ONEBOT_ACCESS_TOKEN>`); everyone else gets 401 and no detail. With several accounts
+(`TWIN_ACCOUNTS`) it lists each, and is ready when every one of them is.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from nonebot.adapters.onebot.utils import get_auth_bearer
 from nonebot.drivers import URL, ASGIMixin, HTTPServerSetup, Request, Response
 
+from bot.accounts import Accounts
 from bot.backends import OpenAIBackend, shown_url
 from bot.runtime import Twin
 from pipeline import registry as model_registry
@@ -62,6 +65,29 @@ async def readiness(twin: Twin | None, onebot_connections: int) -> Readiness:
     )
 
 
+async def ready_report(accounts: Accounts | None, connected: Collection[str]) -> dict[str, Any]:
+    """The body of `/twin/ready` for the QQ accounts connected now (their `self_id`s)."""
+    if accounts is None or not accounts.several:
+        twin = next(iter(accounts)).twin if accounts is not None else None
+        one = await readiness(twin, len(connected))
+        return {"ready": one.ready, **asdict(one)}
+    listed = []
+    for account in accounts:
+        here = await readiness(account.twin, int(account.self_id in connected))
+        shown = {name: value for name, value in asdict(here).items() if name != "onebot_connections"}
+        listed.append(
+            {
+                "account": account.self_id,
+                "ready": here.ready,
+                "connected": account.self_id in connected,
+                **shown,
+                "model_shared_with": list(account.twin.model_shared_with),
+            }
+        )
+    ready = all(entry["ready"] for entry in listed)
+    return {"ready": ready, "onebot_connections": len(connected), "accounts": listed}
+
+
 def authorized(request: Request, token: str) -> bool:
     """The request carries the access token (compared in constant time); never true without one."""
     given = get_auth_bearer(request.headers.get("authorization")) or ""
@@ -70,8 +96,8 @@ def authorized(request: Request, token: str) -> bool:
 
 def register(
     driver: ASGIMixin,
-    running: Callable[[], Twin | None],
-    connections: Callable[[], int],
+    running: Callable[[], Accounts | None],
+    connections: Callable[[], Collection[str]],
     token: Callable[[], str],
 ) -> None:
     """Serve both routes on the driver's HTTP server."""
@@ -82,9 +108,8 @@ def register(
     async def ready(request: Request) -> Response:
         if not authorized(request, token()):
             return Response(401, headers=_JSON, content=json.dumps({"error": "unauthorized"}))
-        report = await readiness(running(), connections())
-        body = {"ready": report.ready, **asdict(report)}
-        return Response(200 if report.ready else 503, headers=_JSON, content=json.dumps(body))
+        body = await ready_report(running(), connections())
+        return Response(200 if body["ready"] else 503, headers=_JSON, content=json.dumps(body))
 
     routes: tuple[tuple[str, str, Callable[[Request], Awaitable[Response]]], ...] = (
         (HEALTH_PATH, "twin-health", health),

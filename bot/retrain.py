@@ -55,17 +55,21 @@ async def stop_child(process: asyncio.subprocess.Process, grace: float = STOP_GR
         await process.wait()
 
 
-async def run_retrain(nice: int = 10, secrets: Iterable[str] = (), cwd: Path | None = None) -> RetrainResult:
+async def run_retrain(
+    nice: int = 10, secrets: Iterable[str] = (), cwd: Path | None = None, *, account: int | None = None
+) -> RetrainResult:
     """Run one cycle as a child process. It inherits the bot's environment and working directory,
-    so it reads the bot's `TWIN_*` settings from the same environment and `.env` (`load_config`);
-    `secrets` (the bot's secret setting values) are masked in the summary."""
+    so it reads the bot's `TWIN_*` settings from the same environment and `.env` (`load_config`),
+    and with `account` that account's file of `TWIN_ACCOUNTS` over them; `secrets` (the bot's
+    secret setting values) are masked in the summary."""
     env = dict(os.environ)
     # `deploy` sits next to this package; found the same way from a checkout or an install.
     project = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
 
+    chosen = ["--account", str(account)] if account is not None else []
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy", "retrain", "--now",
+        sys.executable, "-m", "deploy", "retrain", "--now", *chosen,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd,
     )  # fmt: skip
     if nice:

@@ -123,6 +123,7 @@ class Twin:
         nicknames: list[str],
         backend: Backend | None = None,
         command_prefixes: Sequence[str] = ("/",),
+        model_lock: asyncio.Lock | None = None,
     ) -> None:
         self.config = config
         self.nicknames = nicknames
@@ -151,7 +152,10 @@ class Twin:
         self._chats: dict[ChatKey, _ChatState] = {}
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task | None = None
-        self._model_lock = asyncio.Lock()  # one model switch at a time (watcher or /twin model)
+        # One model switch at a time (watcher or /twin model); shared with the accounts that share
+        # the backend (bot/accounts.py), so that their watchers swap it once.
+        self._model_lock = model_lock or asyncio.Lock()
+        self.model_shared_with: tuple[str, ...] = ()  # other accounts answering from this model
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -169,8 +173,10 @@ class Twin:
         await self.backend.start()
         if self.registry is not None:
             self._watcher = asyncio.create_task(self._watch_registry(), name="twin-registry-watch")
+        account = self.config.twin_account
         log.info(
-            "twin ready: backend %s, model %s, paused=%s",
+            "twin ready%s: backend %s, model %s, paused=%s",
+            f" for account {account}" if account else "",
             self.backend.name,
             self.backend.version,
             self.paused,
@@ -225,8 +231,9 @@ class Twin:
             if not version or version in (self.backend.version, failed):
                 continue
             async with self._model_lock:
-                if model_registry.current_version(self.registry) != version:
-                    continue  # `/twin model` moved it meanwhile
+                moved = model_registry.current_version(self.registry) != version  # by `/twin model`
+                if moved or self.backend.version == version:  # or swapped by an account sharing it
+                    continue
                 try:
                     await self.use_version(version)
                     failed = None
@@ -454,6 +461,8 @@ class Twin:
         guarded switch (name and GGUF checked, lock held, history recorded)."""
         if self.registry is None:
             raise ValueError("TWIN_MODEL is not a model registry")
+        if self.model_shared_with:
+            raise ValueError(self.shared_registry_note())
         self._checked(version)  # before anything is loaded
         async with self._model_lock:
             await self.use_version(version)  # `current` moves only once the version really serves
@@ -488,6 +497,7 @@ class Twin:
                 f"group probability: {self.probability:g}",
                 f"blocked: {len(self.blocked)}",
                 f"last retrain: {retrain}",
+                *([f"account: {self.config.twin_account}"] if self.config.twin_account else []),
             ]
         )
 
@@ -500,14 +510,26 @@ class Twin:
         """Start a retrain cycle in the background; returns what to tell the operator now."""
         if self.registry is None:
             return "retrain needs TWIN_MODEL to be a model registry (models/ with `current`)"
+        if self.model_shared_with:
+            return self.shared_registry_note()
         if self.retraining():
             return "a retrain cycle is already running"
+        # With TWIN_ACCOUNTS the child must read this account's settings, not the process's.
+        account = self.config.twin_account if self.config.twin_accounts else None
 
         async def run() -> None:
             secrets = secret_values(self.config.model_dump())
-            result = await run_retrain(self.config.twin_retrain_nice, secrets)
+            result = await run_retrain(self.config.twin_retrain_nice, secrets, account=account)
             outcome = "finished" if result.returncode == 0 else f"failed (exit {result.returncode})"
             await report(f"retrain {outcome}: {result.summary}".strip())
 
         self.retrain_task = asyncio.create_task(run(), name="twin-retrain")
         return "retrain started"
+
+    def shared_registry_note(self) -> str:
+        """Why this account leaves the registry alone: another account answers from it too."""
+        others = ", ".join(self.model_shared_with)
+        return (
+            f"the registry {self.registry} also serves account {others}: "
+            "retrain or switch it from the shell (`twin retrain`, `twin models`)"
+        )

@@ -6,18 +6,20 @@
 - Only the reverse WebSocket is served; OneBot's HTTP POST routes exist only with
   `TWIN_ONEBOT_HTTP_POST=true`, and then need both the token and `ONEBOT_SECRET`'s signature
   (the stock adapter checks no token on HTTP POST).
-- Tokens are compared in constant time, and a QQ account that is itself in `SUPERUSERS` is
-  refused: everyone who messages it could otherwise give the twin orders.
+- Tokens are compared in constant time, and a QQ account that is itself in `SUPERUSERS` (or,
+  with several accounts, in any account's `TWIN_SUPERUSERS`) is refused: everyone who messages
+  it could otherwise give the twin orders.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,22 @@ def settings_layers(environ: Mapping[str, str], cwd: Path = Path()) -> list[dict
     environment; names lower-cased as NoneBot compares them."""
     base, specific = env_files(environ, cwd)
     return [_dotenv(base), _dotenv(specific), {name.lower(): value for name, value in environ.items()}]
+
+
+def account_layers(settings: Mapping[str, str | None], cwd: Path = Path()) -> list[dict[str, str | None]]:
+    """The account files of `TWIN_ACCOUNTS` as read before NoneBot starts, so that their secrets
+    (`TWIN_DB_KEY`…) are masked in the log too; they are checked later (`bot.config.load_accounts`)."""
+    try:
+        files = json.loads(settings.get("twin_accounts") or "[]")
+    except ValueError:
+        return []
+    layers = []
+    for name in files if isinstance(files, list) else []:
+        try:
+            layers.append(_dotenv(cwd / str(name)))
+        except (OSError, UnicodeDecodeError):  # reported in one line once the plugin checks it
+            continue
+    return layers
 
 
 def merge_layers(layers: Sequence[Mapping[str, str | None]]) -> dict[str, str | None]:
@@ -199,6 +217,19 @@ class OwnAccountIsSuperuser(PermissionError):
     """The connecting QQ account is in SUPERUSERS."""
 
 
+# Known once the twins started, before anyone can connect: every account's superusers
+# (TWIN_SUPERUSERS; SUPERUSERS itself the adapter reads from NoneBot's settings), and the QQ
+# numbers served (empty: whichever connects).
+_account_superusers: frozenset[str] = frozenset()
+_served_accounts: frozenset[str] = frozenset()
+
+
+def set_accounts(served: Iterable[str], superusers: Iterable[str]) -> None:
+    """The accounts this process serves, and their superusers, refused as the connecting account."""
+    global _account_superusers, _served_accounts
+    _served_accounts, _account_superusers = frozenset(served), frozenset(superusers)
+
+
 class HardenedAdapter(Adapter):
     """NoneBot's OneBot v11 adapter (same name, events and API) that serves the reverse WebSocket
     only, requires the token everywhere, and refuses an account that is its own superuser."""
@@ -226,13 +257,14 @@ class HardenedAdapter(Adapter):
 
     def _own_account_refused(self, self_id: str) -> bool:
         superusers = self.config.superusers
-        if self_id not in superusers and f"onebot:{self_id}" not in superusers:
+        if self_id in superusers or f"onebot:{self_id}" in superusers:
+            where = "SUPERUSERS"
+        elif self_id in _account_superusers:
+            where = "an account's TWIN_SUPERUSERS"
+        else:
             return False
-        log(
-            "ERROR",
-            f"SUPERUSERS contains the bot's own account {escape_tag(self_id)}: "
-            "refusing the connection; remove it",
-        )
+        account = escape_tag(self_id)
+        log("ERROR", f"{where} contains the bot's own account {account}: refusing the connection; remove it")
         return True
 
     @override
@@ -261,6 +293,9 @@ class HardenedAdapter(Adapter):
         # Forward WebSockets learn the account only from the first event: refuse it here too.
         if bot.self_id not in self.bots and self._own_account_refused(bot.self_id):
             raise OwnAccountIsSuperuser(f"SUPERUSERS contains the bot's own account {bot.self_id}")
+        if _served_accounts and bot.self_id not in _served_accounts:  # its events reach no twin
+            account = escape_tag(bot.self_id)
+            log("WARNING", f"QQ account {account} connected, but no account file names it: ignored")
         super().bot_connect(bot)
 
     @override

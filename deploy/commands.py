@@ -314,12 +314,19 @@ def retrain(
             "--print-settings", help="print the TWIN_* settings as read here (JSON, secrets as ***)"
         ),
     ] = False,
+    account: Annotated[
+        int | None,
+        typer.Option(help="with TWIN_ACCOUNTS: the QQ number whose account file's settings to use"),
+    ] = None,
 ) -> None:
     """One incremental retrain cycle (with --now), else the last cycle's status and the schedule."""
     from deploy.settings import load_settings
 
     overrides = {"twin_model": str(registry)} if registry is not None else {}
-    settings = load_settings(**overrides)
+    settings = load_settings(account, **overrides)
+    if account is None and settings.twin_accounts and not print_settings:
+        # The process-wide settings are no account's: retraining them could mix two accounts' data.
+        raise InputError("TWIN_ACCOUNTS", "several accounts are set up: name one with --account <QQ number>")
     if print_settings:
         typer.echo(settings_json(settings))
         return

@@ -595,7 +595,7 @@ def run_checks(root: Path, environ: Mapping[str, str]) -> list[Check]:
         if found is not None:
             checks.append(found)
     try:
-        config = load_settings(root)
+        config = load_settings(cwd=root)
     except TwinError as exc:
         return [*checks, fail("settings", str(exc), "fix that line of .env (see .env.example)")]
     checks.append(ok("settings", "every TWIN_* setting valid"))

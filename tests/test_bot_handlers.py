@@ -36,6 +36,7 @@ def handlers():
 
 @pytest.fixture
 async def twin(handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from bot.accounts import Account, Accounts
     from bot.runtime import Twin
 
     monkeypatch.setattr(nonebot.get_driver().config, "superusers", {str(SUPERUSER)})
@@ -48,7 +49,8 @@ async def twin(handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     )
     instance = Twin(config, nicknames=["小明"], backend=ScriptedBackend())
     await instance.start()
-    monkeypatch.setattr(handlers, "_running", instance)  # what the plugin's startup does
+    running = Accounts([Account("", instance, frozenset({str(SUPERUSER)}))], several=False)
+    monkeypatch.setattr(handlers, "_accounts", running)  # what the plugin's startup does
     yield instance
     await instance.close()
 
@@ -195,20 +197,21 @@ async def test_message_sent_is_the_owners_word_and_is_not_answered(app: App, han
 
 
 async def test_the_scheduled_retrain_is_skipped_while_paused(handlers, twin) -> None:
+    (account,) = handlers._accounts
     await twin.set_paused(True)
-    await handlers.scheduled_retrain()
+    await handlers.scheduled_retrain(account)
     assert twin.retrain_task is None
     await twin.set_paused(False)
-    await handlers.scheduled_retrain()  # no registry behind TWIN_MODEL here: nothing to retrain
+    await handlers.scheduled_retrain(account)  # no registry behind TWIN_MODEL here: nothing to retrain
     assert twin.retrain_task is None
-    assert twin.start_retrain(handlers.tell_superusers).startswith("retrain needs TWIN_MODEL")
+    assert twin.start_retrain(handlers.superuser_reporter(account)).startswith("retrain needs TWIN_MODEL")
 
 
 async def test_before_the_twin_runs_chat_is_left_alone_and_admins_are_told(
     app: App, handlers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(nonebot.get_driver().config, "superusers", {str(SUPERUSER)})
-    monkeypatch.setattr(handlers, "_running", None)
+    monkeypatch.setattr(handlers, "_accounts", None)
     async with app.test_matcher(handlers.chat) as ctx:
         bot = ctx.create_bot(base=Bot, self_id=str(SELF))
         ctx.receive_event(bot, private(20001, "在吗"))  # no API call expected: nothing is sent
