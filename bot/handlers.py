@@ -132,7 +132,7 @@ def startup_problem() -> str | None:
         try:
             if config.twin_backend == "llama_cpp":
                 if not config.twin_model:
-                    return f"{account}TWIN_MODEL is not set: name a .gguf file, a model directory or a registry"
+                    return f"{account}TWIN_MODEL is not set: name a .gguf file, a model dir or a registry"
                 model_registry.resolve_model(config.twin_model)
             elif config.twin_openai_lora:
                 serving_adapter(config)

@@ -21,7 +21,7 @@ from nonebot.adapters.onebot.utils import get_auth_bearer
 from nonebot.drivers import URL, ASGIMixin, HTTPServerSetup, Request, Response
 
 from bot.accounts import Accounts
-from bot.backends import OpenAIBackend, shown_url
+from bot.backends import shown_url
 from bot.runtime import Twin
 from pipeline import registry as model_registry
 
@@ -60,7 +60,7 @@ async def readiness(twin: Twin | None, onebot_connections: int) -> Readiness:
         paused=twin.paused,
         sending=twin.health.describe(),
         last_retrain=model_registry.describe_status(status),
-        server=shown_url(twin.backend.serving_url) if isinstance(twin.backend, OpenAIBackend) else None,
+        server=shown_url(url) if (url := getattr(twin.backend, "serving_url", None)) is not None else None,
         last_switch=twin.switch_problem,
     )
 

@@ -482,8 +482,9 @@ class Twin:
         if self.retraining() and not retrain.startswith("running"):
             retrain = f"running (was: {retrain})"
         lines = [f"model: {self.backend.version} ({self.backend.name})"]
-        if isinstance(self.backend, OpenAIBackend):
-            lines.append(f"server: {shown_url(self.backend.serving_url)}")
+        url = getattr(self.backend, "serving_url", None)  # openai backends, pooled or not
+        if url is not None:
+            lines.append(f"server: {shown_url(url)}")
         if self.switch_problem:
             lines.append(f"last switch: {self.switch_problem}")
         return "\n".join(
