@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bot.store import StoredMessage
-from pipeline.chatformat import BURST_GAP, Turn, system_prompt, to_messages, to_turns
+from pipeline.chatformat import BURST_GAP, ChatContext, Turn, system_prompt, to_messages, to_turns
 
 CUT_MARK = "…"
 
@@ -30,12 +30,15 @@ def build_prompt(
     persona: str,
     max_turn_chars: int = 600,
     burst_gap: int = BURST_GAP,
+    context: ChatContext | None = None,
 ) -> list[dict[str, str]]:
     """The `messages` list for the backend; empty when there is nothing new to answer.
 
     The leading assistant turns are dropped (a sample starts with the other side), and when
     the last turn is already the owner's (they answered themself), there is nothing to say.
     Every turn is cut to `max_turn_chars`, keeping its end; `burst_gap` must be the dataset's.
+    `context` (this chat's memory, the owner's similar past replies) goes into the system prompt
+    exactly as the dataset puts it there.
     """
     turns = history_turns(history, burst_gap)
     while turns and turns[0].role == "assistant":
@@ -44,7 +47,7 @@ def build_prompt(
         return []
     for turn in turns:
         turn.text = keep_end(turn.text, max_turn_chars)
-    return to_messages(turns, "group" if chat_type == "group" else "c2c", system_prompt(persona))
+    return to_messages(turns, "group" if chat_type == "group" else "c2c", system_prompt(persona, context))
 
 
 def fit_messages(

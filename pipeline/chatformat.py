@@ -414,9 +414,36 @@ CHAT_TEMPLATE_KWARGS: dict[str, object] = {"enable_thinking": False}
 SPEAKER_SEPARATOR = "："
 
 
-def system_prompt(persona: str = DEFAULT_PERSONA) -> str:
-    """The system prompt used for every training sample and every live reply."""
-    return SYSTEM_PROMPT_TEMPLATE.format(persona=persona.strip() or DEFAULT_PERSONA)
+# What a prompt may know beyond its turns, each under its own heading after the persona.
+MEMORY_HEADING = "你记得的关于这个聊天的事："
+EXAMPLES_HEADING = "你以前在类似的时候是这样回的："
+
+
+@dataclass(slots=True, frozen=True)
+class ChatContext:
+    """What the prompt of one chat knows besides its turns: the memory of that chat (rendered,
+    bounded) and the owner's own past replies to similar messages. Built from that chat's
+    history only; the dataset and the bot pass the same value to `system_prompt`."""
+
+    memory: str = ""
+    examples: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.memory.strip() or self.examples)
+
+
+def system_prompt(persona: str = DEFAULT_PERSONA, context: ChatContext | None = None) -> str:
+    """The system prompt used for every training sample and every live reply; without a context
+    it is exactly the persona prompt."""
+    prompt = SYSTEM_PROMPT_TEMPLATE.format(persona=persona.strip() or DEFAULT_PERSONA)
+    if context is None:
+        return prompt
+    if context.memory.strip():
+        prompt += f"\n\n{MEMORY_HEADING}\n{context.memory.strip()}"
+    if context.examples:
+        shown = ("- " + example.strip().replace("\n", "\n  ") for example in context.examples)
+        prompt += f"\n\n{EXAMPLES_HEADING}\n" + "\n".join(shown)
+    return prompt
 
 
 Role = Literal["user", "assistant"]

@@ -90,3 +90,13 @@ def test_chat_template_renders_with_thinking_disabled():
     )
     prompt = render_chat_template(template, [{"role": "user", "content": "在吗"}])
     assert prompt == "<|user|>在吗\n<|assistant|><think></think>"
+
+
+def test_a_chat_context_goes_after_the_persona_and_an_empty_one_changes_nothing():
+    from pipeline.chatformat import EXAMPLES_HEADING, MEMORY_HEADING, ChatContext, system_prompt
+
+    assert system_prompt("小明", ChatContext()) == system_prompt("小明") == system_prompt("小明", None)
+    prompt = system_prompt("小明", ChatContext(memory="他下周三生日", examples=("好呀", "行\n明天见")))
+    assert prompt.startswith(system_prompt("小明"))
+    assert prompt.index(MEMORY_HEADING) < prompt.index("他下周三生日") < prompt.index(EXAMPLES_HEADING)
+    assert prompt.endswith("- 好呀\n- 行\n  明天见")

@@ -7,8 +7,8 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pipeline.chatformat import Turn, label_turn
@@ -105,11 +105,18 @@ def samples_from_turns(
     conversation: str,
     conversation_end: int,
     options: SampleOptions,
+    system_for: Callable[[int], str] | None = None,
 ) -> Iterator[Sample]:
-    """One sample per owner reply (a run of owner turns), plus sampled no-reply moments."""
+    """One sample per owner reply (a run of owner turns), plus sampled no-reply moments.
+
+    `system_for(i)` gives the system prompt of the sample whose answer starts at turn `i` (a
+    chat's memory or examples known before that turn); without it every sample has `options.system`.
+    """
     # A turn shows up in up to `context_turns` + 1 samples: label and count it once, here.
     rendered = [_render(t.turn, chat_type) for t in turns]
     system_tokens = _tokens(*_char_counts(options.system)) + _MESSAGE_OVERHEAD
+    if system_for is not None:
+        options = replace(options)  # the per-sample prompt is set on a copy, never the caller's
     roles = [r[0] for r in rendered]
     no_reply_wanted = "assistant" in roles and options.no_reply_rate > 0
     last = len(roles) - 1
@@ -122,6 +129,9 @@ def samples_from_turns(
             while start > 0 and roles[start - 1] == "assistant":
                 start -= 1
             first = max(0, start - options.context_turns)
+            if system_for is not None:
+                options.system = system_for(start)
+                system_tokens = _tokens(*_char_counts(options.system)) + _MESSAGE_OVERHEAD
             fitted = _fit(rendered, first, start, i + 1, options, system_tokens)
             if fitted is None:
                 continue
@@ -134,6 +144,9 @@ def samples_from_turns(
             if rng.random() >= options.no_reply_rate:
                 continue
             first = max(0, i + 1 - options.context_turns)
+            if system_for is not None:
+                options.system = system_for(i + 1)
+                system_tokens = _tokens(*_char_counts(options.system)) + _MESSAGE_OVERHEAD
             fitted = _fit(rendered, first, i + 1, i + 1, options, system_tokens)
             if fitted is None:
                 continue
