@@ -11,10 +11,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.chatformat import GROUP, PRIVATE
+
 if TYPE_CHECKING:  # `bot/__init__.py` reads the table: no runtime (backends, store) for that
     from bot.runtime import ChatKey, Twin
 
 COMMAND = "twin"
+
+
+def chat_name(key: ChatKey) -> str:
+    """A chat as operators name it: `c2c:20001`, `group:300`."""
+    return f"{key[0]}:{key[1]}"
+
+
+def parse_chat(name: str) -> ChatKey | None:
+    """`c2c:<uin>` or `group:<group code>` → the chat's key; None for anything else."""
+    kind, _, number = name.partition(":")
+    if kind not in (PRIVATE, GROUP) or not number.isascii() or not number.isdigit() or len(number) > 20:
+        return None
+    return (PRIVATE if kind == PRIVATE else GROUP, str(int(number)))
 
 
 @dataclass(slots=True)
@@ -102,6 +117,25 @@ async def _block_or_unblock(request: AdminRequest) -> str:
     return f"{request.verb}ed {request.arguments[0]}"
 
 
+async def _takeover(request: AdminRequest) -> str:
+    twin, words = request.twin, [word.lower() for word in request.arguments]
+    usage = f"usage: /{COMMAND} takeover on|off here, or /{COMMAND} takeover <c2c:UIN|group:GID> on|off"
+    if not words:
+        return "\n".join([*twin.takeover_lines(), usage])
+    if len(words) == 1:
+        chat = request.chat
+    elif len(words) == 2:
+        chat = parse_chat(words[0])
+    else:
+        return usage
+    if chat is None or words[-1] not in ("on", "off"):
+        return usage
+    await twin.set_takeover(chat, words[-1] == "on")
+    if words[-1] == "on":
+        return f"{chat_name(chat)}: taken over, the twin stays quiet there until /{COMMAND} takeover off"
+    return f"{chat_name(chat)}: the twin answers there again"
+
+
 QUOTING = "(quoting a twin reply)"
 ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("status", "", "model, uptime, sending, queue, today's counts, last retrain", _status),
@@ -111,6 +145,12 @@ ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("prob", "<0..1>", "chance to join a group chat unprompted", _probability),
     AdminVerb("model", "[version]", "the registry's versions, or serve one now", _model),
     AdminVerb("retrain", "", "start one retrain cycle now", _retrain),
+    AdminVerb(
+        "takeover",
+        "[c2c:UIN|group:GID] on|off",
+        "you take this chat over (the twin stays quiet there until off) / hand it back",
+        _takeover,
+    ),
     AdminVerb("block", "<uin>", "never answer this person", _block_or_unblock),
     AdminVerb("unblock", "<uin>", "answer this person again", _block_or_unblock),
     AdminVerb("approve", QUOTING, "train on that reply", _approve_or_unapprove),

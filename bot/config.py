@@ -125,6 +125,11 @@ class Config(BaseModel):
     )
     twin_ignore_users: list[int] = Field([], description="other bots: stored as context, never answered")
     twin_burst_window: float = Field(1.5, ge=0.0, description="quiet seconds that end a burst")
+    twin_takeover_minutes: float = Field(
+        10.0,
+        ge=0.0,
+        description="minutes the twin stays quiet in a chat after you write there yourself; 0 = never",
+    )
 
     # memory
     twin_memory_turns: int = Field(16, ge=1, description="stored messages of the chat fed back as context")

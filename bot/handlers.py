@@ -323,7 +323,7 @@ async def _store_first(twin: Twin, bot: Bot, event: MessageEvent) -> tuple[int, 
         kinds=rendered.kinds,
     )
     if event.user_id == event.self_id:
-        await twin.record_own(key, message)
+        await _owner_wrote(twin, key, message)
         return None
     row = await twin.record(message)
     if await _look_up_names(twin, bot, event, rendered.mentions):
@@ -386,13 +386,15 @@ async def handle_group(bot: Bot, event: GroupMessageEvent, twin: Twin = RunningT
 
 @owner_sent.handle()
 async def handle_message_sent(event: MessageSentEvent, twin: Twin = RunningTwin) -> None:
-    """Store what the owner typed elsewhere (the retraining signal); never answer it. The QQ
-    side's echo of a twin bubble is recognised, whenever it comes, and not stored again."""
+    """Store what the owner typed elsewhere (the retraining signal); never answer it, and let the
+    owner have that chat. The QQ side's echo of a twin bubble is recognised, whenever it comes,
+    and is neither stored again nor a takeover."""
     rendered = render_segments(_segments(event.message))
     if not rendered.text:
         return
     key = chat_key(event)
-    stored = await twin.record_own(
+    await _owner_wrote(
+        twin,
         key,
         StoredMessage(
             chat_type=key[0] if key else (GROUP if event.message_type == "group" else PRIVATE),
@@ -406,7 +408,13 @@ async def handle_message_sent(event: MessageSentEvent, twin: Twin = RunningTwin)
             kinds=rendered.kinds,
         ),
     )
-    if stored is not None and key is not None:
+
+
+async def _owner_wrote(twin: Twin, key: ChatKey | None, message: StoredMessage) -> None:
+    """Store the account's own message; unless it is the echo of a twin bubble or a command line,
+    the owner is in that chat now and the twin steps aside there (bot/runtime.py: takeover)."""
+    row = await twin.record_own(key, message)
+    if row is not None and key is not None and not twin.is_command(message.text):
         await twin.owner_spoke(key)
 
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from bot.admin import COMMAND, chat_name, parse_chat
 from bot.backends import (
     Backend,
     BackendClosed,
+    Generation,
     LlamaCppBackend,
     OpenAIBackend,
     SamplingSettings,
@@ -28,7 +30,7 @@ from bot.memory import build_prompt
 from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
 from bot.retrain import registry_of, run_retrain
 from bot.segments import outgoing_parts, outgoing_text
-from bot.store import EXCLUDED_COMMAND, Store, StoredMessage
+from bot.store import EXCLUDED_COMMAND, SEND_DROPPED, Store, StoredMessage
 from pipeline import registry as model_registry
 from pipeline.chatformat import PRIVATE, ChatType, split_bubbles
 from pipeline.registry_ops import switch_current
@@ -47,6 +49,25 @@ class _ChatState:
     last_trigger: float = 0.0
     pending: set[int] = field(default_factory=set)  # store ids of messages that want an answer
     sender: str = ""  # who wrote the last of them: the person the reply's sends count against
+    # Moves on whenever the owner steps in: a reply started before no longer goes out.
+    epoch: int = 0
+    generating: asyncio.Future | None = None  # the backend call of the reply being written
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """A chat the owner has taken over: until a deadline, or (manual) until `/twin takeover off`."""
+
+    until: float | None  # on the twin's monotonic clock; None: manual
+    until_wall: float | None  # the same moment as Unix time, for `/twin status`
+
+    @property
+    def manual(self) -> bool:
+        return self.until is None
+
+
+TAKEOVER_STATE = "takeover"  # the store's state key: the chats taken over by hand ("c2c:123", …)
+TAKEOVERS_SHOWN = 5  # `/twin status` stays short
 
 
 def make_backend(config: Config) -> Backend:
@@ -150,6 +171,8 @@ class Twin:
         self.switch_problem: str | None = None  # why the last model switch failed, until one succeeds
         self.retrain_task: asyncio.Task | None = None
         self._chats: dict[ChatKey, _ChatState] = {}
+        self._takeovers: dict[ChatKey, Takeover] = {}
+        self.clock: Callable[[], float] = time.monotonic  # the takeover window's clock (tests move it)
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task | None = None
         # One model switch at a time (watcher or /twin model); shared with the accounts that share
@@ -165,6 +188,10 @@ class Twin:
         self.paused = bool(await self.store.get_state("paused", False))
         self.probability = float(await self.store.get_state("probability", self.probability))
         self.blocked = {int(u) for u in await self.store.get_state("blocked", [])}
+        for name in await self.store.get_state(TAKEOVER_STATE, []):
+            key = parse_chat(str(name))
+            if key is not None:
+                self._takeovers[key] = Takeover(None, None)
         if await self.store.get_state("sending_halted", False):
             self.health.halted = True
             self.health.failures = self.health.limit
@@ -290,8 +317,49 @@ class Twin:
         return await self.record(message)
 
     async def owner_spoke(self, key: ChatKey) -> None:
-        """The owner answered themself: nothing before this needs the twin any more."""
-        self._chats.setdefault(key, _ChatState()).pending.clear()
+        """The owner wrote in the chat themself: nothing before this needs the twin any more, a
+        reply being written or sent there is dropped, and the twin stays quiet there for
+        TWIN_TAKEOVER_MINUTES."""
+        minutes = self.config.twin_takeover_minutes
+        current = self.taken_over(key)
+        if minutes > 0 and (current is None or not current.manual):
+            seconds = minutes * 60
+            self._takeovers[key] = Takeover(self.clock() + seconds, time.time() + seconds)
+            log.info("%s %s taken over by the owner for %g min", key[0], key[1], minutes)
+        self._interrupt(key)
+
+    def _interrupt(self, key: ChatKey) -> None:
+        """Forget what the chat was waiting to have answered and stop the reply in progress."""
+        state = self._chats.setdefault(key, _ChatState())
+        state.pending.clear()
+        state.epoch += 1
+        if state.generating is not None:
+            state.generating.cancel()
+
+    def taken_over(self, key: ChatKey) -> Takeover | None:
+        """The chat's takeover while it lasts (an automatic one ends with its window)."""
+        takeover = self._takeovers.get(key)
+        if takeover is not None and takeover.until is not None and self.clock() >= takeover.until:
+            del self._takeovers[key]
+            return None
+        return takeover
+
+    def takeovers(self) -> dict[ChatKey, Takeover]:
+        """Every chat taken over now: manual ones first, then by when they end."""
+        live = {key: t for key in list(self._takeovers) if (t := self.taken_over(key)) is not None}
+        return dict(sorted(live.items(), key=lambda item: (not item[1].manual, item[1].until or 0, item[0])))
+
+    async def set_takeover(self, key: ChatKey, on: bool) -> None:
+        """`on`: the twin stays quiet in the chat until `off` (kept across restarts); `off` ends a
+        manual or automatic takeover now."""
+        assert self.store is not None
+        if on:
+            self._takeovers[key] = Takeover(None, None)
+            self._interrupt(key)
+        else:
+            self._takeovers.pop(key, None)
+        manual = sorted(chat_name(k) for k, t in self._takeovers.items() if t.manual)
+        await self.store.set_state(TAKEOVER_STATE, manual)
 
     async def answer(
         self, key: ChatKey, message_id: int, send: SendBubble, self_id: str = "", sender: str = ""
@@ -327,6 +395,10 @@ class Twin:
         state.pending.clear()
         if self.paused:
             return []
+        if self.taken_over(key) is not None:
+            log.info("not answering %s %s: the owner has taken over", chat_type, chat)
+            return []
+        epoch = state.epoch
         unable = self.health.blocked() or self.limiter.blocked(f"{chat_type}:{chat}", state.sender)
         if unable:
             log.info("not answering %s %s: %s", chat_type, chat, unable)
@@ -345,7 +417,7 @@ class Twin:
         if not messages:
             return []
         try:
-            generation = await self.backend.generate(messages)
+            generation = await self._generate(state, epoch, messages)
         except BackendClosed:
             return []
         except Exception as exc:
@@ -354,7 +426,10 @@ class Twin:
             if not self.config.twin_fallback_reply:
                 return []
             fallback = [self.config.twin_fallback_reply]
-            return await self._send_bubbles(key, state.sender, fallback, "fallback", send, self_id)
+            return await self._send_bubbles(key, state, epoch, fallback, "fallback", send, self_id)
+        if generation is None:
+            log.info("reply in %s %s dropped: the owner took over", chat_type, chat)
+            return []
         log.debug("generated %d tokens in %.2fs: %r", generation.tokens, generation.seconds, generation.text)
         bubbles = split_bubbles(
             generation.text, self.config.twin_max_bubbles, extra_special=self.config.twin_special_tokens
@@ -367,16 +442,39 @@ class Twin:
         )
         if len(kept) < len(bubbles):
             log.info("output filter dropped %d bubble(s) in %s %s", len(bubbles) - len(kept), chat_type, chat)
-        return await self._send_bubbles(key, state.sender, kept, generation.version, send, self_id)
+        return await self._send_bubbles(key, state, epoch, kept, generation.version, send, self_id)
+
+    async def _generate(
+        self, state: _ChatState, epoch: int, messages: list[dict[str, str]]
+    ) -> Generation | None:
+        """The backend's reply, or None when the owner stepped in meanwhile (the call is cancelled)."""
+        call = asyncio.ensure_future(self.backend.generate(messages))
+        state.generating = call
+        try:
+            await asyncio.wait({call})
+        finally:
+            state.generating = None
+            call.cancel()  # only still running when this handler itself is cancelled
+        if call.cancelled() or state.epoch != epoch:
+            return None
+        return call.result()
 
     async def _send_bubbles(
-        self, key: ChatKey, sender: str, bubbles: list[str], version: str, send: SendBubble, self_id: str
+        self,
+        key: ChatKey,
+        state: _ChatState,
+        epoch: int,
+        bubbles: list[str],
+        version: str,
+        send: SendBubble,
+        self_id: str,
     ) -> list[str]:
         """Send bubble after bubble, each recorded before it goes out (so that its echo is known
-        whenever it comes) and counted against the limits; a failure backs off and stops the reply."""
+        whenever it comes) and counted against the limits; a failure backs off and stops the reply,
+        and so does the owner stepping in (a bubble recorded but not yet sent is marked dropped)."""
         sent: list[str] = []
         c = self.config
-        chat = f"{key[0]}:{key[1]}"
+        chat, sender = f"{key[0]}:{key[1]}", state.sender
         for bubble in bubbles:
             text = outgoing_text(outgoing_parts(bubble))  # what QQ will show: placeholders dropped
             if not text:
@@ -387,6 +485,9 @@ class Twin:
                 break
             delay = typing_delay(bubble, c.twin_typing_delay, c.twin_typing_per_char, c.twin_typing_max)
             if await self._sleep(jittered(delay, c.twin_typing_jitter)) or self.store is None:
+                break
+            if state.epoch != epoch:
+                log.info("reply in %s cut short: the owner took over", chat)
                 break
             row = await self.store.add(
                 StoredMessage(
@@ -400,6 +501,10 @@ class Twin:
                     send_state="sending",
                 )
             )
+            if state.epoch != epoch:  # the owner wrote while the bubble was being recorded
+                await self._finish_send(row, None, SEND_DROPPED)
+                log.info("reply in %s cut short: the owner took over", chat)
+                break
             try:
                 message_id = await self._unless_stopping(send(bubble))
             except BackendClosed:
@@ -497,10 +602,28 @@ class Twin:
                 f"today: {received} in, {replied} out",
                 f"group probability: {self.probability:g}",
                 f"blocked: {len(self.blocked)}",
+                *self.takeover_lines(),
                 f"last retrain: {retrain}",
                 *([f"account: {self.config.twin_account}"] if self.config.twin_account else []),
             ]
         )
+
+    def takeover_lines(self) -> list[str]:
+        """The chats the owner has taken over, for `/twin status`: a count, then at most a few."""
+        takeovers = self.takeovers()
+        if not takeovers:
+            return ["taken over: none"]
+        lines = [f"taken over: {len(takeovers)}"]
+        for key, takeover in list(takeovers.items())[:TAKEOVERS_SHOWN]:
+            until = (
+                f"/{COMMAND} takeover off"
+                if takeover.until_wall is None
+                else time.strftime("%H:%M:%S", time.localtime(takeover.until_wall))
+            )
+            lines.append(f"  {chat_name(key)} until {until}")
+        if len(takeovers) > TAKEOVERS_SHOWN:
+            lines.append("  …")
+        return lines
 
     def retraining(self) -> bool:
         return (self.retrain_task is not None and not self.retrain_task.done()) or (

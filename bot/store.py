@@ -68,6 +68,9 @@ EXCLUDED_COMMAND = "command"
 EXCLUDED_RECALLED = "recalled"
 EXCLUDED_OPERATOR = "operator"
 ECHO_WINDOW_SECONDS = 300
+# A twin bubble's send_state: sending → sent | failed | dropped (the owner took over before it
+# went out: the friend never saw it, so it is neither context, nor an echo, nor training data).
+SEND_DROPPED = "dropped"
 # The longest text kept for one message: a 1 MB paste is stored cut, never refused.
 MAX_TEXT_CHARS = 20_000
 MAX_NAME_CHARS = 64
@@ -110,7 +113,7 @@ class StoredMessage:
     model_version: str | None = None
     approved: bool = False
     excluded: str | None = None  # why it is kept out of prompts and training (None: it is not)
-    send_state: str | None = None  # twin rows: sending → sent | failed
+    send_state: str | None = None  # twin rows: sending → sent | failed | dropped
     id: int | None = None
 
     @property
@@ -320,7 +323,8 @@ class Store:
         owner. Whichever comes first, echo or `send_msg`'s answer, the row is there: it was
         written before sending.
         """
-        scope, params = "origin = 'twin' AND time >= ?", [now - ECHO_WINDOW_SECONDS]
+        scope = "origin = 'twin' AND time >= ? AND (send_state IS NULL OR send_state != 'dropped')"
+        params: list[object] = [now - ECHO_WINDOW_SECONDS]
         if chat_type is not None and chat is not None:
             scope += " AND chat_type = ? AND chat = ?"
             params += [chat_type, chat]
@@ -361,7 +365,8 @@ class Store:
         """The last `limit` messages of a chat at or after `since` (and after row `after_id`)."""
         rows = await self._conn.execute_fetchall(
             f"SELECT {_COLUMNS} FROM messages WHERE chat_type = ? AND chat = ? AND time >= ? AND id > ? "
-            "AND excluded IS NULL AND (origin != 'twin' OR send_state IS NULL OR send_state != 'failed') "
+            "AND excluded IS NULL "
+            "AND (origin != 'twin' OR send_state IS NULL OR send_state NOT IN ('failed', 'dropped')) "
             "ORDER BY id DESC LIMIT ?",
             (chat_type, chat, since, after_id, limit),
         )
@@ -445,14 +450,19 @@ def read_messages_since(
     """Messages at or after `since_ts`, oldest first, for retraining (synchronous, read-only use).
 
     Incoming and owner messages always; the twin's own replies only when `include_approved_twin`
-    and an operator approved them (training on unreviewed output makes the model drift).
+    and an operator approved them (training on unreviewed output makes the model drift), and
+    only bubbles that went out.
     """
     path = Path(db_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such conversation store")
     conn = _connector(path, key or "")()
     try:
-        twin_clause = "OR (origin = 'twin' AND approved = 1)" if include_approved_twin else ""
+        twin_clause = (
+            "OR (origin = 'twin' AND approved = 1 AND (send_state IS NULL OR send_state = 'sent'))"
+            if include_approved_twin
+            else ""
+        )
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE time >= ? AND excluded IS NULL "
             f"AND (origin IN ('incoming', 'owner') {twin_clause}) ORDER BY time, id",

@@ -196,6 +196,51 @@ async def test_message_sent_is_the_owners_word_and_is_not_answered(app: App, han
     assert "我自己回" not in event.get_log_string()  # message text stays out of INFO logs
 
 
+def sent_by_owner(handlers, text: str, message_id: int):
+    return handlers.MessageSentEvent(
+        time=int(time.time()),
+        self_id=SELF,
+        post_type="message_sent",
+        message_type="private",
+        sub_type="friend",
+        message_id=message_id,
+        user_id=SELF,
+        target_id=20001,
+        message=Message(text),
+    )
+
+
+async def test_the_owners_message_takes_the_chat_over_but_an_echo_or_a_command_does_not(
+    app: App, handlers, twin
+) -> None:
+    async with app.test_matcher(handlers.chat) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, private(20001, "在吗"))
+        ctx.should_call_api(
+            "send_msg",
+            {
+                "message_type": "private",
+                "message": Message(MessageSegment.text("收到:在吗")),
+                "user_id": 20001,
+            },
+            result={"message_id": 555},
+        )
+    async with app.test_matcher(handlers.owner_sent) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, sent_by_owner(handlers, "收到:在吗", 555))  # the twin's own bubble
+        ctx.receive_event(bot, sent_by_owner(handlers, "/help", 901))  # for another bot
+    assert twin.taken_over(("c2c", "20001")) is None
+    async with app.test_matcher(handlers.owner_sent) as ctx:
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, sent_by_owner(handlers, "我来", 902))
+    assert twin.taken_over(("c2c", "20001")) is not None
+    assert twin.taken_over(("c2c", "20002")) is None
+    async with app.test_matcher(handlers.chat) as ctx:  # stored, not answered
+        bot = ctx.create_bot(base=Bot, self_id=str(SELF))
+        ctx.receive_event(bot, private(20001, "好呀", message_id=2))
+    assert (await stored(twin))[-2:] == [("owner", "我来"), ("incoming", "好呀")]
+
+
 async def test_the_scheduled_retrain_is_skipped_while_paused(handlers, twin) -> None:
     (account,) = handlers._accounts
     await twin.set_paused(True)
