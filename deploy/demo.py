@@ -7,19 +7,25 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.files import private_dir
 
+if TYPE_CHECKING:
+    from deploy.onebot_client import OneBotClient
+
 DEMO_SELF_ID = 10000
 DEMO_SUPERUSER = 10001
 BOT_REPLY_TIMEOUT = 60.0
 DEMO_TEMPERATURE = 0.7  # the bot's default sampling, for the twin and the base alike
+TAKEOVER_FRIEND = 29001  # the chat the owner takes over in the demo
+TAKEOVER_QUIET = 3.0  # seconds the demo watches the taken-over chat stay quiet
 
 
 @dataclass(slots=True)
@@ -58,6 +64,7 @@ class DemoResult:
     exchanges: list[Exchange] = field(default_factory=list)
     style: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    takeover: list[tuple[str, str]] = field(default_factory=list)  # (who, what) in order
 
 
 class _Stages:
@@ -160,8 +167,14 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
         art["bot_db"] = out / "data" / "bot.db"
         art["bot_log"] = out / "data" / "bot.log"
         prompts = [e.prompt for e in exchanges]
+
+        async def owner_takes_over(client: OneBotClient) -> None:
+            result.takeover = await takeover_moment(client, DEMO_SUPERUSER)
+
         twin_replies = asyncio.run(
-            _ask_a_bot(art["registry"], out / "data", prompts, settings, console, "twin")
+            _ask_a_bot(
+                art["registry"], out / "data", prompts, settings, console, "twin", then=owner_takes_over
+            )
         )
         for exchange, reply in zip(exchanges, twin_replies, strict=True):
             exchange.twin = reply
@@ -204,9 +217,16 @@ def _probe_exchanges(dataset_dir: Path, count: int) -> list[Exchange]:
 
 
 async def _ask_a_bot(
-    model: Path, data_dir: Path, prompts: list[str], settings: DemoSettings, console: Console, who: str
+    model: Path,
+    data_dir: Path,
+    prompts: list[str],
+    settings: DemoSettings,
+    console: Console,
+    who: str,
+    then: Callable[[OneBotClient], Awaitable[None]] | None = None,
 ) -> list[str]:
-    """Start `python bot.py` serving `model`, send each prompt from a new friend, collect the replies."""
+    """Start `python bot.py` serving `model`, send each prompt from a new friend, collect the
+    replies; `then` runs with the QQ client before the bot stops (the demo's bot moments)."""
     from rich.progress import Progress
 
     from deploy.onebot_client import NO_PACING, BotProcess
@@ -245,9 +265,49 @@ async def _ask_a_bot(
                         pass  # read, and chose not to answer
                     replies.append("\n".join(m.text for m in client.replies(user_id=friend)))
                     progress.advance(task)
+            if then is not None:
+                await then(client)
     finally:
         bot.stop(timeout=15)
     return replies
+
+
+async def takeover_moment(client: OneBotClient, superuser: int) -> list[tuple[str, str]]:
+    """The owner types in a chat from QQ and `/twin status` shows the chat taken over; the friend
+    writes and the twin stays quiet; `/twin takeover … off` hands it back. Returns who said what."""
+    friend, chat = TAKEOVER_FRIEND, f"c2c:{TAKEOVER_FRIEND}"
+
+    async def superuser_says(command: str) -> str:
+        before = len(client.replies(user_id=superuser))
+        await client.send_private(superuser, command)
+        return (await client.wait_reply(user_id=superuser, after=before, timeout=BOT_REPLY_TIMEOUT))[0].text
+
+    owner, asks, again = "我来回你，等下打给你", "好的，那我等你电话", "你还在吗"
+    await client.send_message_sent(owner, target_id=friend)  # as NapCat reports what the owner typed
+    for _ in range(20):  # events are handled concurrently: the owner's may still be being stored
+        status = await superuser_says("/twin status")
+        taken = [line.strip() for line in status.splitlines() if line.startswith(("taken over", "  "))]
+        if any(line.startswith(chat) for line in taken):
+            break
+        await asyncio.sleep(0.25)
+    await client.send_private(friend, asks)
+    quiet = await client.wait_quiet(TAKEOVER_QUIET, user_id=friend)
+    handed_back = await superuser_says(f"/twin takeover {chat} off")
+    before = len(client.replies(user_id=friend))
+    await client.send_private(friend, again)
+    with contextlib.suppress(TimeoutError):  # the twin may read and choose not to answer
+        await client.wait_reply(user_id=friend, after=before, timeout=BOT_REPLY_TIMEOUT)
+        await client.wait_quiet(0.5, user_id=friend)
+    reply = "\n".join(m.text for m in client.replies(user_id=friend)[before:])
+    return [
+        (f"owner (types in QQ, {chat})", owner),
+        ("/twin status", " · ".join(taken)),
+        ("friend", asks),
+        ("twin", "\n".join(m.text for m in quiet) or f"(stays quiet for {TAKEOVER_QUIET:g} s and more)"),
+        (f"/twin takeover {chat} off", handed_back),
+        ("friend", again),
+        ("twin", reply or "(read, no reply)"),
+    ]
 
 
 # ---------------------------------------------------------------- reporting
@@ -298,6 +358,14 @@ def _print_results(console: Console, result: DemoResult, settings: DemoSettings)
             who, f"{rates['catchphrase']:.0%}", f"{rates['sticker']:.0%}", f"{rates['mean_chars']:.1f}"
         )
     console.print(style)
+
+    if result.takeover:
+        takeover = Table(title="The owner takes over: the twin steps aside in that chat")
+        takeover.add_column("who")
+        takeover.add_column("says", overflow="fold")
+        for who, what in result.takeover:
+            takeover.add_row(who, what)
+        console.print(takeover)
 
     where = Table(title="Where everything is", show_header=False)
     for name, path in result.artefacts.items():

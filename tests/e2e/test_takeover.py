@@ -32,6 +32,14 @@ def twin_rows(bot: BotProcess, chat: int) -> list[tuple[str, str]]:
     return rows(Path(bot.settings["TWIN_DB"]), sql, str(chat))
 
 
+async def owner_types(qq: OneBotClient, bot: BotProcess, text: str, **chat: int) -> None:
+    """The owner types in QQ (NapCat's `message_sent`); returns once the bot has stored it (events
+    are handled concurrently: a friend's message sent at once could otherwise overtake it)."""
+    await qq.send_message_sent(text, **chat)
+    sql = "SELECT 1 FROM messages WHERE origin = 'owner' AND text = ?"
+    assert await wait_until(lambda: rows(Path(bot.settings["TWIN_DB"]), sql, text), 10, interval=0.02)
+
+
 async def alive(qq: OneBotClient, friend: int, text: str) -> None:
     """Another chat is answered meanwhile: the bot is running and has handled what came before."""
     before = len(qq.replies(user_id=friend))
@@ -42,7 +50,7 @@ async def alive(qq: OneBotClient, friend: int, text: str) -> None:
 async def test_a_friend_writing_within_the_window_is_not_answered_and_after_it_is(bot: BotProcess) -> None:
     async with bot.client(self_id=OWNER) as qq:
         typed = time.monotonic()
-        await qq.send_message_sent("我来回你", target_id=20101)  # the owner, typing in QQ
+        await owner_types(qq, bot, "我来回你", target_id=20101)
         await qq.send_private(20101, "那说好了哦")
         await alive(qq, 20102, "另一个聊天")
         assert await qq.wait_quiet(1.0, user_id=20101) == []
@@ -57,7 +65,7 @@ async def test_a_friend_writing_within_the_window_is_not_answered_and_after_it_i
 
 async def test_status_shows_the_chat_taken_over_until_when(bot: BotProcess) -> None:
     async with bot.client(self_id=OWNER) as qq:
-        await qq.send_message_sent("我在", target_id=20103)
+        await owner_types(qq, bot, "我在", target_id=20103)
         status = await twin_status(qq)
     assert "taken over: 1" in status.splitlines()
     assert any(line.startswith("  c2c:20103 until ") for line in status.splitlines())
@@ -69,7 +77,7 @@ async def test_the_owner_typing_while_a_slow_reply_is_written_stops_it(
     async with bot.client(self_id=OWNER) as qq:
         await qq.send_private(20104, "慢慢想想")  # the fake server takes 2 s over this one
         assert await wait_until(lambda: fake.requests_mentioning("慢慢想想"), 10, interval=0.05)
-        await qq.send_message_sent("我自己说吧", target_id=20104)
+        await owner_types(qq, bot, "我自己说吧", target_id=20104)
         await alive(qq, 20105, "你好呀")
         assert await qq.wait_quiet(3.0, user_id=20104) == []
     assert twin_rows(bot, 20104) == []
@@ -77,7 +85,7 @@ async def test_the_owner_typing_while_a_slow_reply_is_written_stops_it(
 
 async def test_the_owner_writing_in_a_group_takes_only_that_group_over(bot: BotProcess) -> None:
     async with bot.client(self_id=OWNER) as qq:
-        await qq.send_message_sent("我来", group_id=300)
+        await owner_types(qq, bot, "我来", group_id=300)
         await qq.send_group(300, 30001, "小明 在吗")
         await qq.send_group(301, 30001, "小明 你呢")
         answered = await qq.wait_reply(group_id=301, timeout=20)
@@ -112,3 +120,14 @@ async def test_a_superuser_takes_a_chat_over_by_name_until_off(bot: BotProcess) 
         await qq.send_private(20107, "现在有人吗")
         replies = await qq.wait_reply(user_id=20107, timeout=20)
     assert [r.text for r in replies] == ["收到:现在有人吗"]
+
+
+async def test_the_demo_shows_the_owner_taking_over(bot: BotProcess) -> None:
+    from deploy.demo import TAKEOVER_FRIEND, takeover_moment
+
+    async with bot.client(self_id=OWNER) as qq:
+        transcript = dict(enumerate(await takeover_moment(qq, SUPERUSER)))
+    assert transcript[1][1].startswith(f"taken over: 1 · c2c:{TAKEOVER_FRIEND} until ")
+    assert transcript[3][0] == "twin" and transcript[3][1].startswith("(stays quiet")
+    assert transcript[4][1] == f"c2c:{TAKEOVER_FRIEND}: the twin answers there again"
+    assert transcript[6] == ("twin", "收到:你还在吗")
