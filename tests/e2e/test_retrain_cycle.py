@@ -120,6 +120,9 @@ def bot(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Ite
         TWIN_RATE_PER_CHAT="100",
         TWIN_RATE_TOTAL="1000",
         TWIN_MODEL_POLL="0.5",
+        # The owner answers by hand between the friends' rounds (the retraining signal) and the
+        # twin must still answer the next round: no takeover window here.
+        TWIN_TAKEOVER_MINUTES="0",
         **retrain_env(world, home / "data" / "bot.db"),
     )
     yield from running_bot(settings, home)
