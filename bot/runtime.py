@@ -615,11 +615,11 @@ class Twin:
             return ["taken over: none"]
         lines = [f"taken over: {len(takeovers)}"]
         for key, takeover in list(takeovers.items())[:TAKEOVERS_SHOWN]:
-            until = (
-                f"/{COMMAND} takeover off"
-                if takeover.until_wall is None
-                else time.strftime("%H:%M:%S", time.localtime(takeover.until_wall))
-            )
+            if takeover.until_wall is None:
+                until = f"/{COMMAND} takeover off"
+            else:  # a long window (TWIN_TAKEOVER_MINUTES is not capped) needs its date
+                shape = "%H:%M:%S" if takeover.until_wall - time.time() < 12 * 3600 else "%Y-%m-%d %H:%M"
+                until = time.strftime(shape, time.localtime(takeover.until_wall))
             lines.append(f"  {chat_name(key)} until {until}")
         if len(takeovers) > TAKEOVERS_SHOWN:
             lines.append("  …")
