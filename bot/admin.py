@@ -11,6 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.chatformat import PRIVATE
+from pipeline.friend_memory import describe_memory, parse_chat
+
 if TYPE_CHECKING:  # `bot/__init__.py` reads the table: no runtime (backends, store) for that
     from bot.runtime import ChatKey, Twin
 
@@ -56,6 +59,39 @@ async def _reset(request: AdminRequest) -> str:
         return "no chat to clear here"
     await request.twin.reset(request.chat)
     return "memory of this chat cleared"
+
+
+MEMORY_USAGE = f"usage: /{COMMAND} memory [c2c:<uin>|group:<gid>] [forget <n>|clear]"
+MEMORY_SHOWN_FACTS = 20  # a chat message, not a dump: `twin memory show` prints them all
+
+
+async def _memory(request: AdminRequest) -> str:
+    """A chat's memory: the chat it was sent in, or (from a private chat only) the chat named."""
+    twin, words, key = request.twin, list(request.arguments), request.chat
+    if words and ":" in words[0]:
+        try:
+            named = parse_chat(words.pop(0))
+        except ValueError as exc:
+            return str(exc)
+        if named != key and (key is None or key[0] != PRIVATE):
+            return "name another chat only in a private chat with the bot"
+        key = named
+    if key is None:
+        return MEMORY_USAGE
+    action = words[0].lower() if words else "show"
+    if action == "clear" and len(words) == 1:
+        await twin.clear_memory(key)
+        return f"memory of {key[0]}:{key[1]} cleared"
+    if action == "forget" and len(words) == 2 and words[1].isdigit():
+        try:
+            memory = await twin.forget_fact(key, int(words[1]))
+        except ValueError as exc:
+            return str(exc)
+        return f"forgot fact {words[1]}; {len(memory.facts)} left"
+    if action != "show" or len(words) > 1:
+        return MEMORY_USAGE
+    await twin.refresh_memory(key)
+    return describe_memory(await twin.stored_memory(key), last=MEMORY_SHOWN_FACTS)
 
 
 async def _probability(request: AdminRequest) -> str:
@@ -108,6 +144,12 @@ ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("pause", "", "stop answering (messages are still stored)", _pause_or_resume),
     AdminVerb("resume", "", "answer again, also after a stop for failed sends", _pause_or_resume),
     AdminVerb("reset", "", "forget this chat's memory (the store keeps it for retraining)", _reset),
+    AdminVerb(
+        "memory",
+        "[chat] [forget <n>|clear]",
+        "what the twin remembers of this chat (or, privately, of c2c:<uin> / group:<gid>)",
+        _memory,
+    ),
     AdminVerb("prob", "<0..1>", "chance to join a group chat unprompted", _probability),
     AdminVerb("model", "[version]", "the registry's versions, or serve one now", _model),
     AdminVerb("retrain", "", "start one retrain cycle now", _retrain),

@@ -34,8 +34,10 @@ from pipeline.chatformat import PRIVATE, ChatContext, ChatType, split_bubbles
 from pipeline.friend_memory import (
     ChatMemory,
     apply_extraction,
+    cleared_memory,
     empty_memory,
     extraction_messages,
+    forget_fact,
     new_messages,
     parse_extraction,
     render_memory,
@@ -496,6 +498,19 @@ class Twin:
                     "memory extraction by the backend failed (%s); used the rules", type(exc).__name__
                 )
                 memory = update_memory(memory, batch)
+        return memory
+
+    async def clear_memory(self, key: ChatKey) -> None:
+        """Forget the chat's remembered names, facts and topics so far (recent turns stay)."""
+        assert self.store is not None
+        await self.store.set_memory(*key, cleared_memory(*key, int(time.time())).to_json())
+
+    async def forget_fact(self, key: ChatKey, number: int) -> ChatMemory:
+        """Drop one remembered fact (numbered as `describe_memory` shows); ValueError if none."""
+        assert self.store is not None
+        await self.refresh_memory(key)
+        memory = forget_fact(await self.stored_memory(key), number)
+        await self.store.set_memory(*key, memory.to_json())
         return memory
 
     async def refresh_memories(self, since: float = 0) -> int:

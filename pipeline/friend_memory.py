@@ -372,3 +372,41 @@ def parse_chat(text: str) -> tuple[str, str]:
     if kind not in CHAT_TYPES or not number.isdigit() or len(number) > 20:
         raise ValueError(f"{text!r} is not a chat: write c2c:<QQ number> or group:<group number>")
     return kind, number
+
+
+def describe_memory(memory: ChatMemory, last: int | None = None) -> str:
+    """The memory for an operator: names, numbered facts (the numbers `forget_fact` takes; only
+    the `last` newest when given), topics."""
+    lines = [f"memory of {memory.key}"]
+    if memory.updated_until:
+        until = datetime.fromtimestamp(memory.updated_until, CHINA_TIME).strftime("%Y-%m-%d %H:%M")
+        lines[0] += f" (messages until {until} UTC+8)"
+    names = _most_common(Counter(memory.names), MAX_NAMES)
+    lines.append("names: " + (", ".join(f"{name}×{count}" for name, count in names) or "-"))
+    first = 0 if last is None else max(0, len(memory.facts) - last)
+    if first:
+        lines.append(f"facts ({first} older not shown):")
+    else:
+        lines.append("facts:" if memory.facts else "facts: -")
+    for number, fact in enumerate(memory.facts[first:], start=first + 1):
+        day = datetime.fromtimestamp(fact.said_at, CHINA_TIME).strftime("%Y-%m-%d")
+        lines.append(f"{number}. [{fact.kind}] {day} {fact.by}：{fact.text}")
+    topics = _most_common(Counter(memory.topics), 10)
+    lines.append("topics: " + (", ".join(word for word, _ in topics) or "-"))
+    return "\n".join(lines)
+
+
+def forget_fact(memory: ChatMemory, number: int) -> ChatMemory:
+    """`memory` without fact `number` (as `describe_memory` numbers them); ValueError if none."""
+    if not 1 <= number <= len(memory.facts):
+        raise ValueError(f"no fact {number}: {memory.key} has {len(memory.facts)}")
+    facts = memory.facts[: number - 1] + memory.facts[number:]
+    return ChatMemory(
+        memory.chat_type, memory.chat, dict(memory.names), facts, dict(memory.topics), memory.updated_until
+    )
+
+
+def cleared_memory(chat_type: str, chat: str, until: int) -> ChatMemory:
+    """An empty memory that stays empty of everything said until `until` (clearing must not be
+    undone by the next refresh rebuilding from the store)."""
+    return ChatMemory(chat_type, str(chat), updated_until=until)
