@@ -325,8 +325,13 @@ def _most_common(counts: Counter[str], limit: int) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
+_NUMBER = re.compile(r"\d+")
+
+
 def _bigrams(text: str) -> set[str]:
-    return {run[i : i + 2] for run in _CJK_RUN.findall(text) for i in range(len(run) - 1)}
+    """What relevance is measured in: Chinese bigrams and numbers (a date, a room, an amount)."""
+    words = {run[i : i + 2] for run in _CJK_RUN.findall(text) for i in range(len(run) - 1)}
+    return words | set(_NUMBER.findall(text))
 
 
 def render_memory(memory: ChatMemory, max_tokens: int, query: str = "") -> str:
