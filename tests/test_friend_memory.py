@@ -291,3 +291,12 @@ async def test_admin_memory_shows_forgets_and_clears_only_where_allowed(tmp_path
 def test_the_dataset_and_the_bot_default_to_the_same_budget() -> None:
     assert DatasetSettings().memory_tokens == Config().twin_memory_tokens
     assert DatasetSettings().memory is Config().twin_memory is False
+
+
+def test_the_planted_fact_bench_remembers_in_its_chat_and_leaks_nowhere() -> None:
+    from bench.friend_memory import main, measure
+
+    result = measure(chats=4, weeks=3, seed=1)
+    assert result["matters"] == 4 and result["recall"] == 1.0
+    assert result["leaks"] == 0
+    assert main(["--quick"]) == 0
