@@ -30,15 +30,16 @@ Account = Annotated[
 Chat = Annotated[str, typer.Argument(help="c2c:<QQ number> or group:<group number>")]
 
 
-def _with_store(account: int | None, work: Callable[..., Awaitable[T]]) -> T:
-    """Run `work(store)` on the account's store, opened (and migrated) as the bot opens it."""
+def _with_store(account: int | None, work: Callable[..., Awaitable[T]], *, create: bool = False) -> T:
+    """Run `work(store)` on the account's store, opened (and migrated) as the bot opens it;
+    `create` makes a new store where there is none (seeding before the bot's first start)."""
     from bot.store import Store
     from deploy.settings import load_settings
 
     settings = load_settings(account)
     if account is None and settings.twin_accounts:
         raise InputError("TWIN_ACCOUNTS", "several accounts are set up: name one with --account <QQ number>")
-    if not settings.twin_db.is_file():
+    if not create and not settings.twin_db.is_file():
         raise InputError(settings.twin_db, "no conversation store here (TWIN_DB); has the bot run yet?")
 
     async def run() -> T:
@@ -185,4 +186,4 @@ def build(
             await store.set_memory(*key, update_memory(memory, said).to_json())
         return len(chats)
 
-    typer.echo(f"memory built for {_with_store(account, work)} chats from {messages}")
+    typer.echo(f"memory built for {_with_store(account, work, create=True)} chats from {messages}")
