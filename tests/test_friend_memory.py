@@ -300,3 +300,12 @@ def test_the_planted_fact_bench_remembers_in_its_chat_and_leaks_nowhere() -> Non
     assert result["matters"] == 4 and result["recall"] == 1.0
     assert result["leaks"] == 0
     assert main(["--quick"]) == 0
+
+
+def test_the_demo_shows_the_memory_of_the_chat_with_most_facts(tmp_path: Path) -> None:
+    from deploy.demo import memory_lines
+
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(m.to_json() + "\n" for m in two_chats()), encoding="utf-8")
+    lines = memory_lines(path)
+    assert lines[0] in ("c2c:20001:", "c2c:20002:") and any(line.startswith("- ") for line in lines)
