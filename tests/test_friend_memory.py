@@ -309,3 +309,63 @@ def test_the_demo_shows_the_memory_of_the_chat_with_most_facts(tmp_path: Path) -
     path.write_text("".join(m.to_json() + "\n" for m in two_chats()), encoding="utf-8")
     lines = memory_lines(path)
     assert lines[0] in ("c2c:20001:", "c2c:20002:") and any(line.startswith("- ") for line in lines)
+
+
+def test_build_dataset_with_memory_records_it_and_puts_it_in_the_samples(tmp_path: Path) -> None:
+    from deploy.cli import main
+
+    path = tmp_path / "messages.jsonl"
+    history = [m for m in two_chats()] + [said(f"第{i}次：在吗", 30 * DAY + i * 7200) for i in range(6)]
+    history += [said("在", 30 * DAY + i * 7200 + 10, me=True) for i in range(6)]
+    history.sort(key=lambda m: m.time)
+    path.write_text("".join(m.to_json() + "\n" for m in history), encoding="utf-8")
+    out = tmp_path / "dataset"
+    assert (
+        main(["build-dataset", str(path), "-o", str(out), "--memory", "--memory-tokens", "80", "--quiet"])
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["settings"]["memory"] is True and report["settings"]["memory_tokens"] == 80
+    rows = [
+        json.loads(line)
+        for name in ("train.jsonl", "val.jsonl")
+        for line in (out / name).open(encoding="utf-8")
+    ]
+    assert any("杭州" in row["messages"][0]["content"] for row in rows)
+    assert main(["build-dataset", str(path), "-o", str(out), "--memory-tokens", "8", "--quiet"]) == 2
+
+
+def test_the_memory_commands_work_on_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from deploy.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TWIN_DB", str(tmp_path / "bot.db"))
+    assert main(["memory", "list"]) == 2  # no store yet: one line, not a traceback
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(m.to_json() + "\n" for m in two_chats()), encoding="utf-8")
+    assert main(["memory", "build", "--messages", str(path)]) == 0
+    assert main(["memory", "build", "--messages", str(path)]) == 0  # seeding twice adds nothing
+    capsys.readouterr()
+    assert main(["memory", "list"]) == 0 and "c2c:20001" in capsys.readouterr().out
+    assert main(["memory", "show", "c2c:20001"]) == 0
+    shown = capsys.readouterr().out
+    assert "杭州" in shown and "机器人" not in shown and shown.count("下周六是我生日") == 1
+
+    other = tmp_path / "other.json"
+    other.write_text(update_memory(empty_memory("c2c", "20002"), []).to_json(), encoding="utf-8")
+    assert main(["memory", "edit", "c2c:20001", "--set", str(other)]) == 2  # another chat's memory
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps({"chat_type": "c2c", "chat": "20001", "facts": [
+        {"text": "喜欢猫", "kind": "note", "said_at": T0, "by": "小王"}]}), encoding="utf-8")  # fmt: skip
+    assert main(["memory", "edit", "c2c:20001", "--set", str(edited)]) == 0
+    capsys.readouterr()
+    main(["memory", "show", "c2c:20001"])
+    assert "喜欢猫" in capsys.readouterr().out
+    assert main(["memory", "delete", "c2c:20001"]) == 0
+    assert main(["memory", "build", "--messages", str(path)]) == 0  # deleted stays deleted
+    capsys.readouterr()
+    main(["memory", "show", "c2c:20001"])
+    assert "杭州" not in capsys.readouterr().out
+    assert main(["memory", "show", "c2c:../x"]) == 2
