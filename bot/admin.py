@@ -11,25 +11,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.chatformat import GROUP, PRIVATE
+from pipeline.chatformat import PRIVATE, chat_name, parse_chat
+from pipeline.friend_memory import describe_memory
 
 if TYPE_CHECKING:  # `bot/__init__.py` reads the table: no runtime (backends, store) for that
     from bot.runtime import ChatKey, Twin
 
 COMMAND = "twin"
-
-
-def chat_name(key: ChatKey) -> str:
-    """A chat as operators name it: `c2c:20001`, `group:300`."""
-    return f"{key[0]}:{key[1]}"
-
-
-def parse_chat(name: str) -> ChatKey | None:
-    """`c2c:<uin>` or `group:<group code>` → the chat's key; None for anything else."""
-    kind, _, number = name.partition(":")
-    if kind not in (PRIVATE, GROUP) or not number.isascii() or not number.isdigit() or len(number) > 20:
-        return None
-    return (PRIVATE if kind == PRIVATE else GROUP, str(int(number)))
 
 
 @dataclass(slots=True)
@@ -71,6 +59,39 @@ async def _reset(request: AdminRequest) -> str:
         return "no chat to clear here"
     await request.twin.reset(request.chat)
     return "memory of this chat cleared"
+
+
+MEMORY_USAGE = f"usage: /{COMMAND} memory [c2c:<uin>|group:<gid>] [forget <n>|clear]"
+MEMORY_SHOWN_FACTS = 20  # a chat message, not a dump: `twin memory show` prints them all
+
+
+async def _memory(request: AdminRequest) -> str:
+    """A chat's memory: the chat it was sent in, or (from a private chat only) the chat named."""
+    twin, words, key = request.twin, list(request.arguments), request.chat
+    if words and ":" in words[0]:
+        try:
+            named = parse_chat(words.pop(0))
+        except ValueError as exc:
+            return str(exc)
+        if named != key and (key is None or key[0] != PRIVATE):
+            return "name another chat only in a private chat with the bot"
+        key = named
+    if key is None:
+        return MEMORY_USAGE
+    action = words[0].lower() if words else "show"
+    if action == "clear" and len(words) == 1:
+        await twin.clear_memory(key)
+        return f"memory of {key[0]}:{key[1]} cleared"
+    if action == "forget" and len(words) == 2 and words[1].isdigit():
+        try:
+            memory = await twin.forget_fact(key, int(words[1]))
+        except ValueError as exc:
+            return str(exc)
+        return f"forgot fact {words[1]}; {len(memory.facts)} left"
+    if action != "show" or len(words) > 1:
+        return MEMORY_USAGE
+    await twin.refresh_memory(key)
+    return describe_memory(await twin.stored_memory(key), last=MEMORY_SHOWN_FACTS)
 
 
 async def _probability(request: AdminRequest) -> str:
@@ -125,7 +146,10 @@ async def _takeover(request: AdminRequest) -> str:
     if len(words) == 1:
         chat = request.chat
     elif len(words) == 2:
-        chat = parse_chat(words[0])
+        try:
+            chat = parse_chat(words[0])
+        except ValueError:
+            return usage
     else:
         return usage
     if chat is None or words[-1] not in ("on", "off"):
@@ -142,6 +166,12 @@ ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("pause", "", "stop answering (messages are still stored)", _pause_or_resume),
     AdminVerb("resume", "", "answer again, also after a stop for failed sends", _pause_or_resume),
     AdminVerb("reset", "", "forget this chat's memory (the store keeps it for retraining)", _reset),
+    AdminVerb(
+        "memory",
+        "[chat] [forget <n>|clear]",
+        "what the twin remembers of this chat (or, privately, of c2c:<uin> / group:<gid>)",
+        _memory,
+    ),
     AdminVerb("prob", "<0..1>", "chance to join a group chat unprompted", _probability),
     AdminVerb("model", "[version]", "the registry's versions, or serve one now", _model),
     AdminVerb("retrain", "", "start one retrain cycle now", _retrain),

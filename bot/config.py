@@ -134,6 +134,20 @@ class Config(BaseModel):
     # memory
     twin_memory_turns: int = Field(16, ge=1, description="stored messages of the chat fed back as context")
     twin_memory_window: int = Field(3600, ge=0, description="seconds of memory; 0 = no age limit")
+    twin_memory: bool = Field(
+        False,
+        description="give each chat's prompt that chat's memory (names, facts, topics); "
+        "match the dataset's `memory` setting",
+    )
+    twin_memory_tokens: int = Field(
+        160, ge=16, description="most tokens of a chat's memory in its prompt (dataset memory_tokens)"
+    )
+    twin_memory_extractor: Literal["rules", "backend"] = Field(
+        "rules", description="how a chat's memory is refreshed: `rules` (extractive) or `backend` (the model)"
+    )
+    twin_session_gap: int = Field(
+        3600, gt=0, description="seconds of silence that close a chat's conversation (dataset session_gap)"
+    )
 
     # pacing and limits (counted in bubbles actually sent: what QQ's risk control sees)
     twin_max_bubbles: int = Field(4, ge=1, description="most bubbles one reply splits into")

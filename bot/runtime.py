@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bot.admin import COMMAND, chat_name, parse_chat
+from bot.admin import COMMAND
 from bot.backends import (
     Backend,
     BackendClosed,
@@ -26,18 +26,31 @@ from bot.backends import (
 )
 from bot.config import Config
 from bot.log_mask import secret_values
-from bot.memory import build_prompt
+from bot.memory import build_prompt, history_turns
 from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
 from bot.retrain import registry_of, run_retrain
 from bot.segments import outgoing_parts, outgoing_text
 from bot.store import EXCLUDED_COMMAND, SEND_DROPPED, Store, StoredMessage
 from pipeline import registry as model_registry
-from pipeline.chatformat import PRIVATE, ChatType, split_bubbles
+from pipeline.chatformat import PRIVATE, ChatContext, ChatType, chat_name, parse_chat, split_bubbles
+from pipeline.friend_memory import (
+    ChatMemory,
+    apply_extraction,
+    cleared_memory,
+    empty_memory,
+    extraction_messages,
+    forget_fact,
+    new_messages,
+    parse_extraction,
+    render_memory,
+    update_memory,
+)
 from pipeline.registry_ops import switch_current
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+EXTRACTION_BATCH = 40  # messages per request when the backend extracts a chat's memory
 ChatKey = tuple[ChatType, str]  # (PRIVATE, "<uin>") or (GROUP, "<group code>")
 SendBubble = Callable[[str], Awaitable["int | str | None"]]  # sends one bubble, returns its message id
 
@@ -129,6 +142,17 @@ def serving_adapter(config: Config) -> model_registry.LoraModule:
     return model_registry.lora_module(registry, version)
 
 
+def closed_prefix(messages: Sequence[StoredMessage], gap: int, now: float) -> int:
+    """How many of a chat's messages (oldest first) belong to conversations already closed: those
+    before the last silence longer than `gap`, or all of them once the chat is silent that long."""
+    if messages and now - messages[-1].time > gap:
+        return len(messages)
+    for i in range(len(messages) - 1, 0, -1):
+        if messages[i].time - messages[i - 1].time > gap:
+            return i
+    return 0
+
+
 def _midnight() -> int:
     """Unix time of today's local midnight (daily counts and the daily cap)."""
     return int(time.mktime(time.strptime(time.strftime("%Y-%m-%d"), "%Y-%m-%d")))
@@ -189,9 +213,10 @@ class Twin:
         self.probability = float(await self.store.get_state("probability", self.probability))
         self.blocked = {int(u) for u in await self.store.get_state("blocked", [])}
         for name in await self.store.get_state(TAKEOVER_STATE, []):
-            key = parse_chat(str(name))
-            if key is not None:
-                self._takeovers[key] = Takeover(None, None)
+            try:
+                self._takeovers[parse_chat(str(name))] = Takeover(None, None)
+            except ValueError:
+                continue
         if await self.store.get_state("sending_halted", False):
             self.health.halted = True
             self.health.failures = self.health.limit
@@ -413,6 +438,7 @@ class Twin:
             self.config.twin_persona,
             self.config.twin_max_turn_chars,
             self.config.twin_burst_gap,
+            context=await self._context(key, history),
         )
         if not messages:
             return []
@@ -526,6 +552,83 @@ class Twin:
         if self.store is not None:
             await self.store.finish_send(row, message_id, state)
 
+    async def _context(self, key: ChatKey, history: Sequence[StoredMessage]) -> ChatContext | None:
+        """THIS chat's memory for its prompt (TWIN_MEMORY), ranked by what was said last."""
+        if not self.config.twin_memory:
+            return None
+        memory = await self.refresh_memory(key)
+        turns = history_turns(history, self.config.twin_burst_gap)
+        query = turns[-1].text if turns else ""
+        return ChatContext(memory=render_memory(memory, self.config.twin_memory_tokens, query))
+
+    # ------------------------------------------------------------------ chat memory
+    async def stored_memory(self, key: ChatKey) -> ChatMemory:
+        """The chat's stored memory (empty when none, unreadable, or not this chat's)."""
+        assert self.store is not None
+        text = await self.store.get_memory(*key)
+        if text is None:
+            return empty_memory(*key)
+        try:
+            memory = ChatMemory.from_json(text)
+        except ValueError as exc:
+            log.warning("memory of %s:%s unreadable (%s); rebuilt from the store", key[0], key[1], exc)
+            return empty_memory(*key)
+        return memory if (memory.chat_type, memory.chat) == key else empty_memory(*key)
+
+    async def refresh_memory(self, key: ChatKey, now: float | None = None) -> ChatMemory:
+        """Fold the chat's closed conversations (a silence of TWIN_SESSION_GAP after them) into its
+        stored memory; returns that memory with the open conversation added by the rules, unstored."""
+        assert self.store is not None
+        memory = await self.stored_memory(key)
+        after = int(await self.store.get_state(f"reset:{key[0]}:{key[1]}", 0))
+        messages = await self.store.chat_messages(*key, after_time=memory.updated_until, after_id=after)
+        closed = closed_prefix(messages, self.config.twin_session_gap, time.time() if now is None else now)
+        if closed:
+            memory = await self._fold(memory, messages[:closed])
+            await self.store.set_memory(*key, memory.to_json())
+        return update_memory(memory, messages[closed:])
+
+    async def _fold(self, memory: ChatMemory, messages: Sequence[StoredMessage]) -> ChatMemory:
+        if self.config.twin_memory_extractor != "backend":
+            return update_memory(memory, messages)
+        fresh = new_messages(memory, messages)
+        for start in range(0, len(fresh), EXTRACTION_BATCH):
+            batch = fresh[start : start + EXTRACTION_BATCH]
+            try:
+                generation = await self.backend.generate(extraction_messages(batch))
+                memory = apply_extraction(memory, parse_extraction(generation.text, batch))
+            except BackendClosed:
+                raise
+            except Exception as exc:  # the model is down or busy: the rules keep memory current
+                log.warning(
+                    "memory extraction by the backend failed (%s); used the rules", type(exc).__name__
+                )
+                memory = update_memory(memory, batch)
+        return memory
+
+    async def clear_memory(self, key: ChatKey) -> None:
+        """Forget the chat's remembered names, facts and topics so far (recent turns stay)."""
+        assert self.store is not None
+        await self.store.set_memory(*key, cleared_memory(*key, int(time.time())).to_json())
+
+    async def forget_fact(self, key: ChatKey, number: int) -> ChatMemory:
+        """Drop one remembered fact (numbered as `describe_memory` shows); ValueError if none."""
+        assert self.store is not None
+        await self.refresh_memory(key)
+        memory = forget_fact(await self.stored_memory(key), number)
+        await self.store.set_memory(*key, memory.to_json())
+        return memory
+
+    async def refresh_memories(self, since: float = 0) -> int:
+        """Refresh the memory of every chat with messages since `since` (the retrain schedule)."""
+        assert self.store is not None
+        chats = await self.store.chats_since(int(since))
+        for chat_type, chat in chats:
+            if self._stopping.is_set():
+                break
+            await self.refresh_memory((chat_type, chat))  # type: ignore[arg-type]
+        return len(chats)
+
     async def _history(self, key: ChatKey) -> list[StoredMessage]:
         assert self.store is not None
         window = self.config.twin_memory_window
@@ -546,9 +649,11 @@ class Twin:
             await self.store.set_state("sending_halted", False)
 
     async def reset(self, key: ChatKey) -> None:
-        """Forget a chat's memory (the messages stay in the store for retraining)."""
+        """Forget a chat's memory, recent turns and remembered facts alike (the messages stay in
+        the store for retraining; the facts are not rebuilt from before the reset)."""
         assert self.store is not None
         await self.store.set_state(f"reset:{key[0]}:{key[1]}", await self.store.last_id())
+        await self.store.delete_memory(*key)
         self._chats.pop(key, None)
 
     async def set_probability(self, probability: float) -> None:
@@ -647,7 +752,15 @@ class Twin:
             outcome = "finished" if result.returncode == 0 else f"failed (exit {result.returncode})"
             await report(f"retrain {outcome}: {result.summary}".strip())
 
-        self.retrain_task = asyncio.create_task(run(), name="twin-retrain")
+        async def refresh_then_run() -> None:
+            if self.config.twin_memory:  # the retrain schedule also brings every chat's memory up to date
+                try:
+                    await self.refresh_memories()
+                except BackendClosed:
+                    return
+            await run()
+
+        self.retrain_task = asyncio.create_task(refresh_then_run(), name="twin-retrain")
         return "retrain started"
 
     def shared_registry_note(self) -> str:

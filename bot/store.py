@@ -56,6 +56,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN echoed INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX messages_echo ON messages (chat_type, chat, echo_key);
     """,
+    # v4: each chat's memory (pipeline/friend_memory.py), one JSON document per chat; the store is
+    # the account's own, so memory is per account too.
+    """
+    CREATE TABLE chat_memory (
+        chat_type TEXT NOT NULL CHECK (chat_type IN ('c2c', 'group')),
+        chat TEXT NOT NULL,
+        memory TEXT NOT NULL,
+        updated INTEGER NOT NULL,
+        PRIMARY KEY (chat_type, chat)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -426,6 +437,58 @@ class Store:
         )
         await self._conn.commit()
         return cursor.rowcount
+
+    async def chat_messages(
+        self, chat_type: str, chat: str, *, after_time: int, after_id: int = 0
+    ) -> list[StoredMessage]:
+        """One chat's messages newer than `after_time` (and after row `after_id`), oldest first, as
+        prompts see them: no excluded rows, no failed sends. Memory is built from these."""
+        rows = await self._conn.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM messages WHERE chat_type = ? AND chat = ? AND time > ? AND id > ? "
+            "AND excluded IS NULL AND (origin != 'twin' OR send_state IS NULL OR send_state != 'failed') "
+            "ORDER BY time, id",
+            (chat_type, chat, after_time, after_id),
+        )
+        return [_row_to_message(tuple(r)) for r in rows]
+
+    async def chats_since(self, since: int) -> list[tuple[str, str]]:
+        """The chats with a message at or after `since`."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT DISTINCT chat_type, chat FROM messages WHERE time >= ? ORDER BY chat_type, chat", (since,)
+        )
+        return [(kind, chat) for kind, chat in rows]
+
+    async def get_memory(self, chat_type: str, chat: str) -> str | None:
+        """The stored memory (JSON) of one chat, or None."""
+        rows = list(
+            await self._conn.execute_fetchall(
+                "SELECT memory FROM chat_memory WHERE chat_type = ? AND chat = ?", (chat_type, chat)
+            )
+        )
+        return rows[0][0] if rows else None
+
+    async def set_memory(self, chat_type: str, chat: str, memory: str) -> None:
+        await self._conn.execute(
+            "INSERT INTO chat_memory (chat_type, chat, memory, updated) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(chat_type, chat) DO UPDATE SET memory = excluded.memory, updated = excluded.updated",
+            (chat_type, chat, memory, int(time.time())),
+        )
+        await self._conn.commit()
+
+    async def delete_memory(self, chat_type: str, chat: str) -> bool:
+        """Forget one chat's memory; True when there was one."""
+        cursor = await self._conn.execute(
+            "DELETE FROM chat_memory WHERE chat_type = ? AND chat = ?", (chat_type, chat)
+        )
+        await self._conn.commit()
+        return cursor.rowcount > 0
+
+    async def memories(self) -> list[tuple[str, str, int]]:
+        """(chat type, chat, last updated) of every chat with a memory."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT chat_type, chat, updated FROM chat_memory ORDER BY chat_type, chat"
+        )
+        return [(kind, chat, int(updated)) for kind, chat, updated in rows]
 
     async def get_state(self, key: str, default: Any = None) -> Any:
         rows = list(await self._conn.execute_fetchall("SELECT value FROM state WHERE key = ?", (key,)))

@@ -17,6 +17,7 @@ import typer
 from deploy import backup as backup_cli
 from deploy import commands as deploy_cli
 from deploy import doctor
+from deploy import memory as memory_cli
 from pipeline import cli as pipeline_cli
 from pipeline.errors import TwinError
 from pipeline.files import is_disk_full
@@ -40,7 +41,7 @@ def _root() -> None:
     """qq-twin: your QQ chat history → a fine-tuned digital twin → a QQ bot."""
 
 
-for stage in (pipeline_cli, trainer_cli, deploy_cli, backup_cli, doctor):
+for stage in (pipeline_cli, trainer_cli, deploy_cli, backup_cli, doctor, memory_cli):
     app.add_typer(stage.commands)
 
 EXIT_BAD_INPUT = 2

@@ -179,6 +179,10 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
         for exchange, reply in zip(exchanges, twin_replies, strict=True):
             exchange.twin = reply
 
+    with stages.stage("twin memory build: what the twin remembers of one chat"):
+        for line in memory_lines(art["messages"]):
+            console.print(f"  {line}", markup=False)
+
     with stages.stage("the same bot serving the untouched base model answers the same messages"):
         from trainer.models import smollm2_gguf_path
 
@@ -192,6 +196,21 @@ def run_demo(settings: DemoSettings | None = None, console: Console | None = Non
     result.style = _style_table(exchanges, sampledb)
     _print_results(console, result, settings)
     return result
+
+
+def memory_lines(messages: Path, max_tokens: int = 160) -> list[str]:
+    """The rendered memory (TWIN_MEMORY) of the chat whose history holds the most facts."""
+    from pipeline.friend_memory import empty_memory, render_memory, update_memory
+    from pipeline.records import Message, iter_messages
+
+    chats: dict[tuple[str, str], list[Message]] = {}
+    for message in iter_messages(messages):
+        chats.setdefault((message.chat_type, message.chat), []).append(message)
+    memories = [update_memory(empty_memory(*key), said) for key, said in chats.items()]
+    if not memories:
+        return ["(no messages)"]
+    richest = max(memories, key=lambda memory: len(memory.facts))
+    return [f"{richest.key}:", *render_memory(richest, max_tokens).splitlines()]
 
 
 # ---------------------------------------------------------------- probes

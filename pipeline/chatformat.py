@@ -467,6 +467,23 @@ def join_burst(texts: Sequence[str]) -> str:
 ChatType = Literal["c2c", "group"]
 PRIVATE: ChatType = "c2c"  # a friend, a stranger or a group's temporary chat (QQ NT's `c2c_msg_table`)
 GROUP: ChatType = "group"
+
+
+def chat_name(key: tuple[str, str]) -> str:
+    """A chat as operators name it: `c2c:20001`, `group:300`."""
+    return f"{key[0]}:{key[1]}"
+
+
+def parse_chat(text: str) -> tuple[ChatType, str]:
+    """`c2c:<uin>` (also `private:`) or `group:<group code>` → (chat type, number); ValueError
+    naming the right form for anything else (admin commands, the CLI, stored state)."""
+    kind, _, number = text.strip().partition(":")
+    kind = {"private": PRIVATE, "friend": PRIVATE}.get(kind.lower(), kind.lower())
+    if kind not in (PRIVATE, GROUP) or not number.isascii() or not number.isdigit() or len(number) > 20:
+        raise ValueError(f"{text!r} is not a chat: write c2c:<QQ number> or group:<group number>")
+    return (PRIVATE if kind == PRIVATE else GROUP), str(int(number))
+
+
 CHAT_TYPES: tuple[ChatType, ...] = (PRIVATE, GROUP)
 
 

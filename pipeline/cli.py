@@ -164,6 +164,8 @@ def android_key(
     "persona",
     "no_reply_samples",
     "val_fraction",
+    Flag("memory", "--memory/--no-memory"),
+    "memory_tokens",
     Flag("mix", path=True),
     "mix_ratio",
     Flag("llm.enabled", "--llm-clean"),

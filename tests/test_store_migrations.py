@@ -28,6 +28,7 @@ SHIPPED = (
     "d2e65baed83660447bc16f82bdfe5d5400c4d744876d6ba7fb78854da553f7c5",
     "cf5419d1355309213d2dcc8bec9a4d97c078d79cb9e2f4fea0da521c90312281",
     "c33932eba2cae2eb34643c14cccf364fe2029d0835eb00a2d3367825b7879767",
+    "c3fe5c8745b1c6d3b41e0f46697bd39bc4c5f64e5f9d01711f8d90c87dff7735",
 )
 
 # Rows as each released schema wrote them, only with the columns that existed then.
@@ -52,6 +53,10 @@ ERA_ROWS: dict[int, list[dict]] = {
         {"chat_type": "c2c", "chat": "20003", "sender": "10000", "origin": "twin", "msg_id": "302",
          "time": 1_700_000_001, "text": "v3 好", "model_version": "v0003", "send_state": "failed",
          "echo_key": "v3好"},
+    ],
+    4: [  # v4 added the chat_memory table; message rows are as in v3
+        {"chat_type": "group", "chat": "400", "sender": "20004", "sender_name": "老李", "origin": "incoming",
+         "time": 1_750_000_000, "text": "v4 下周六聚餐"},
     ],
 }  # fmt: skip
 

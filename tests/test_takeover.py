@@ -7,11 +7,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bot.admin import parse_chat, run_admin
+import pytest
+
+from bot.admin import run_admin
 from bot.backends import Generation
 from bot.config import Config
 from bot.runtime import Twin
 from bot.store import StoredMessage, read_messages_since
+from pipeline.chatformat import parse_chat
 from tests.bot_helpers import ScriptedBackend
 
 KEY = ("c2c", "20001")
@@ -253,7 +256,9 @@ async def test_the_takeover_verb_names_this_chat_or_another_and_refuses_anything
     assert "  group:300 until /twin takeover off" in listing.splitlines()
     assert "answers there again" in await admin(twin, "takeover group:300 off")
     await twin.close()
-    assert parse_chat("group:") is None and parse_chat("c2c:１２") is None
+    for bad in ("group:", "c2c:１２"):
+        with pytest.raises(ValueError):
+            parse_chat(bad)
 
 
 async def test_status_lists_at_most_five_taken_over_chats_with_until_when(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from pipeline.chatformat import system_prompt
+from pipeline.chatformat import ChatContext, ChatTurn, system_prompt
 from pipeline.dataset import formats, llm_clean
 from pipeline.dataset.clean import clean_messages
 from pipeline.dataset.conversations import iter_conversations, to_turns
@@ -41,6 +41,14 @@ from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_to
 from pipeline.dataset.settings import DatasetSettings
 from pipeline.errors import InputError
 from pipeline.files import PRIVATE_FILE_MODE, atomic_dir
+from pipeline.friend_memory import (
+    ChatMemory,
+    apply_extraction,
+    empty_memory,
+    extract_rules,
+    render_memory,
+    update_memory,
+)
 from pipeline.records import Message, iter_messages
 
 REPORT_FILE = "report.json"
@@ -110,6 +118,7 @@ def build_samples(
         skipped=stats.skipped,
     )
     names = tuple(settings.redact_names)
+    memories: dict[tuple[str, str], ChatMemory] = {}  # each chat's memory of its earlier conversations
     for conv in iter_conversations(messages, settings.session_gap, settings.max_conversation_messages):
         stats.conversations += 1
         # Every message lands in exactly one conversation: count there, not message by message.
@@ -118,6 +127,11 @@ def build_samples(
         stats.chats.add((conv.chat_type, conv.chat))
         kept = clean_messages(conv.messages, settings.rules, stats.dropped)
         redacted = _redact_conversation(kept, names, stats.redactions)
+        chat = (conv.chat_type, conv.chat)
+        earlier = memories.get(chat) or empty_memory(*chat)
+        if settings.memory:
+            # Redacted messages only: the memory of a sample is redacted as the sample is.
+            memories[chat] = update_memory(earlier, redacted)
         if not any(msg.is_self for msg in redacted):
             continue  # every sample ends at (or waits for) the owner: a lurked chat makes none
         turns = to_turns(redacted, settings.burst_gap)
@@ -128,7 +142,33 @@ def build_samples(
             conversation=conv.key,
             conversation_end=conv.end,
             options=options,
+            system_for=_memory_prompts(earlier, redacted, turns, settings) if settings.memory else None,
         )
+
+
+def _memory_prompts(
+    earlier: ChatMemory, messages: list[Message], turns: list[ChatTurn], settings: DatasetSettings
+) -> Callable[[int], str]:
+    """The system prompt of the sample answering at turn `index`: the chat's memory of everything
+    said before that turn (its earlier conversations and this one so far), never after it."""
+    memory, folded = earlier, 0
+
+    def system_for(index: int) -> str:
+        nonlocal memory, folded
+        cutoff = turns[index].turn.time if index < len(turns) else messages[-1].time + 1
+        if folded and messages[folded - 1].time >= cutoff:  # asked about an earlier turn: start over
+            memory, folded = earlier, 0
+        end = folded
+        while end < len(messages) and messages[end].time < cutoff:
+            end += 1
+        # Every message here is new to the memory, even one in the same second as the last folded.
+        memory = apply_extraction(memory, extract_rules(messages[folded:end]))
+        folded = end
+        query = turns[index - 1].turn.text if index > 0 else ""
+        rendered = render_memory(memory, settings.memory_tokens, query)
+        return system_prompt(settings.persona, ChatContext(memory=rendered))
+
+    return system_for
 
 
 def _redact_conversation(

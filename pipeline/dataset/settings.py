@@ -73,6 +73,11 @@ class DatasetSettings(_Strict):
     seed: int = Field(0, description="seed for sampling and mixing")
     mix: str = Field("", description="general instruction data (OpenAI/ShareGPT/Alpaca JSON[L])")
     mix_ratio: float = Field(0.0, ge=0, lt=1, description="share of train.jsonl that is mixed data")
+    memory: bool = Field(
+        False,
+        description="put each chat's memory (names, facts, topics said before) in its samples' system prompt",
+    )
+    memory_tokens: int = Field(160, ge=16, description="most tokens of a chat's memory per sample")
     redact_names: list[str] = Field(default_factory=list)
     skip_bad: bool = Field(False, description="skip malformed input lines instead of failing")
     rules: RuleSettings = Field(default_factory=RuleSettings)
