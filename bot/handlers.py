@@ -44,6 +44,7 @@ from bot.admin import COMMAND, run_admin  # noqa: E402
 from bot.config import Config, load_accounts  # noqa: E402
 from bot.runtime import ChatKey, SendBubble, Twin, serving_adapter  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
+from bot.stickers import stickers_in  # noqa: E402
 from bot.store import EXCLUDED_RECALLED, StoredMessage  # noqa: E402
 from bot.triggers import answers_group, answers_private, is_ignored_sender  # noqa: E402
 from pipeline import registry as model_registry  # noqa: E402
@@ -247,13 +248,19 @@ def chat_key(event: MessageEvent | MessageSentEvent) -> ChatKey | None:
     return (PRIVATE, str(event.user_id))
 
 
-def _sender(bot: Bot, key: ChatKey) -> SendBubble:
+def _sender(bot: Bot, key: ChatKey, twin: Twin) -> SendBubble:
     chat_type, chat_id = key
 
     async def send(text: str) -> int | None:
         message = Message()
-        for kind, value in outgoing_parts(text):
-            message += MessageSegment.face(int(value)) if kind == "face" else MessageSegment.text(value)
+        stickers = twin.sendable_stickers()
+        for kind, value in outgoing_parts(text, stickers):
+            if kind == "sticker":  # the runtime sends a sticker as a bubble of its own
+                message += MessageSegment("mface", stickers[value].segment_data())
+            elif kind == "face":
+                message += MessageSegment.face(int(value))
+            else:
+                message += MessageSegment.text(value)
         if not message:
             return None
         target = {"user_id": int(chat_id)} if chat_type == PRIVATE else {"group_id": int(chat_id)}
@@ -322,10 +329,11 @@ async def _store_first(twin: Twin, bot: Bot, event: MessageEvent) -> tuple[int, 
         reply_to=rendered.reply_to,
         kinds=rendered.kinds,
     )
+    stickers = stickers_in(_segments(event.original_message))
     if event.user_id == event.self_id:
-        await twin.record_own(key, message)
+        await twin.record_own(key, message, stickers)
         return None
-    row = await twin.record(message)
+    row = await twin.record(message, stickers)
     if await _look_up_names(twin, bot, event, rendered.mentions):
         segments = _segments(event.original_message)
         rendered = render_segments(segments, _known_names(twin, event))
@@ -356,7 +364,7 @@ async def handle_private(bot: Bot, event: PrivateMessageEvent, twin: Twin = Runn
     key = chat_key(event)
     assert key is not None  # someone else's message
     await twin.answer(
-        key, stored[0], _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id)
+        key, stored[0], _sender(bot, key, twin), self_id=str(event.self_id), sender=str(event.user_id)
     )
 
 
@@ -381,14 +389,17 @@ async def handle_group(bot: Bot, event: GroupMessageEvent, twin: Twin = RunningT
         probability=twin.probability,
     ):
         return
-    await twin.answer(key, row, _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id))
+    await twin.answer(
+        key, row, _sender(bot, key, twin), self_id=str(event.self_id), sender=str(event.user_id)
+    )
 
 
 @owner_sent.handle()
 async def handle_message_sent(event: MessageSentEvent, twin: Twin = RunningTwin) -> None:
     """Store what the owner typed elsewhere (the retraining signal); never answer it. The QQ
     side's echo of a twin bubble is recognised, whenever it comes, and not stored again."""
-    rendered = render_segments(_segments(event.message))
+    segments = _segments(event.message)
+    rendered = render_segments(segments)
     if not rendered.text:
         return
     key = chat_key(event)
@@ -405,6 +416,7 @@ async def handle_message_sent(event: MessageSentEvent, twin: Twin = RunningTwin)
             reply_to=rendered.reply_to,
             kinds=rendered.kinds,
         ),
+        stickers_in(segments),
     )
     if stored is not None and key is not None:
         await twin.owner_spoke(key)

@@ -28,6 +28,7 @@ SHIPPED = (
     "d2e65baed83660447bc16f82bdfe5d5400c4d744876d6ba7fb78854da553f7c5",
     "cf5419d1355309213d2dcc8bec9a4d97c078d79cb9e2f4fea0da521c90312281",
     "c33932eba2cae2eb34643c14cccf364fe2029d0835eb00a2d3367825b7879767",
+    "671e1cd942c8ceb9507f816cf0c4476db79ad35133a6847d7bdf9581c17eafae",  # market stickers
 )
 
 # Rows as each released schema wrote them, only with the columns that existed then.
@@ -52,6 +53,10 @@ ERA_ROWS: dict[int, list[dict]] = {
         {"chat_type": "c2c", "chat": "20003", "sender": "10000", "origin": "twin", "msg_id": "302",
          "time": 1_700_000_001, "text": "v3 好", "model_version": "v0003", "send_state": "failed",
          "echo_key": "v3好"},
+    ],
+    4: [  # market stickers: a table of their own, messages as v3 wrote them
+        {"chat_type": "c2c", "chat": "20004", "sender": "10000", "origin": "owner", "time": 1_750_000_000,
+         "text": "[贴贴]", "kinds": '["sticker"]'},
     ],
 }  # fmt: skip
 
