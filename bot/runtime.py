@@ -288,6 +288,12 @@ class Twin:
             kept = await self.store.learn_sticker(sticker, source, int(time.time()))
             self.stickers[kept.name] = kept
 
+    async def forget_sticker(self, name: str) -> bool:
+        """Stop sending a kept sticker (an operator's choice); False when none has that name."""
+        assert self.store is not None
+        self.stickers.pop(name, None)
+        return await self.store.forget_sticker(name)
+
     def sendable_stickers(self) -> dict[str, Sticker]:
         """The market stickers a reply may send now, by name (`TWIN_STICKERS`)."""
         return sendable(self.stickers.values(), self.config.twin_stickers)

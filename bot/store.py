@@ -466,6 +466,12 @@ class Store:
         await self._conn.commit()
         return next(s for s in await self.stickers(sticker.name))
 
+    async def forget_sticker(self, name: str) -> bool:
+        """Remove the sticker kept under `name`; False when there was none."""
+        cursor = await self._conn.execute("DELETE FROM stickers WHERE name = ?", (name,))
+        await self._conn.commit()
+        return cursor.rowcount > 0
+
     async def stickers(self, name: str | None = None) -> list[Sticker]:
         """The market stickers kept (or the one named `name`), by name."""
         where, params = ("WHERE name = ?", (name,)) if name is not None else ("", ())

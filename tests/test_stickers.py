@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.admin import run_admin
 from bot.config import Config
 from bot.runtime import Twin
 from bot.segments import outgoing_bubbles, outgoing_parts, outgoing_text, render_segments
@@ -255,3 +256,27 @@ async def test_friends_stickers_are_learned_only_with_twin_stickers_any(tmp_path
         assert set(again.sendable_stickers()) == {"摸摸头"}  # kept in the store across restarts
     finally:
         await again.close()
+
+
+async def test_operators_see_and_forget_kept_stickers(tmp_path: Path) -> None:
+    twin = await make_twin(tmp_path)
+
+    async def admin(*words: str) -> str:
+        async def report(text: str) -> None:
+            pass
+
+        return await run_admin(twin, list(words), chat=None, user="42", quoted=None, report=report)
+
+    try:
+        own = StoredMessage("c2c", "20001", "10000", "owner", "[摸摸头]", int(time.time()), msg_id="5")
+        await twin.record_own(("c2c", "20001"), own, stickers_in(segments(PAT)))
+        await twin.learn_stickers(stickers_in(segments(HUG)), "friend")
+        assert await admin("stickers") == (
+            "stickers: 2 kept, TWIN_STICKERS=owner\n[摸摸头] owner\n[贴贴] friend, not sent"
+        )
+        assert await admin("stickers", "forget", "[摸摸头]") == "forgot [摸摸头]"
+        assert await admin("stickers", "forget", "摸摸头") == "no sticker [摸摸头]"
+        assert twin.sendable_stickers() == {} and [s.name for s in await twin.store.stickers()] == ["贴贴"]
+        assert (await admin("stickers", "x")).startswith("usage:")
+    finally:
+        await twin.close()
