@@ -160,6 +160,20 @@ async def _takeover(request: AdminRequest) -> str:
     return f"{chat_name(chat)}: the twin answers there again"
 
 
+async def _stickers(request: AdminRequest) -> str:
+    twin = request.twin
+    if request.arguments[:1] == ["forget"] and len(request.arguments) == 2:
+        name = request.arguments[1].strip("[]")
+        forgotten = await twin.forget_sticker(name)
+        return f"forgot [{name}]" if forgotten else f"no sticker [{name}]"
+    if request.arguments:
+        return f"usage: /{COMMAND} stickers [forget <名字>]"
+    sent = twin.sendable_stickers()
+    shown = [f"[{s.name}] {s.source}{'' if s.name in sent else ', not sent'}" for s in twin.stickers.values()]
+    mode = twin.config.twin_stickers
+    return "\n".join([f"stickers: {len(shown)} kept, TWIN_STICKERS={mode}", *sorted(shown)])
+
+
 QUOTING = "(quoting a twin reply)"
 ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("status", "", "model, uptime, sending, queue, today's counts, last retrain", _status),
@@ -185,6 +199,9 @@ ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("unblock", "<uin>", "answer this person again", _block_or_unblock),
     AdminVerb("approve", QUOTING, "train on that reply", _approve_or_unapprove),
     AdminVerb("unapprove", QUOTING, "do not train on that reply", _approve_or_unapprove),
+    AdminVerb(
+        "stickers", "[forget <名字>]", "the market stickers kept, whose, and which are sent", _stickers
+    ),
 )
 DEFAULT_VERB = "status"  # a bare `/twin`
 _BY_NAME = {verb.verb: verb for verb in ADMIN_VERBS}

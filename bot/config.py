@@ -173,6 +173,11 @@ class Config(BaseModel):
     twin_answer_group_temp: bool = Field(False, description="answer temporary chats started from a group")
     twin_block_links: bool = Field(True, description="drop bubbles carrying links (QQ penalises them)")
     twin_blocked_words: list[str] = Field([], description="drop bubbles containing any of these")
+    twin_stickers: Literal["owner", "any", "off"] = Field(
+        "owner",
+        description="which market stickers a `[名字]` in a reply goes out as, in a bubble of its own: "
+        "`owner` (those you sent), `any` (also friends'; yours win), `off` (none); unknown ones are dropped",
+    )
 
     # prompt bounds (a 30,000-character paste must not silence a chat)
     twin_max_turn_chars: int = Field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import ChainMap
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Literal
 
 from nonebot import get_bots, get_driver, get_plugin_config, logger, on_command, on_message, on_type, require
@@ -44,6 +44,7 @@ from bot.admin import COMMAND, run_admin  # noqa: E402
 from bot.config import Config, load_accounts  # noqa: E402
 from bot.runtime import ChatKey, SendBubble, Twin, serving_adapter  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
+from bot.stickers import Sticker, stickers_in  # noqa: E402
 from bot.store import EXCLUDED_RECALLED, StoredMessage  # noqa: E402
 from bot.triggers import answers_group, answers_private, is_ignored_sender  # noqa: E402
 from pipeline import registry as model_registry  # noqa: E402
@@ -247,13 +248,19 @@ def chat_key(event: MessageEvent | MessageSentEvent) -> ChatKey | None:
     return (PRIVATE, str(event.user_id))
 
 
-def _sender(bot: Bot, key: ChatKey) -> SendBubble:
+def _sender(bot: Bot, key: ChatKey, twin: Twin) -> SendBubble:
     chat_type, chat_id = key
 
     async def send(text: str) -> int | None:
         message = Message()
-        for kind, value in outgoing_parts(text):
-            message += MessageSegment.face(int(value)) if kind == "face" else MessageSegment.text(value)
+        stickers = twin.sendable_stickers()
+        for kind, value in outgoing_parts(text, stickers):
+            if kind == "sticker":  # the runtime sends a sticker as a bubble of its own
+                message += MessageSegment("mface", stickers[value].segment_data())
+            elif kind == "face":
+                message += MessageSegment.face(int(value))
+            else:
+                message += MessageSegment.text(value)
         if not message:
             return None
         target = {"user_id": int(chat_id)} if chat_type == PRIVATE else {"group_id": int(chat_id)}
@@ -322,10 +329,11 @@ async def _store_first(twin: Twin, bot: Bot, event: MessageEvent) -> tuple[int, 
         reply_to=rendered.reply_to,
         kinds=rendered.kinds,
     )
+    stickers = stickers_in(_segments(event.original_message))
     if event.user_id == event.self_id:
-        await _owner_wrote(twin, key, message)
+        await _owner_wrote(twin, key, message, stickers)
         return None
-    row = await twin.record(message)
+    row = await twin.record(message, stickers)
     if await _look_up_names(twin, bot, event, rendered.mentions):
         segments = _segments(event.original_message)
         rendered = render_segments(segments, _known_names(twin, event))
@@ -356,7 +364,7 @@ async def handle_private(bot: Bot, event: PrivateMessageEvent, twin: Twin = Runn
     key = chat_key(event)
     assert key is not None  # someone else's message
     await twin.answer(
-        key, stored[0], _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id)
+        key, stored[0], _sender(bot, key, twin), self_id=str(event.self_id), sender=str(event.user_id)
     )
 
 
@@ -381,7 +389,9 @@ async def handle_group(bot: Bot, event: GroupMessageEvent, twin: Twin = RunningT
         probability=twin.probability,
     ):
         return
-    await twin.answer(key, row, _sender(bot, key), self_id=str(event.self_id), sender=str(event.user_id))
+    await twin.answer(
+        key, row, _sender(bot, key, twin), self_id=str(event.self_id), sender=str(event.user_id)
+    )
 
 
 @owner_sent.handle()
@@ -389,7 +399,8 @@ async def handle_message_sent(event: MessageSentEvent, twin: Twin = RunningTwin)
     """Store what the owner typed elsewhere (the retraining signal); never answer it, and let the
     owner have that chat. The QQ side's echo of a twin bubble is recognised, whenever it comes,
     and is neither stored again nor a takeover."""
-    rendered = render_segments(_segments(event.message))
+    segments = _segments(event.message)
+    rendered = render_segments(segments)
     if not rendered.text:
         return
     key = chat_key(event)
@@ -407,13 +418,16 @@ async def handle_message_sent(event: MessageSentEvent, twin: Twin = RunningTwin)
             reply_to=rendered.reply_to,
             kinds=rendered.kinds,
         ),
+        stickers_in(segments),
     )
 
 
-async def _owner_wrote(twin: Twin, key: ChatKey | None, message: StoredMessage) -> None:
+async def _owner_wrote(
+    twin: Twin, key: ChatKey | None, message: StoredMessage, stickers: Sequence[Sticker] = ()
+) -> None:
     """Store the account's own message; unless it is the echo of a twin bubble or a command line,
     the owner is in that chat now and the twin steps aside there (bot/runtime.py: takeover)."""
-    row = await twin.record_own(key, message)
+    row = await twin.record_own(key, message, stickers)
     if row is not None and key is not None and not twin.is_command(message.text):
         await twin.owner_spoke(key)
 

@@ -7,6 +7,7 @@ here is NoneBot-free so that it can be driven and tested directly.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,7 +30,8 @@ from bot.log_mask import secret_values
 from bot.memory import build_prompt, history_turns
 from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
 from bot.retrain import registry_of, run_retrain
-from bot.segments import outgoing_parts, outgoing_text
+from bot.segments import outgoing_bubbles, outgoing_parts, outgoing_text
+from bot.stickers import Sticker, StickerSource, sendable
 from bot.store import EXCLUDED_COMMAND, SEND_DROPPED, Store, StoredMessage
 from pipeline import registry as model_registry
 from pipeline.chatformat import PRIVATE, ChatContext, ChatType, chat_name, parse_chat, split_bubbles
@@ -52,7 +54,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 EXTRACTION_BATCH = 40  # messages per request when the backend extracts a chat's memory
 ChatKey = tuple[ChatType, str]  # (PRIVATE, "<uin>") or (GROUP, "<group code>")
-SendBubble = Callable[[str], Awaitable["int | str | None"]]  # sends one bubble, returns its message id
+# Sends one bubble, as `outgoing_text` shows it (a sticker alone as `[名字]`), returns its message id.
+SendBubble = Callable[[str], Awaitable["int | str | None"]]
 
 
 @dataclass(slots=True)
@@ -180,6 +183,7 @@ class Twin:
         self.probability = config.twin_group_probability
         self.blocked: set[int] = set()
         self.names: dict[str, str] = {}  # uin → display name, learned from events
+        self.stickers: dict[str, Sticker] = {}  # name → the market sticker the store keeps for it
         self.limiter = SendLimiter(
             SendLimits(
                 per_chat_minute=config.twin_rate_per_chat,
@@ -217,6 +221,7 @@ class Twin:
                 self._takeovers[parse_chat(str(name))] = Takeover(None, None)
             except ValueError:
                 continue
+        self.stickers = {sticker.name: sticker for sticker in await self.store.stickers()}
         if await self.store.get_state("sending_halted", False):
             self.health.halted = True
             self.health.failures = self.health.limit
@@ -316,22 +321,47 @@ class Twin:
         self.switch_problem = None
 
     # ------------------------------------------------------------------ messages
-    async def record(self, message: StoredMessage) -> int:
-        """Store one message before anything else happens to it."""
+    async def record(self, message: StoredMessage, stickers: Sequence[Sticker] = ()) -> int:
+        """Store one message before anything else happens to it; a friend's market `stickers` are
+        learned too when `TWIN_STICKERS=any`."""
         assert self.store is not None
         if message.sender_name:
             self.names[message.sender] = message.sender_name
-        return await self.store.add(message)
+        row = await self.store.add(message)
+        if message.origin == "incoming" and self.config.twin_stickers == "any":
+            await self.learn_stickers(stickers, "friend")
+        return row
+
+    async def learn_stickers(self, stickers: Sequence[Sticker], source: StickerSource) -> None:
+        """Keep the send data of market stickers seen on the QQ side (the owner's win, see
+        `Store.learn_sticker`)."""
+        assert self.store is not None
+        for sticker in stickers:
+            kept = await self.store.learn_sticker(sticker, source, int(time.time()))
+            self.stickers[kept.name] = kept
+
+    async def forget_sticker(self, name: str) -> bool:
+        """Stop sending a kept sticker (an operator's choice); False when none has that name."""
+        assert self.store is not None
+        self.stickers.pop(name, None)
+        return await self.store.forget_sticker(name)
+
+    def sendable_stickers(self) -> dict[str, Sticker]:
+        """The market stickers a reply may send now, by name (`TWIN_STICKERS`)."""
+        return sendable(self.stickers.values(), self.config.twin_stickers)
 
     def is_command(self, text: str) -> bool:
         """A command line (`/twin …`, another bot's `/help`): never chat, never training text."""
         return bool(self.command_prefixes) and text.lstrip().startswith(self.command_prefixes)
 
-    async def record_own(self, key: ChatKey | None, message: StoredMessage) -> int | None:
+    async def record_own(
+        self, key: ChatKey | None, message: StoredMessage, stickers: Sequence[Sticker] = ()
+    ) -> int | None:
         """An account message (`message_sent`, or a message event from the account itself): the
         QQ side's echo of a twin bubble is claimed and not stored again; anything else is the
-        owner's own words (a command line is kept out of prompts and training). Returns the row
-        id, or None for an echo."""
+        owner's own words (a command line is kept out of prompts and training) and its market
+        `stickers` the owner's. Returns the row id, or None for an echo (whose sticker, maybe
+        a friend's, is never learned as the owner's)."""
         assert self.store is not None
         chat_type, chat = key if key is not None else (None, None)
         if await self.store.claim_echo(chat_type, chat, message.msg_id or "", message.text, int(time.time())):
@@ -339,7 +369,9 @@ class Twin:
         message.origin = "owner"
         if self.is_command(message.text):
             message.excluded = EXCLUDED_COMMAND
-        return await self.record(message)
+        row = await self.record(message)
+        await self.learn_stickers(stickers, "owner")
+        return row
 
     async def owner_spoke(self, key: ChatKey) -> None:
         """The owner wrote in the chat themself: nothing before this needs the twin any more, a
@@ -501,15 +533,18 @@ class Twin:
         sent: list[str] = []
         c = self.config
         chat, sender = f"{key[0]}:{key[1]}", state.sender
-        for bubble in bubbles:
-            text = outgoing_text(outgoing_parts(bubble))  # what QQ will show: placeholders dropped
+        stickers = self.sendable_stickers()
+        # What QQ will show: placeholders and unknown `[名字]` dropped, each sticker a bubble of its own.
+        split = (outgoing_bubbles(outgoing_parts(bubble, stickers)) for bubble in bubbles)
+        shown = [outgoing_text(parts) for parts in itertools.chain.from_iterable(split)]
+        for text in shown:
             if not text:
                 continue
             unable = self.health.blocked() or self.limiter.blocked(chat, sender)
             if unable:
                 log.info("reply in %s cut short: %s", chat, unable)
                 break
-            delay = typing_delay(bubble, c.twin_typing_delay, c.twin_typing_per_char, c.twin_typing_max)
+            delay = typing_delay(text, c.twin_typing_delay, c.twin_typing_per_char, c.twin_typing_max)
             if await self._sleep(jittered(delay, c.twin_typing_jitter)) or self.store is None:
                 break
             if state.epoch != epoch:
@@ -532,7 +567,7 @@ class Twin:
                 log.info("reply in %s cut short: the owner took over", chat)
                 break
             try:
-                message_id = await self._unless_stopping(send(bubble))
+                message_id = await self._unless_stopping(send(text))
             except BackendClosed:
                 await self._finish_send(row, None, "failed")
                 break

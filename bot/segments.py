@@ -2,7 +2,8 @@
 
 The live bot must show the model exactly what the dataset builder showed it, so this module
 only maps OneBot's segment types onto chatformat's element kinds; the rendering itself (face
-names, `[图片]`, `@名字`) is chatformat's.
+names, `[图片]`, `@名字`) is chatformat's. The way back: a reply's `[名字]` become QQ faces and
+market stickers again, and placeholders that cannot be sent are dropped (`outgoing_parts`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from bot.stickers import Sticker, is_market_sticker
 from pipeline.chatformat import (
     ANIMATED_STICKER,
     FACE_NAMES,
+    MAX_STICKER_NAME_CHARS,
     PLACEHOLDERS,
     Element,
     face_placeholder,
     render_elements,
+    sticker_placeholder,
 )
 
 # Segment types that are cards of some sort (shares, mini-apps, music, contacts, locations).
@@ -42,7 +46,7 @@ def segment_element(kind: str, data: Mapping[str, Any], names: Mapping[str, str]
         return Element("text", text=str(data.get("text", "")))
     if kind == "face":
         return Element("face", ref=str(data.get("id", "")))
-    if kind == "mface":  # NapCat's market sticker: its summary is the sticker's text
+    if is_market_sticker(kind, data):  # its summary is the sticker's text, as in QQ NT's bodies
         return Element("sticker", text=str(data.get("summary", "")))
     if kind == "image":
         summary = str(data.get("summary", "")).strip()
@@ -73,30 +77,62 @@ def render_segments(
 
 
 _FACE_IDS = {name: face_id for face_id, name in sorted(FACE_NAMES.items(), reverse=True)}
-_BRACKET_RE = re.compile(r"\[([^\[\]\n]{1,12})\]")
+_BRACKET_RE = re.compile(rf"\[([^\[\]\n]{{1,{MAX_STICKER_NAME_CHARS}}})\]")
+
+PartKind = Literal["text", "face", "sticker"]
+Part = tuple[PartKind, str]  # ("text", s), ("face", QQ face id), ("sticker", sticker name)
 
 
-def outgoing_parts(text: str) -> list[tuple[str, str]]:
-    """A reply bubble → `("text", s)` and `("face", id)` parts: `[微笑]` goes back out as face 14.
-
-    Media placeholders (`[图片]`, `[动画表情]`…) cannot be sent as what they stand for, so they
-    are dropped; an empty list means there is nothing left to send.
-    """
-    parts: list[tuple[str, str]] = []
+def _parts_once(text: str, stickers: Mapping[str, Sticker]) -> list[Part]:
+    parts: list[Part] = []
     position = 0
     for match in _BRACKET_RE.finditer(text):
         name = match.group(1)
-        if name in _FACE_IDS or match.group(0) in PLACEHOLDERS:
-            parts.append(("text", text[position : match.start()]))
-            if name in _FACE_IDS:
-                parts.append(("face", str(_FACE_IDS[name])))
-            position = match.end()
+        parts.append(("text", text[position : match.start()]))
+        position = match.end()
+        if match.group(0) in PLACEHOLDERS:
+            continue  # `[图片]`, `[语音]`…: what they stand for cannot be sent
+        if name in stickers:  # the owner's own sticker wins over a QQ face of the same name
+            parts.append(("sticker", name))
+        elif name in _FACE_IDS:
+            parts.append(("face", str(_FACE_IDS[name])))
+        # any other `[名字]` is a sticker the twin cannot send: dropped, never sent as text
     parts.append(("text", text[position:]))
-    parts = [(kind, value) for kind, value in parts if kind != "text" or value.strip()]
-    return parts
+    return [(kind, value) for kind, value in parts if kind != "text" or value.strip()]
 
 
-def outgoing_text(parts: Iterable[tuple[str, str]]) -> str:
-    """What a bubble looks like once sent (faces back as `[名字]`, dropped placeholders gone):
-    the twin's row in the store and the text its echo is recognised by."""
-    return "".join(face_placeholder(value) if kind == "face" else value for kind, value in parts).strip()
+def outgoing_parts(text: str, stickers: Mapping[str, Sticker] | None = None) -> list[Part]:
+    """A reply bubble → text, QQ face and market sticker parts: `[微笑]` goes back out as face 14,
+    `[贴贴]` as the sticker when `stickers` (the sendable ones, by name) has it.
+
+    Placeholders (`[图片]`, `[动画表情]`…) and unknown `[名字]` are dropped; an empty list means
+    there is nothing left to send. What is kept renders back to itself (`outgoing_text`).
+    """
+    stickers = stickers or {}
+    while True:  # dropping `[b]` from `[a[b]c]` leaves `[ac]`, which must go too
+        parts = _parts_once(text, stickers)
+        shown = outgoing_text(parts)
+        if shown == text.strip():
+            return parts
+        text = shown
+
+
+def outgoing_bubbles(parts: list[Part]) -> list[list[Part]]:
+    """The bubbles a reply bubble's parts go out as: each sticker alone (QQ shows a market sticker
+    only as a message of its own), the text and faces around it as they were."""
+    bubbles: list[list[Part]] = []
+    current: list[Part] = []
+    for part in parts:
+        if part[0] == "sticker":
+            bubbles += [b for b in (current, [part]) if b]
+            current = []
+        else:
+            current.append(part)
+    return [*bubbles, current] if current else bubbles
+
+
+def outgoing_text(parts: Iterable[Part]) -> str:
+    """What a bubble looks like once sent (faces and stickers back as `[名字]`, dropped
+    placeholders gone): the twin's row in the store and the text its echo is recognised by."""
+    shown = {"face": face_placeholder, "sticker": sticker_placeholder}
+    return "".join(shown[kind](value) if kind in shown else value for kind, value in parts).strip()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
+from bot.stickers import Sticker, StickerSource
 from pipeline.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 
 Origin = Literal["incoming", "twin", "owner"]
@@ -65,6 +66,21 @@ MIGRATIONS: tuple[str, ...] = (
         memory TEXT NOT NULL,
         updated INTEGER NOT NULL,
         PRIMARY KEY (chat_type, chat)
+    );
+    """,
+    # v5: market stickers' send data by name (`[贴贴]` → 贴贴), learned from the QQ side; `source`
+    # says whose it is (the owner's win, bot/stickers.py), `uses` how often it was seen.
+    """
+    CREATE TABLE stickers (
+        name TEXT PRIMARY KEY,
+        emoji_package_id INTEGER NOT NULL,
+        emoji_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('owner', 'friend')),
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        uses INTEGER NOT NULL DEFAULT 1
     );
     """,
 )
@@ -489,6 +505,50 @@ class Store:
             "SELECT chat_type, chat, updated FROM chat_memory ORDER BY chat_type, chat"
         )
         return [(kind, chat, int(updated)) for kind, chat, updated in rows]
+
+    async def learn_sticker(self, sticker: Sticker, source: StickerSource, now: int) -> Sticker:
+        """Keep a market sticker seen on the QQ side; returns what is kept under its name now.
+
+        The owner's latest sticker of a name replaces whatever had it; a friend's is kept only
+        for a name nobody had, so a friend can neither replace the owner's sticker nor another
+        friend's (the same sticker seen again only counts).
+        """
+        values = (sticker.name, sticker.emoji_package_id, sticker.emoji_id, sticker.key, sticker.summary)
+        insert = (
+            "INSERT INTO stickers (name, emoji_package_id, emoji_id, key, summary, source, first_seen, "
+            "last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+        )
+        if source == "owner":
+            update = (
+                "emoji_package_id = excluded.emoji_package_id, emoji_id = excluded.emoji_id, "
+                "key = excluded.key, summary = excluded.summary, source = 'owner', "
+                "last_seen = excluded.last_seen, uses = uses + 1"
+            )
+        else:
+            update = (
+                "last_seen = excluded.last_seen, uses = uses + 1 WHERE source = 'friend' "
+                "AND emoji_package_id = excluded.emoji_package_id AND emoji_id = excluded.emoji_id "
+                "AND key = excluded.key"
+            )
+        await self._conn.execute(insert + update, (*values, source, now, now))
+        await self._conn.commit()
+        return next(s for s in await self.stickers(sticker.name))
+
+    async def forget_sticker(self, name: str) -> bool:
+        """Remove the sticker kept under `name`; False when there was none."""
+        cursor = await self._conn.execute("DELETE FROM stickers WHERE name = ?", (name,))
+        await self._conn.commit()
+        return cursor.rowcount > 0
+
+    async def stickers(self, name: str | None = None) -> list[Sticker]:
+        """The market stickers kept (or the one named `name`), by name."""
+        where, params = ("WHERE name = ?", (name,)) if name is not None else ("", ())
+        rows = await self._conn.execute_fetchall(
+            f"SELECT name, emoji_package_id, emoji_id, key, summary, source FROM stickers {where} "
+            "ORDER BY name",
+            params,
+        )
+        return [Sticker(*row) for row in rows]
 
     async def get_state(self, key: str, default: Any = None) -> Any:
         rows = list(await self._conn.execute_fetchall("SELECT value FROM state WHERE key = ?", (key,)))

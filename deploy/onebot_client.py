@@ -29,7 +29,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from pipeline.chatformat import face_placeholder
+from pipeline.chatformat import face_placeholder, sticker_placeholder
 
 Segments = str | Sequence[dict[str, Any]]
 
@@ -52,14 +52,50 @@ class SentMessage:
 
     @property
     def text(self) -> str:
-        """The message as the pipeline renders it: text as is, QQ faces as `[名字]`."""
+        """The message as the pipeline renders it: text as is, QQ faces and market stickers as `[名字]`."""
         parts = []
         for segment in self.segments:
             if segment["type"] == "text":
                 parts.append(segment["data"].get("text", ""))
             elif segment["type"] == "face":
                 parts.append(face_placeholder(segment["data"].get("id")))
+            elif segment["type"] == "mface":
+                parts.append(sticker_placeholder(str(segment["data"].get("summary", ""))))
         return "".join(parts)
+
+
+def market_face(
+    emoji_package_id: int, emoji_id: str, key: str, summary: str, *, shape: str = "napcat"
+) -> dict[str, Any]:
+    """A market sticker (商城表情) segment as the QQ side reports it.
+
+    "napcat": NapCat reports one as an `image` segment that also carries the market face's
+    fields (napcat-onebot `api/msg.ts`, `marketFaceElement`); "mface": the segment NapCat sends
+    one with (`OB11MessageMFace`), which LLOneBot and Lagrange also report.
+    """
+    fields = {"emoji_package_id": emoji_package_id, "emoji_id": emoji_id, "key": key, "summary": summary}
+    if shape == "mface":
+        return {"type": "mface", "data": fields}
+    folder = str(emoji_id)[:2]
+    return {
+        "type": "image",
+        "data": {
+            "summary": summary,
+            "file": f"{folder}-{emoji_id}.gif",
+            "url": f"https://gxh.vip.qq.com/club/item/parcel/item/{folder}/{emoji_id}/raw300.gif",
+            **fields,
+        },
+    }
+
+
+def _as_napcat_reports(segments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A sent message as NapCat reports it back: an `mface` comes back as its `image` shape."""
+    return [
+        market_face(**{k: s["data"].get(k) for k in ("emoji_package_id", "emoji_id", "key", "summary")})
+        if s.get("type") == "mface"
+        else s
+        for s in segments
+    ]
 
 
 def text_segments(message: Segments) -> list[dict[str, Any]]:
@@ -270,6 +306,8 @@ class OneBotClient:
     async def _echo(self, sent: SentMessage) -> None:
         """The QQ side reporting the account's own message back, in `echo_shape`."""
         segments = self.echo_mangle(sent.segments) if self.echo_mangle else sent.segments
+        if self.echo_shape == "napcat":
+            segments = _as_napcat_reports(segments)
         event = self._own_message(segments, sent.message_id, group_id=sent.group_id, target_id=sent.user_id)
         if self.echo_shape == "llonebot":
             event.pop("target_id", None)

@@ -331,9 +331,18 @@ def face_placeholder(face_id: int | str | None, face_text: str = "") -> str:
     return f"[{name}]" if name else UNKNOWN_FACE
 
 
+# The longest `[名字]` that can stand for a face or a market sticker in a reply (QQ's names are short).
+MAX_STICKER_NAME_CHARS = 16
+
+
+def sticker_name(text: str) -> str:
+    """A market sticker's name: its summary without brackets (`[贴贴]` → `贴贴`; "" when it has none)."""
+    return text.strip().strip("[]").strip()
+
+
 def sticker_placeholder(text: str) -> str:
     """A market sticker renders as its own text, always bracketed: `贴贴` → `[贴贴]`."""
-    name = text.strip().strip("[]")
+    name = sticker_name(text)
     return f"[{name}]" if name else ANIMATED_STICKER
 
 

@@ -29,6 +29,7 @@ SHIPPED = (
     "cf5419d1355309213d2dcc8bec9a4d97c078d79cb9e2f4fea0da521c90312281",
     "c33932eba2cae2eb34643c14cccf364fe2029d0835eb00a2d3367825b7879767",
     "c3fe5c8745b1c6d3b41e0f46697bd39bc4c5f64e5f9d01711f8d90c87dff7735",
+    "671e1cd942c8ceb9507f816cf0c4476db79ad35133a6847d7bdf9581c17eafae",  # market stickers
 )
 
 # Rows as each released schema wrote them, only with the columns that existed then.
@@ -57,6 +58,10 @@ ERA_ROWS: dict[int, list[dict]] = {
     4: [  # v4 added the chat_memory table; message rows are as in v3
         {"chat_type": "group", "chat": "400", "sender": "20004", "sender_name": "老李", "origin": "incoming",
          "time": 1_750_000_000, "text": "v4 下周六聚餐"},
+    ],
+    5: [  # market stickers: a table of their own, messages as v3 wrote them
+        {"chat_type": "c2c", "chat": "20004", "sender": "10000", "origin": "owner", "time": 1_750_000_000,
+         "text": "[贴贴]", "kinds": '["sticker"]'},
     ],
 }  # fmt: skip
 
