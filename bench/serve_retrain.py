@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import signal
@@ -73,9 +74,9 @@ class Phase:
     end: float = 0.0
     replies: list[tuple[float, float]] = field(default_factory=list)  # (sent, first bubble) monotonic
     sent: int = 0
-    unanswered: int = 0
-    steps: tuple[int, int] = (0, 0)  # the cycle's training step at the window's start and end
+    training_cpu: float = 0.0  # CPU seconds the training child used inside the window
     child_nice: int | None = None  # the training child's, read from the OS
+    child_threads: int | None = None  # the torch threads the cycle gave its training child
 
     @property
     def name(self) -> str:
@@ -194,8 +195,7 @@ async def load(qq, phase: Phase, messages: int, friends: int) -> None:
             try:
                 (first, *_) = await qq.wait_reply(user_id=user, after=before, timeout=REPLY_TIMEOUT)
             except TimeoutError:
-                phase.unanswered += 1  # read, and chose not to answer (empty output)
-                continue
+                continue  # read, and chose not to answer (empty output): not a latency
             phase.replies.append((sent, first.time))
             while await qq.wait_quiet(0.3, user_id=user):
                 pass  # later bubbles of the same reply, so they are not taken for the next one
@@ -219,6 +219,24 @@ def niceness_of(pid: int) -> int | None:
         return None
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process (all its threads) has used so far, from /proc (Linux); 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def threads_given(registry: Path) -> int | None:
+    """The `threads` of the running cycle's training settings (what its child sets torch to)."""
+    from deploy.retrain import WORK_DIR
+
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads((registry / WORK_DIR / "train-settings.json").read_text()).get("threads")
+    return None
+
+
 async def retrain_phase(qq, phase: Phase, args: argparse.Namespace, env: dict[str, str], home: Path) -> None:
     """Start a cycle, load the bot while it trains, then stop it (SIGTERM: it stops its child too)."""
     log = (home / f"{phase.name.replace(' ', '-')}.log").open("wb")
@@ -237,15 +255,13 @@ async def retrain_phase(qq, phase: Phase, args: argparse.Namespace, env: dict[st
             if cycle.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the retrain cycle never trained a step; see {log.name} in {home}")
             await asyncio.sleep(POLL)
-        phase.child_nice = niceness_of(int(status["child_pid"]))
+        child = int(status["child_pid"])
+        phase.child_nice, phase.child_threads = niceness_of(child), threads_given(registry)
         phase.start, phase.end = time.monotonic(), float("inf")
-        first_step = int(status["step"])
-        last = status
+        cpu_before = cpu_seconds(child)
 
         async def watch() -> None:
-            nonlocal last
-            while status := training_now(registry, cycle.pid):
-                last = status
+            while training_now(registry, cycle.pid):
                 await asyncio.sleep(POLL)
             phase.end = time.monotonic()  # training ended or the cycle left the train stage
 
@@ -255,7 +271,7 @@ async def retrain_phase(qq, phase: Phase, args: argparse.Namespace, env: dict[st
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         phase.end = min(phase.end, time.monotonic())
-        phase.steps = (first_step, int(last.get("step") or 0))
+        phase.training_cpu = max(0.0, cpu_seconds(child) - cpu_before)
     finally:
         if cycle.poll() is None:
             cycle.send_signal(signal.SIGTERM)
@@ -314,6 +330,8 @@ async def run(args: argparse.Namespace) -> list[Phase]:
     )
     retrain_env = {
         **os.environ,
+        # `-m deploy` from this checkout, not whatever copy of the project is installed
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         **shared,
         "TWIN_RETRAIN_DATASET": str(world.dataset),
         "TWIN_RETRAIN_MIN_SAMPLES": "1",
@@ -353,23 +371,21 @@ def phase_row(phase: Phase) -> str:
     values = phase.latencies_ms
     p50 = f"{statistics.median(values):.0f}" if values else "–"
     p95 = f"{percentile(values, 0.95):.0f}" if values else "–"
-    steps = f"{phase.steps[1] - phase.steps[0]}" if phase.retrain else ""
-    return (
-        f"| {phase.name} | {phase.end - phase.start:.1f} | {len(values)} of {phase.sent} | {p50} | {p95} | "
-        f"{steps} |"
-    )
+    window = phase.end - phase.start
+    cpu = f"{phase.training_cpu:.1f} ({phase.training_cpu / window:.2f})" if phase.retrain else ""
+    return f"| {phase.name} | {window:.1f} | {len(values)} of {phase.sent} | {p50} | {p95} | {cpu} |"
 
 
 def report(phases: list[Phase], args: argparse.Namespace, load_before: tuple, load_after: tuple) -> list[str]:
     """The section for docs/benchmarks.md: what ran, every phase, both pooled, the ratio, the goal."""
-    from deploy.retrain import available_cores, training_threads
+    from deploy.retrain import available_cores
 
     idle = [v for p in phases if not p.retrain for v in p.latencies_ms]
     busy = [v for p in phases if p.retrain for v in p.latencies_ms]
     cores = available_cores()
     trained = [p for p in phases if p.retrain]
     nice = {p.child_nice for p in trained}
-    threads = args.retrain_threads or training_threads(0, args.threads, cores)
+    threads = {p.child_threads for p in trained}
     model = "a tiny random Llama (Q8_0, `--tiny`)" if args.tiny else "SmolLM2-135M-Instruct LoRA, Q8_0 GGUF"
     lines = [
         f"`python bot.py` serving {model} from a registry (llama.cpp, `TWIN_N_THREADS` {args.threads}, "
@@ -380,11 +396,11 @@ def report(phases: list[Phase], args: argparse.Namespace, load_before: tuple, lo
         "`twin retrain --now` on the same registry and store as its own process and measures only "
         "while `retrain-status.json` says it is training (its child past its first step); a reply "
         "counts only if its whole latency (message in → first `send_msg`) lies inside that window. "
-        f"Training child: niceness {', '.join(str(n) for n in sorted(nice, key=str))}, "
-        f"{threads} torch thread(s) (`TWIN_RETRAIN_THREADS` "
+        f"Training child (read from the running cycle): niceness {listed(nice)}, torch threads "
+        f"{listed(threads)} (`TWIN_RETRAIN_THREADS` "
         f"{args.retrain_threads if args.retrain_threads is not None else '0 = auto'}).",
         "",
-        "| phase | window s | replies counted | p50 ms | p95 ms | training steps in window |",
+        "| phase | window s | replies counted | p50 ms | p95 ms | training CPU s in window (cores) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         *(phase_row(p) for p in phases),
     ]
@@ -410,13 +426,17 @@ def report(phases: list[Phase], args: argparse.Namespace, load_before: tuple, lo
         f"Goal p95(retrain) ≤ {GOAL} × p95(idle) = {GOAL * p95_idle:.0f} ms: {verdict} "
         f"({p95_busy:.0f} ms, {p95_busy / p95_idle:.2f}×)."
     )
-    if args.threads + threads > cores:
+    if any(args.threads + (n or cores) > cores for n in threads):
         lines.append(
-            f"The bot's and the training's threads ({args.threads} + {threads}) exceed the {cores} cores: "
-            "they share one, and niceness alone decides."
+            f"The bot's and the training's threads ({args.threads} + {listed(threads)}) exceed the "
+            f"{cores} cores: they share one, and niceness alone decides."
         )
     lines.append(f"Re-run: `.venv/bin/python bench/serve_retrain.py {rerun_args(args)}`.")
     return lines
+
+
+def listed(values: set) -> str:
+    return ", ".join(str(v) for v in sorted(values, key=str))
 
 
 def rerun_args(args: argparse.Namespace) -> str:
