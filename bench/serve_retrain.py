@@ -426,12 +426,18 @@ def report(phases: list[Phase], args: argparse.Namespace, load_before: tuple, lo
         f"Goal p95(retrain) ≤ {GOAL} × p95(idle) = {GOAL * p95_idle:.0f} ms: {verdict} "
         f"({p95_busy:.0f} ms, {p95_busy / p95_idle:.2f}×)."
     )
+    if max(load_before[0], load_after[0]) > cores:
+        lines.append(
+            f"The load average passed the {cores} cores during the run: other processes competed with the "
+            "bot at its own priority, which neither niceness nor the thread bound controls, so the ratio "
+            "is not the retrain's alone; re-run on a quiet machine."
+        )
     if any(args.threads + (n or cores) > cores for n in threads):
         lines.append(
             f"The bot's and the training's threads ({args.threads} + {listed(threads)}) exceed the "
             f"{cores} cores: they share one, and niceness alone decides."
         )
-    lines.append(f"Re-run: `.venv/bin/python bench/serve_retrain.py {rerun_args(args)}`.")
+    lines += [f"Re-run: `.venv/bin/python bench/serve_retrain.py {rerun_args(args)}`.", ""]
     return lines
 
 
