@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/export.py
 	$(PY) bench/bot.py
+	$(PY) bench/serve_retrain.py
 	$(PY) bench/store.py
 
 clean:

@@ -189,6 +189,11 @@ class Config(BaseModel):
     twin_retrain_nice: int = Field(
         10, ge=0, le=19, description="niceness of the retrain child process and of its training child"
     )
+    twin_retrain_threads: int = Field(
+        0,
+        ge=0,
+        description="torch threads of retraining; 0 = the cores TWIN_N_THREADS leaves free (at least 1)",
+    )
     twin_retrain_min_samples: int = Field(20, ge=1, description="fewer new samples than this: skip the cycle")
     twin_retrain_replay_ratio: float = Field(
         1.0, ge=0, description="original-dataset samples replayed per new sample (catastrophic forgetting)"

@@ -7,6 +7,7 @@ very end. Whatever happens, `retrain-status.json` says what the cycle did and wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ STAGES = ("collect", "build", "train", "evaluate", "export", "promote")
 TRAIN_LOG = "train.log"
 PROGRESS_FILE = "train-progress.json"
 SETTLE_SECONDS = 5
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass(slots=True)
@@ -264,15 +266,55 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def run_training_child(train_settings: dict, work: Path, status: StatusFile, nice: int) -> Path:
-    """Train in a child process at lower priority; its progress is copied into the status file."""
+def training_threads(requested: int, serving_threads: int, cores: int) -> int:
+    """Torch threads for retraining: `requested`, else the cores the bot's llama.cpp threads leave (≥ 1)."""
+    return requested or max(1, cores - serving_threads)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on macOS
+        return os.cpu_count() or 1
+
+
+def retrain_threads(settings: Config) -> int:
+    """`TWIN_RETRAIN_THREADS`, or the cores left beside the bot's `TWIN_N_THREADS` on this machine."""
+    return training_threads(settings.twin_retrain_threads, settings.twin_n_threads, available_cores())
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment bounding a process's OpenMP/MKL/OpenBLAS pools, which torch sizes when it is imported."""
+    return dict.fromkeys(THREAD_ENV, str(threads))
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Torch's intra-op threads bounded to `threads` within the block (this process's evaluation, export)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_training_child(train_settings: dict, work: Path, status: StatusFile, nice: int, threads: int) -> Path:
+    """Train in a child process at lower priority on `threads` torch threads; its progress is
+    copied into the status file."""
     spec = work / "train-settings.json"
-    spec.write_text(json.dumps(train_settings, default=str), encoding="utf-8")
+    spec.write_text(json.dumps({**train_settings, "threads": threads}, default=str), encoding="utf-8")
     progress_file = work / PROGRESS_FILE
     log_path = work / TRAIN_LOG
     cmd = [sys.executable, "-m", "deploy.retrain", "train-child", str(spec), str(progress_file), str(nice)]
+    # Training threads beyond the cores the bot leaves free would take turns with its generation
+    # thread on every core, niceness or not; the env bounds pools torch starts besides its own.
+    env = {**os.environ, **thread_env(threads)}
     with log_path.open("wb") as log_file:
-        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         status.update(child_pid=child.pid)
         seen = None
         try:
@@ -330,6 +372,8 @@ def lower_priority(niceness: int) -> None:
 
 def _train_child_main(spec: Path, progress_file: Path, nice: int) -> int:
     """Entry of the training child: lower our priority, continue the serving adapter, train."""
+    # Before torch is imported: Linux keeps a niceness per thread, and torch's pool threads
+    # inherit it from this one only if they start after it is set.
     lower_priority(nice)
     from trainer.config import TrainSettings
     from trainer.train import train
@@ -534,16 +578,19 @@ def _train(cycle: _CycleState) -> None:
     adapter = cycle.serving_version.path / ADAPTER_DIR
     if adapter.is_dir():
         train_settings["init_adapter"] = str(adapter)
-    run_training_child(train_settings, cycle.work, cycle.status, settings.twin_retrain_nice)
+    run_training_child(
+        train_settings, cycle.work, cycle.status, settings.twin_retrain_nice, retrain_threads(settings)
+    )
 
 
 def _evaluate(cycle: _CycleState) -> CycleResult | None:
     """Candidate and serving adapter on the same held-out set; a rejected result unless the gate passes."""
     settings = cycle.settings
-    candidate = evaluate_numbers(cycle.run_dir, cycle.data_dir, settings)
-    cycle.status.update(progress=0.5)
-    serving_run = serving_run_dir(cycle.serving_version, cycle.run_dir, cycle.work)
-    current = evaluate_numbers(serving_run, cycle.data_dir, settings)
+    with torch_threads(retrain_threads(settings)):
+        candidate = evaluate_numbers(cycle.run_dir, cycle.data_dir, settings)
+        cycle.status.update(progress=0.5)
+        serving_run = serving_run_dir(cycle.serving_version, cycle.run_dir, cycle.work)
+        current = evaluate_numbers(serving_run, cycle.data_dir, settings)
     decision = gate(
         candidate,
         current,
@@ -572,7 +619,8 @@ def _export(cycle: _CycleState) -> None:
     """The candidate merged, converted and quantised into `work/export`."""
     from trainer.export import export
 
-    export(cycle.run_dir, cycle.export_dir, quants=tuple(cycle.settings.retrain_quant_list))
+    with torch_threads(retrain_threads(cycle.settings)):
+        export(cycle.run_dir, cycle.export_dir, quants=tuple(cycle.settings.retrain_quant_list))
 
 
 def _promote(cycle: _CycleState) -> CycleResult:

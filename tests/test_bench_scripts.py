@@ -3,9 +3,13 @@ a GPU is lent."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,3 +36,23 @@ def test_store_bench_measures_both_durability_settings(tmp_path: Path):
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| plain SQLite (WAL) |" in done.stdout and "| SQLCipher (WAL) |" in done.stdout
+
+
+@pytest.mark.e2e
+def test_serve_retrain_bench_measures_both_phases_inside_their_windows(tmp_path: Path):
+    """A real bot and a real `twin retrain --now` (a tiny random model), one idle and one retrain phase."""
+    command = [sys.executable, str(REPO / "bench" / "serve_retrain.py"), "--tiny", "--workdir", str(tmp_path)]
+    command += ["--rounds", "1", "--messages", "3", "--friends", "2", "--max-tokens", "8"]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert "3 of 3" in rows["idle 1"] and "of 3" in rows["retrain 1"]
+    assert "**retrain / idle**" in rows
+    assert "Goal p95(retrain) ≤ 1.5 × p95(idle)" in done.stdout
+    # Read from the running cycle: TWIN_RETRAIN_NICE's default, and the threads this checkout's
+    # retrain gives its training child (TWIN_RETRAIN_THREADS 0: the cores the bot leaves, ≥ 1).
+    assert re.search(r"niceness 10, torch threads [1-9]\d* ", done.stdout), done.stdout[-2000:]
+    status = json.loads((tmp_path / "models" / "retrain-status.json").read_text())
+    assert status["state"] == "failed" and "interrupted" in status["reason"]  # stopped, not finished

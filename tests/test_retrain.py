@@ -5,18 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from deploy.cli import main as twin
 from deploy.retrain import (
+    THREAD_ENV,
     EvalNumbers,
+    StatusFile,
     collect_messages,
     gate,
     replay_share,
+    retrain_threads,
     run_cycle,
+    run_training_child,
     split_heldout,
     style_distance,
+    training_threads,
 )
 from pipeline.registry import current_version, read_status
 from pipeline.registry_ops import promote, register, retrain_lock
@@ -24,6 +32,7 @@ from tests.gguf_helpers import write_gguf
 
 OWNER = "10000"
 FRIEND = "20001"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- the gate (pure)
@@ -330,3 +339,76 @@ def test_a_running_status_whose_cycle_is_gone_reads_interrupted_in_twin_status_a
     assert shown == cli_line.removeprefix("last cycle: ")
     assert shown.startswith("interrupted (stage train, started 2026-01-01 00:00")
     assert read_status(reg)["state"] == "running"  # shown, never written
+
+
+# ---------------------------------------------------------------- training beside the serving bot
+
+
+def test_training_takes_the_cores_the_bot_leaves_and_never_none():
+    assert training_threads(0, serving_threads=1, cores=2) == 1
+    assert training_threads(0, serving_threads=2, cores=16) == 14
+    assert training_threads(0, serving_threads=4, cores=2) == 1  # an oversubscribed bot still trains
+    assert training_threads(3, serving_threads=1, cores=2) == 3  # an explicit TWIN_RETRAIN_THREADS stands
+
+
+def test_the_thread_bound_reads_both_settings_and_this_machines_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr("deploy.retrain.available_cores", lambda: 8)
+    db = tmp_path / "bot.db"
+    assert retrain_threads(_settings(tmp_path, tmp_path / "models", db, n_threads=2)) == 6
+    explicit = _settings(tmp_path, tmp_path / "models", db, n_threads=2, retrain_threads=3)
+    assert retrain_threads(explicit) == 3
+
+
+# Stands in for the trainer inside the real child entry (`python -m deploy.retrain train-child`):
+# starts torch's thread pool, then reports what every thread of the process runs at.
+TRAINER_PROBE = """
+import json, os, sys, types
+from pathlib import Path
+
+def probe(settings, progress, on_step):
+    import torch
+
+    from deploy.retrain import THREAD_ENV
+
+    torch.ones(1024, 1024) @ torch.ones(1024, 1024)
+    report = {
+        "threads_setting": settings.threads,
+        "torch_threads": torch.get_num_threads(),
+        "env": {name: os.environ.get(name) for name in THREAD_ENV},
+        "niceness": [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")],
+    }
+    Path(sys.argv[1]).with_name("probe.json").write_text(json.dumps(report))
+
+# Not by importing trainer.train: that would import torch (and start a thread) before the child
+# lowers its priority, which the real child never does.
+sys.modules["trainer.train"] = types.SimpleNamespace(train=probe)
+from deploy.retrain import main
+
+sys.exit(main(["train-child", *sys.argv[1:]]))
+"""
+
+
+def test_the_training_child_runs_niced_on_the_bounded_threads_every_thread_of_it(tmp_path, monkeypatch):
+    real_popen = subprocess.Popen
+    launched: list[list[str]] = []
+
+    def child_with_probe(cmd, **kwargs):
+        launched.append(cmd)
+        return real_popen([cmd[0], "-c", TRAINER_PROBE, *cmd[4:]], cwd=REPO, **kwargs)
+
+    monkeypatch.setattr("deploy.retrain.subprocess.Popen", child_with_probe)
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # inherited from the bot's environment: overridden
+    work = tmp_path / "work"
+    work.mkdir()
+    status = StatusFile(_registry(tmp_path), "v0001")
+    settings = {"base_model": "tiny", "data": str(tmp_path), "output_dir": str(tmp_path / "run")}
+
+    run_training_child(settings, work, status, nice=7, threads=2)
+
+    (cmd,) = launched
+    assert cmd[1:4] == ["-m", "deploy.retrain", "train-child"] and cmd[-1] == "7"
+    probe = json.loads((work / "probe.json").read_text())
+    assert probe["threads_setting"] == 2 and probe["torch_threads"] == 2
+    assert probe["env"] == dict.fromkeys(THREAD_ENV, "2")
+    assert len(probe["niceness"]) > 1  # torch's pool threads, not only the main thread
+    assert set(probe["niceness"]) == {max(7, os.nice(0))}
