@@ -24,14 +24,15 @@ from bot.backends import (
 )
 from bot.config import Config
 from bot.log_mask import secret_values
-from bot.memory import build_prompt
+from bot.memory import build_prompt, history_turns
 from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
 from bot.retrain import registry_of, run_retrain
 from bot.segments import outgoing_parts, outgoing_text
-from bot.store import EXCLUDED_COMMAND, Store, StoredMessage
+from bot.store import EXCLUDED_COMMAND, Store, StoredMessage, read_example_rows
 from pipeline import registry as model_registry
-from pipeline.chatformat import PRIVATE, ChatType, split_bubbles
+from pipeline.chatformat import PRIVATE, ChatContext, ChatType, split_bubbles
 from pipeline.registry_ops import switch_current
+from pipeline.retrieval import PairBuilder, ReplyIndex, query_of, read_record_pairs
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,10 @@ class Twin:
         # the backend (bot/accounts.py), so that their watchers swap it once.
         self._model_lock = model_lock or asyncio.Lock()
         self.model_shared_with: tuple[str, ...] = ()  # other accounts answering from this model
+        # The owner's past replies (TWIN_EXAMPLES), this account's only; None until indexed.
+        self.replies: ReplyIndex | None = None
+        self._pairs = PairBuilder(config.twin_burst_gap)
+        self._indexer: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -171,6 +176,8 @@ class Twin:
         sent, by_chat = await self.store.sends_since(_midnight())
         self.limiter.seed_today(sent, {chat: n for (kind, chat), n in by_chat.items() if kind == PRIVATE})
         await self.backend.start()
+        if self.config.twin_examples:
+            self._indexer = asyncio.create_task(self._index_replies(), name="twin-examples-index")
         if self.registry is not None:
             self._watcher = asyncio.create_task(self._watch_registry(), name="twin-registry-watch")
         account = self.config.twin_account
@@ -185,7 +192,7 @@ class Twin:
     async def close(self) -> None:
         """Stop waiting handlers, finish nothing new, free the model and the store."""
         self._stopping.set()
-        tasks = [task for task in (self._watcher, self.retrain_task) if task is not None]
+        tasks = [task for task in (self._watcher, self.retrain_task, self._indexer) if task is not None]
         for task in tasks:
             task.cancel()
         # A running retrain cycle is told to stop (it records "interrupted" and ends its training).
@@ -263,13 +270,73 @@ class Twin:
             raise
         self.switch_problem = None
 
+    async def _index_replies(self) -> None:
+        """Index the owner's past replies (the imported history, then the store) in a thread; rows
+        stored meanwhile are caught up after, and from then on each message as it is recorded."""
+        assert self.store is not None
+        up_to = await self.store.last_id()
+        started = time.perf_counter()
+        try:
+            index = await asyncio.to_thread(self._build_index, up_to)
+        except Exception as exc:  # a bad import file must not stop the bot: it answers without examples
+            log.error("examples are off: indexing the owner's replies failed: %s", exc)
+            return
+        while rows := await self.store.example_rows(up_to):
+            for row in rows:
+                self._index_row(row, index)
+            up_to = rows[-1].id or up_to
+        self.replies = index  # no await since the last read: nothing recorded is missed
+        log.info(
+            "indexed %d of the owner's past replies in %.1f s", len(index), time.perf_counter() - started
+        )
+
+    def _build_index(self, up_to: int) -> ReplyIndex:
+        index = ReplyIndex(other_chats=self.config.twin_examples_other_chats)
+        if self.config.twin_examples_messages is not None:
+            for pair in read_record_pairs(self.config.twin_examples_messages, self._pairs):
+                index.add(pair)
+        for row in read_example_rows(self.config.twin_db, key=self.config.twin_db_key, up_to_id=up_to):
+            self._index_row(row, index)
+        return index
+
+    def _index_row(self, row: StoredMessage, index: ReplyIndex) -> None:
+        pair = self._pairs.add((row.chat_type, row.chat), row, source=row.msg_id or "")
+        if pair is not None:
+            index.add(pair)
+
+    def examples_context(self, key: ChatKey, history: Sequence[StoredMessage]) -> ChatContext | None:
+        """The owner's past replies to messages like the chat's last ones (TWIN_EXAMPLES), looked
+        up as the dataset looked them up for its samples; None while off or still indexing."""
+        c = self.config
+        if self.replies is None or not c.twin_examples:
+            return None
+        examples = self.replies.examples_for(
+            query_of(history_turns(history, c.twin_burst_gap)),
+            key,
+            k=c.twin_examples,
+            before_time=int(time.time()) + 1,
+            max_tokens=c.twin_examples_tokens,
+            other_chats=c.twin_examples_other_chats,
+        )
+        return ChatContext(examples=examples)
+
     # ------------------------------------------------------------------ messages
     async def record(self, message: StoredMessage) -> int:
         """Store one message before anything else happens to it."""
         assert self.store is not None
         if message.sender_name:
             self.names[message.sender] = message.sender_name
-        return await self.store.add(message)
+        row = await self.store.add(message)
+        if self.replies is not None and message.excluded is None and message.origin != "twin":
+            self._index_row(message, self.replies)
+        return row
+
+    async def exclude(self, msg_id: str, reason: str) -> int:
+        """Keep a message (by its OneBot id) out of prompts, training and examples from now on."""
+        assert self.store is not None
+        if self.replies is not None:
+            self.replies.forget(msg_id)
+        return await self.store.exclude(msg_id, reason)
 
     def is_command(self, text: str) -> bool:
         """A command line (`/twin …`, another bot's `/help`): never chat, never training text."""
@@ -341,6 +408,7 @@ class Twin:
             self.config.twin_persona,
             self.config.twin_max_turn_chars,
             self.config.twin_burst_gap,
+            context=self.examples_context(key, history),
         )
         if not messages:
             return []

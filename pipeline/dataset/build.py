@@ -13,7 +13,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +32,17 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from pipeline.chatformat import system_prompt
+from pipeline.chatformat import ChatContext, system_prompt
 from pipeline.dataset import formats, llm_clean
 from pipeline.dataset.clean import clean_messages
-from pipeline.dataset.conversations import iter_conversations, to_turns
+from pipeline.dataset.conversations import ChatTurn, Conversation, iter_conversations, to_turns
 from pipeline.dataset.redact import needs_redaction, redact_found, redact_values
 from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_tokens, samples_from_turns
 from pipeline.dataset.settings import DatasetSettings
 from pipeline.errors import InputError
 from pipeline.files import PRIVATE_FILE_MODE, atomic_dir
 from pipeline.records import Message, iter_messages
+from pipeline.retrieval import PairBuilder, ReplyIndex, query_of
 
 REPORT_FILE = "report.json"
 INFO_FILE = "dataset_info.json"
@@ -110,6 +111,7 @@ def build_samples(
         skipped=stats.skipped,
     )
     names = tuple(settings.redact_names)
+    contexts = SampleContexts(settings)
     for conv in iter_conversations(messages, settings.session_gap, settings.max_conversation_messages):
         stats.conversations += 1
         # Every message lands in exactly one conversation: count there, not message by message.
@@ -128,7 +130,49 @@ def build_samples(
             conversation=conv.key,
             conversation_end=conv.end,
             options=options,
+            system_for=contexts.system_for(conv, redacted, turns),
         )
+
+
+class SampleContexts:
+    """What a sample's system prompt knows besides the persona, from the chat's own history before
+    the sample (issue 15): each enabled part fills its field of the one `ChatContext`."""
+
+    def __init__(self, settings: DatasetSettings) -> None:
+        self.settings = settings
+        self.replies = ReplyIndex() if settings.examples > 0 else None
+        # Per chat, across its conversations (a chat's conversations arrive in time order).
+        self.pairs = PairBuilder(settings.burst_gap, settings.session_gap)
+
+    def system_for(
+        self, conv: Conversation, messages: list[Message], turns: list[ChatTurn]
+    ) -> Callable[[int], str] | None:
+        """`samples_from_turns`' per-sample system prompt for this conversation; None when no part is on."""
+        if self.replies is None:
+            return None
+        chat = (conv.chat_type, conv.chat)
+        replies = self.replies
+        # Every pair this conversation makes is indexed now; a sample still sees only those
+        # answered strictly before its own answer (`before_time`), never the one it trains on.
+        for message in messages:
+            pair = self.pairs.add(chat, message)
+            if pair is not None:
+                replies.add(pair)
+        plain = [t.turn for t in turns]
+        settings = self.settings
+
+        def system(index: int) -> str:
+            before = plain[index].time if index < len(plain) else plain[-1].time + 1
+            examples = replies.examples_for(
+                query_of(plain[:index]),
+                chat,
+                k=settings.examples,
+                before_time=before,
+                max_tokens=settings.examples_tokens,
+            )
+            return system_prompt(settings.persona, ChatContext(examples=examples))
+
+        return system
 
 
 def _redact_conversation(
