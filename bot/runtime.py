@@ -161,6 +161,7 @@ class Twin:
         self.replies: ReplyIndex | None = None
         self._pairs = PairBuilder(config.twin_burst_gap)
         self._indexer: asyncio.Task | None = None
+        self._indexed = 0  # the last store row in the index
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -274,30 +275,34 @@ class Twin:
         """Index the owner's past replies (the imported history, then the store) in a thread; rows
         stored meanwhile are caught up after, and from then on each message as it is recorded."""
         assert self.store is not None
-        up_to = await self.store.last_id()
         started = time.perf_counter()
         try:
-            index = await asyncio.to_thread(self._build_index, up_to)
+            index, up_to = await asyncio.to_thread(self._build_index)
         except Exception as exc:  # a bad import file must not stop the bot: it answers without examples
             log.error("examples are off: indexing the owner's replies failed: %s", exc)
             return
+        # The thread saw committed rows only; the rest (ids only grow) is read here.
         while rows := await self.store.example_rows(up_to):
             for row in rows:
                 self._index_row(row, index)
             up_to = rows[-1].id or up_to
+        self._indexed = up_to
         self.replies = index  # no await since the last read: nothing recorded is missed
         log.info(
             "indexed %d of the owner's past replies in %.1f s", len(index), time.perf_counter() - started
         )
 
-    def _build_index(self, up_to: int) -> ReplyIndex:
+    def _build_index(self) -> tuple[ReplyIndex, int]:
+        """The index of the imported history and the store's committed rows, and the last row read."""
         index = ReplyIndex(other_chats=self.config.twin_examples_other_chats)
         if self.config.twin_examples_messages is not None:
             for pair in read_record_pairs(self.config.twin_examples_messages, self._pairs):
                 index.add(pair)
-        for row in read_example_rows(self.config.twin_db, key=self.config.twin_db_key, up_to_id=up_to):
+        last = 0
+        for row in read_example_rows(self.config.twin_db, key=self.config.twin_db_key):
             self._index_row(row, index)
-        return index
+            last = max(last, row.id or 0)
+        return index, last
 
     def _index_row(self, row: StoredMessage, index: ReplyIndex) -> None:
         pair = self._pairs.add((row.chat_type, row.chat), row, source=row.msg_id or "")
@@ -310,11 +315,15 @@ class Twin:
         c = self.config
         if self.replies is None or not c.twin_examples:
             return None
+        now = int(time.time())
+        if c.twin_examples_other_chats:  # the last answers of other chats, which no message finished yet
+            for pair in self._pairs.settled(now):
+                self.replies.add(pair)
         examples = self.replies.examples_for(
             query_of(history_turns(history, c.twin_burst_gap)),
             key,
             k=c.twin_examples,
-            before_time=int(time.time()) + 1,
+            before_time=now + 1,
             max_tokens=c.twin_examples_tokens,
             other_chats=c.twin_examples_other_chats,
         )
@@ -327,8 +336,11 @@ class Twin:
         if message.sender_name:
             self.names[message.sender] = message.sender_name
         row = await self.store.add(message)
-        if self.replies is not None and message.excluded is None and message.origin != "twin":
-            self._index_row(message, self.replies)
+        # A row the catch-up read while this one waited on the store is indexed already.
+        if self.replies is not None and row > self._indexed:
+            self._indexed = row
+            if message.excluded is None and message.origin != "twin":
+                self._index_row(message, self.replies)
         return row
 
     async def exclude(self, msg_id: str, reason: str) -> int:

@@ -475,16 +475,12 @@ def read_messages_since(
 _EXAMPLE_ROWS = "excluded IS NULL AND (origin IN ('incoming', 'owner') OR (origin = 'twin' AND approved = 1))"
 
 
-def read_example_rows(db_path: str | Path, *, key: str = "", up_to_id: int) -> Iterator[StoredMessage]:
-    """The rows up to `up_to_id` that the owner's replies are indexed from, oldest first, streamed
-    (synchronous: the bot reads them in a thread at start)."""
+def read_example_rows(db_path: str | Path, *, key: str = "") -> Iterator[StoredMessage]:
+    """The rows that the owner's replies are indexed from, oldest first, streamed (synchronous:
+    the bot reads them in a thread at start)."""
     conn = _connector(Path(db_path), key or "")()
     try:
-        cursor = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE id <= ? AND {_EXAMPLE_ROWS} ORDER BY time, id",
-            (up_to_id,),
-        )
-        for row in cursor:
+        for row in conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE {_EXAMPLE_ROWS} ORDER BY time, id"):
             yield _row_to_message(tuple(row))
     finally:
         conn.close()

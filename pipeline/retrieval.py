@@ -113,6 +113,7 @@ class ReplyIndex:
         self._all: _Partition | None = _Partition() if other_chats else None
         self._dead: dict[int, set[int]] = {}  # id(partition) → recalled documents
         self._by_source: dict[str, list[tuple[_Partition, int]]] = {}
+        self._forgotten: set[str] = set()  # recalled before their pair was made
 
     def __len__(self) -> int:
         return sum(len(p.pairs) for p in self._chats.values())
@@ -120,7 +121,7 @@ class ReplyIndex:
     def add(self, pair: Pair) -> None:
         """Index one pair (its terms are those of the friend's message it answered)."""
         words = terms(pair.message)
-        if not words or not pair.reply.strip():
+        if not words or not pair.reply.strip() or self._forgotten.intersection(pair.sources):
             return
         counts: dict[str, int] = {}
         for word in words:
@@ -134,6 +135,7 @@ class ReplyIndex:
 
     def forget(self, source: str) -> int:
         """Drop the pairs a message (by its id) took part in, e.g. once it is recalled; returns how many."""
+        self._forgotten.add(source)
         places = self._by_source.pop(source, [])
         for partition, doc in places:
             self._dead.setdefault(id(partition), set()).add(doc)
@@ -250,6 +252,15 @@ class PairBuilder:
             pair = self._finish(chat, state)
             if pair is not None:
                 yield pair
+
+    def settled(self, now: int) -> Iterator[Pair]:
+        """The pairs of open turns that nothing can extend any more (silent for over `burst_gap`
+        at `now`): another chat's last answer, before anyone writes there again."""
+        for chat, state in self._chats.items():
+            if state.burst is not None and now - state.burst.last > self.burst_gap:
+                pair = self._finish(chat, state)
+                if pair is not None:
+                    yield pair
 
     def _finish(self, chat: ChatKey, state: _ChatPairs) -> Pair | None:
         burst, state.burst = state.burst, None
