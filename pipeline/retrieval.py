@@ -126,6 +126,7 @@ class ReplyIndex:
         counts: dict[str, int] = {}
         for word in words:
             counts[word] = counts.get(word, 0) + 1
+        pair = Pair(pair.chat, "", pair.reply, pair.time, pair.sources)  # the message lives on as terms
         for partition in (self._chats.setdefault(pair.chat, _Partition()), self._all):
             if partition is None:
                 continue
