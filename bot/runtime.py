@@ -278,6 +278,8 @@ class Twin:
         started = time.perf_counter()
         try:
             index, up_to = await asyncio.to_thread(self._build_index)
+        except BackendClosed:
+            return
         except Exception as exc:  # a bad import file must not stop the bot: it answers without examples
             log.error("examples are off: indexing the owner's replies failed: %s", exc)
             return
@@ -300,6 +302,8 @@ class Twin:
                 index.add(pair)
         last = 0
         for row in read_example_rows(self.config.twin_db, key=self.config.twin_db_key):
+            if self._stopping.is_set():  # a thread cannot be cancelled: it stops itself, or shutdown waits
+                raise BackendClosed("shutting down")
             self._index_row(row, index)
             last = max(last, row.id or 0)
         return index, last

@@ -29,7 +29,10 @@ PAIR_GAP = 3600
 # BM25's usual constants (Robertson & Zaragoza): term saturation and length normalisation.
 K1 = 1.2
 B = 0.75
-MAX_QUERY_TERMS = 64  # a pasted essay must not make every lookup scan the whole chat
+# A pasted essay must not make a lookup scan the whole chat, nor one pair hold 20,000 terms:
+# the last terms are kept (what needs an answer is said last).
+MAX_QUERY_TERMS = 64
+MAX_PAIR_TERMS = 256
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 _WORD = re.compile(r"[0-9a-z]+")
@@ -120,7 +123,7 @@ class ReplyIndex:
 
     def add(self, pair: Pair) -> None:
         """Index one pair (its terms are those of the friend's message it answered)."""
-        words = terms(pair.message)
+        words = terms(pair.message)[-MAX_PAIR_TERMS:]
         if not words or not pair.reply.strip() or self._forgotten.intersection(pair.sources):
             return
         counts: dict[str, int] = {}
@@ -156,7 +159,7 @@ class ReplyIndex:
         """Up to `k` distinct owner replies to messages like `query_text`, answered strictly before
         `before_time`, within `max_tokens` (estimated) in all: this chat's first, then, only with
         `other_chats`, other chats' (the owner's words only)."""
-        query = terms(query_text)[:MAX_QUERY_TERMS]
+        query = terms(query_text)[-MAX_QUERY_TERMS:]
         if k <= 0 or not query:
             return ()
         picked: list[str] = []

@@ -217,3 +217,24 @@ async def test_examples_are_off_by_default(tmp_path: Path) -> None:
     await twin.close()
     assert Config().twin_examples == 0 and DatasetSettings().examples == 0
     assert EXAMPLES_HEADING not in prompt and twin._indexer is None
+
+
+def test_a_pasted_essay_is_looked_up_by_its_end():
+    index = ReplyIndex()
+    index.add(pair(A, "明天几点出发", "九点", 0))
+    essay = "啊" * 20_000 + "天气" * 500 + "明天几点出发"
+    assert index.examples_for(essay, A, k=1, before_time=T0 + 9) == ("九点",)
+
+
+async def test_a_broken_import_file_leaves_examples_off_and_the_twin_answering(
+    tmp_path: Path, caplog
+) -> None:
+    broken = tmp_path / "messages.jsonl"
+    broken.write_text("not json\n", encoding="utf-8")
+    twin = await started_twin(tmp_path, ScriptedBackend(), twin_examples_messages=broken)
+    twin.config.twin_examples = 2
+    await twin._index_replies()
+    prompt = await ask(twin, A, "在吗")
+    await twin.close()
+    assert twin.replies is None and prompt.startswith("你是我")
+    assert "examples are off" in caplog.text and str(broken) in caplog.text
