@@ -13,6 +13,7 @@ own system prompts), and the rows go side by side into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace, work: Path, chosen: dict[str, DatasetSettings]
                 bf16=False,  # fp32 everywhere, as the demo: the same numbers on every CPU
             ),
             progress=False,
+            on_step=functools.partial(_step, name),
         )
         result = evaluate(
             run_dir,
@@ -143,6 +145,10 @@ def run(args: argparse.Namespace, work: Path, chosen: dict[str, DatasetSettings]
         )
         print(f"{name}: twin perplexity {result.twin_perplexity:.3f}, style {result.twin_style_distance:.3f}")
     return rows
+
+
+def _step(variant: str, step: int, total: int, loss: float) -> None:
+    print(f"  {variant}: step {step}/{total}, loss {loss:.3f}", flush=True)
 
 
 def machine() -> str:
