@@ -39,7 +39,8 @@ def text(rng: random.Random) -> str:
 
 
 def write_store(path: Path, rows: int, chats: int, seed: int) -> None:
-    """A migrated store filled in one transaction (the bot's own schema, no bot needed)."""
+    """A migrated store filled in one transaction (the bot's own schema, no bot needed); one message
+    a second over all chats, so that each chat's turns follow within the pair gap."""
     asyncio.run(_create(path))
     import sqlite3
 
@@ -56,7 +57,7 @@ def write_store(path: Path, rows: int, chats: int, seed: int) -> None:
                 chat,
                 "10000" if owner else chat,
                 "owner" if owner else "incoming",
-                start + i * 7,
+                start + i,
                 text(rng),
             )
         )
