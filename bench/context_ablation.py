@@ -154,10 +154,11 @@ def _step(variant: str, step: int, total: int, loss: float) -> None:
 def machine() -> str:
     import torch
 
+    cpu = " ".join(part for part in (platform.machine(), platform.processor()) if part)
     return (
-        f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs (shared), "
+        f"{cpu}, {os.cpu_count()} logical CPUs (shared), "
         f"Python {platform.python_version()}, torch {torch.__version__}"
-    ).replace("  ", " ")
+    )
 
 
 def table(rows: list[Row], args: argparse.Namespace) -> list[str]:
