@@ -149,6 +149,25 @@ class Config(BaseModel):
         3600, gt=0, description="seconds of silence that close a chat's conversation (dataset session_gap)"
     )
 
+    # the owner's own past replies to similar messages, in the prompt (docs/bot.md, examples)
+    twin_examples: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="how many of the owner's past replies to similar messages go in the prompt; 0 = off",
+    )
+    twin_examples_tokens: int = Field(
+        120, ge=8, description="estimated tokens of those replies, at most (the dataset's examples_tokens)"
+    )
+    twin_examples_other_chats: bool = Field(
+        False,
+        description="also take them from other chats (the owner's words only, never a friend's); "
+        "off: a chat's examples come from that chat alone",
+    )
+    twin_examples_messages: Path | None = Field(
+        None, description="an imported messages.jsonl whose replies are looked up too, besides the store"
+    )
+
     # pacing and limits (counted in bubbles actually sent: what QQ's risk control sees)
     twin_max_bubbles: int = Field(4, ge=1, description="most bubbles one reply splits into")
     twin_typing_delay: float = Field(0.6, ge=0.0, description="seconds before each bubble")
@@ -236,7 +255,9 @@ class Config(BaseModel):
             CronTrigger.from_crontab(value)  # raises ValueError naming the bad field
         return value.strip()
 
-    @field_validator("twin_retrain_dataset", "twin_retrain_base_model", mode="before")
+    @field_validator(
+        "twin_retrain_dataset", "twin_retrain_base_model", "twin_examples_messages", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

@@ -437,8 +437,7 @@ async def handle_recall(
     event: FriendRecallNoticeEvent | GroupRecallNoticeEvent, twin: Twin = RunningTwin
 ) -> None:
     """A recalled message is never trained on nor shown to the model again."""
-    assert twin.store is not None
-    await twin.store.exclude(str(event.message_id), EXCLUDED_RECALLED)
+    await twin.exclude(str(event.message_id), EXCLUDED_RECALLED)
 
 
 # ------------------------------------------------------------------------------- admin

@@ -32,7 +32,7 @@ from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jitt
 from bot.retrain import registry_of, run_retrain
 from bot.segments import outgoing_bubbles, outgoing_parts, outgoing_text
 from bot.stickers import Sticker, StickerSource, sendable
-from bot.store import EXCLUDED_COMMAND, SEND_DROPPED, Store, StoredMessage
+from bot.store import EXCLUDED_COMMAND, SEND_DROPPED, Store, StoredMessage, read_example_rows
 from pipeline import registry as model_registry
 from pipeline.chatformat import PRIVATE, ChatContext, ChatType, chat_name, parse_chat, split_bubbles
 from pipeline.friend_memory import (
@@ -48,6 +48,7 @@ from pipeline.friend_memory import (
     update_memory,
 )
 from pipeline.registry_ops import switch_current
+from pipeline.retrieval import PairBuilder, ReplyIndex, query_of, read_record_pairs
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,11 @@ class Twin:
         # the backend (bot/accounts.py), so that their watchers swap it once.
         self._model_lock = model_lock or asyncio.Lock()
         self.model_shared_with: tuple[str, ...] = ()  # other accounts answering from this model
+        # The owner's past replies (TWIN_EXAMPLES), this account's only; None until indexed.
+        self.replies: ReplyIndex | None = None
+        self._pairs = PairBuilder(config.twin_burst_gap)
+        self._indexer: asyncio.Task | None = None
+        self._indexed = 0  # the last store row in the index
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -228,6 +234,8 @@ class Twin:
         sent, by_chat = await self.store.sends_since(_midnight())
         self.limiter.seed_today(sent, {chat: n for (kind, chat), n in by_chat.items() if kind == PRIVATE})
         await self.backend.start()
+        if self.config.twin_examples:
+            self._indexer = asyncio.create_task(self._index_replies(), name="twin-examples-index")
         if self.registry is not None:
             self._watcher = asyncio.create_task(self._watch_registry(), name="twin-registry-watch")
         account = self.config.twin_account
@@ -242,7 +250,7 @@ class Twin:
     async def close(self) -> None:
         """Stop waiting handlers, finish nothing new, free the model and the store."""
         self._stopping.set()
-        tasks = [task for task in (self._watcher, self.retrain_task) if task is not None]
+        tasks = [task for task in (self._watcher, self.retrain_task, self._indexer) if task is not None]
         for task in tasks:
             task.cancel()
         # A running retrain cycle is told to stop (it records "interrupted" and ends its training).
@@ -320,6 +328,68 @@ class Twin:
             raise
         self.switch_problem = None
 
+    async def _index_replies(self) -> None:
+        """Index the owner's past replies (the imported history, then the store) in a thread; rows
+        stored meanwhile are caught up after, and from then on each message as it is recorded."""
+        assert self.store is not None
+        started = time.perf_counter()
+        try:
+            index, up_to = await asyncio.to_thread(self._build_index)
+        except BackendClosed:
+            return
+        except Exception as exc:  # a bad import file must not stop the bot: it answers without examples
+            log.error("examples are off: indexing the owner's replies failed: %s", exc)
+            return
+        # The thread saw committed rows only; the rest (ids only grow) is read here.
+        while rows := await self.store.example_rows(up_to):
+            for row in rows:
+                self._index_row(row, index)
+            up_to = rows[-1].id or up_to
+        self._indexed = up_to
+        self.replies = index  # no await since the last read: nothing recorded is missed
+        log.info(
+            "indexed %d of the owner's past replies in %.1f s", len(index), time.perf_counter() - started
+        )
+
+    def _build_index(self) -> tuple[ReplyIndex, int]:
+        """The index of the imported history and the store's committed rows, and the last row read."""
+        index = ReplyIndex(other_chats=self.config.twin_examples_other_chats)
+        if self.config.twin_examples_messages is not None:
+            for pair in read_record_pairs(self.config.twin_examples_messages, self._pairs):
+                index.add(pair)
+        last = 0
+        for row in read_example_rows(self.config.twin_db, key=self.config.twin_db_key):
+            if self._stopping.is_set():  # a thread cannot be cancelled: it stops itself, or shutdown waits
+                raise BackendClosed("shutting down")
+            self._index_row(row, index)
+            last = max(last, row.id or 0)
+        return index, last
+
+    def _index_row(self, row: StoredMessage, index: ReplyIndex) -> None:
+        pair = self._pairs.add((row.chat_type, row.chat), row, source=row.msg_id or "")
+        if pair is not None:
+            index.add(pair)
+
+    def examples_context(self, key: ChatKey, history: Sequence[StoredMessage]) -> ChatContext | None:
+        """The owner's past replies to messages like the chat's last ones (TWIN_EXAMPLES), looked
+        up as the dataset looked them up for its samples; None while off or still indexing."""
+        c = self.config
+        if self.replies is None or not c.twin_examples:
+            return None
+        now = int(time.time())
+        if c.twin_examples_other_chats:  # the last answers of other chats, which no message finished yet
+            for pair in self._pairs.settled(now):
+                self.replies.add(pair)
+        examples = self.replies.examples_for(
+            query_of(history_turns(history, c.twin_burst_gap)),
+            key,
+            k=c.twin_examples,
+            before_time=now + 1,
+            max_tokens=c.twin_examples_tokens,
+            other_chats=c.twin_examples_other_chats,
+        )
+        return ChatContext(examples=examples)
+
     # ------------------------------------------------------------------ messages
     async def record(self, message: StoredMessage, stickers: Sequence[Sticker] = ()) -> int:
         """Store one message before anything else happens to it; a friend's market `stickers` are
@@ -330,6 +400,11 @@ class Twin:
         row = await self.store.add(message)
         if message.origin == "incoming" and self.config.twin_stickers == "any":
             await self.learn_stickers(stickers, "friend")
+        # A row the catch-up read while this one waited on the store is indexed already.
+        if self.replies is not None and row > self._indexed:
+            self._indexed = row
+            if message.excluded is None and message.origin != "twin":
+                self._index_row(message, self.replies)
         return row
 
     async def learn_stickers(self, stickers: Sequence[Sticker], source: StickerSource) -> None:
@@ -349,6 +424,13 @@ class Twin:
     def sendable_stickers(self) -> dict[str, Sticker]:
         """The market stickers a reply may send now, by name (`TWIN_STICKERS`)."""
         return sendable(self.stickers.values(), self.config.twin_stickers)
+
+    async def exclude(self, msg_id: str, reason: str) -> int:
+        """Keep a message (by its OneBot id) out of prompts, training and examples from now on."""
+        assert self.store is not None
+        if self.replies is not None:
+            self.replies.forget(msg_id)
+        return await self.store.exclude(msg_id, reason)
 
     def is_command(self, text: str) -> bool:
         """A command line (`/twin …`, another bot's `/help`): never chat, never training text."""
@@ -588,13 +670,17 @@ class Twin:
             await self.store.finish_send(row, message_id, state)
 
     async def _context(self, key: ChatKey, history: Sequence[StoredMessage]) -> ChatContext | None:
-        """THIS chat's memory for its prompt (TWIN_MEMORY), ranked by what was said last."""
-        if not self.config.twin_memory:
-            return None
-        memory = await self.refresh_memory(key)
-        turns = history_turns(history, self.config.twin_burst_gap)
-        query = turns[-1].text if turns else ""
-        return ChatContext(memory=render_memory(memory, self.config.twin_memory_tokens, query))
+        """What THIS chat's prompt knows besides its turns: its memory (TWIN_MEMORY), ranked by what
+        was said last, and the owner's similar past replies (TWIN_EXAMPLES); None when neither."""
+        rendered = ""
+        if self.config.twin_memory:
+            memory = await self.refresh_memory(key)
+            turns = history_turns(history, self.config.twin_burst_gap)
+            query = turns[-1].text if turns else ""
+            rendered = render_memory(memory, self.config.twin_memory_tokens, query)
+        examples = self.examples_context(key, history)
+        context = ChatContext(memory=rendered, examples=examples.examples if examples is not None else ())
+        return context or None
 
     # ------------------------------------------------------------------ chat memory
     async def stored_memory(self, key: ChatKey) -> ChatMemory:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -399,6 +399,13 @@ class Store:
         )
         return [_row_to_message(tuple(r)) for r in reversed(list(rows))]
 
+    async def example_rows(self, after_id: int) -> list[StoredMessage]:
+        """Rows after `after_id` that the owner's replies are indexed from (`read_example_rows`)."""
+        rows = await self._conn.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM messages WHERE id > ? AND {_EXAMPLE_ROWS} ORDER BY id", (after_id,)
+        )
+        return [_row_to_message(tuple(r)) for r in rows]
+
     async def is_twin_message(
         self, msg_id: str, chat_type: str | None = None, chat: str | None = None
     ) -> bool:
@@ -594,6 +601,22 @@ def read_messages_since(
     finally:
         conn.close()
     return [_row_to_message(tuple(r)) for r in rows]
+
+
+# What the owner's past replies are indexed from: what retraining learns from (friends' and the
+# owner's words, twin replies an operator approved), never an excluded row.
+_EXAMPLE_ROWS = "excluded IS NULL AND (origin IN ('incoming', 'owner') OR (origin = 'twin' AND approved = 1))"
+
+
+def read_example_rows(db_path: str | Path, *, key: str = "") -> Iterator[StoredMessage]:
+    """The rows that the owner's replies are indexed from, oldest first, streamed (synchronous:
+    the bot reads them in a thread at start)."""
+    conn = _connector(Path(db_path), key or "")()
+    try:
+        for row in conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE {_EXAMPLE_ROWS} ORDER BY time, id"):
+            yield _row_to_message(tuple(row))
+    finally:
+        conn.close()
 
 
 class StoreUnreadable(Exception):

@@ -162,6 +162,8 @@ def android_key(
     "context_turns",
     "max_context_tokens",
     "persona",
+    "examples",
+    "examples_tokens",
     "no_reply_samples",
     "val_fraction",
     Flag("memory", "--memory/--no-memory"),

@@ -56,3 +56,32 @@ def test_serve_retrain_bench_measures_both_phases_inside_their_windows(tmp_path:
     assert re.search(r"niceness 10, torch threads [1-9]\d* ", done.stdout), done.stdout[-2000:]
     status = json.loads((tmp_path / "models" / "retrain-status.json").read_text())
     assert status["state"] == "failed" and "interrupted" in status["reason"]  # stopped, not finished
+
+
+def test_context_ablation_trains_and_scores_each_variant_side_by_side(tmp_path: Path):
+    command = [sys.executable, str(REPO / "bench" / "context_ablation.py"), "--quick", "--dir", str(tmp_path)]
+    command += ["--variants", "none,examples"]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith("| none |") or line.startswith("| examples |")
+    ]
+    assert len(rows) == 2 and "`examples=3`" in rows[1]
+    for row in rows:
+        perplexities = [float(cell) for cell in row.split("|")[4:6]]
+        assert all(p > 1 for p in perplexities)  # measured, not placeholders
+
+
+def test_context_ablation_refuses_an_unknown_variant_before_any_work(tmp_path: Path):
+    command = [sys.executable, str(REPO / "bench" / "context_ablation.py"), "--quick", "--dir", str(tmp_path)]
+    command += ["--variants", "none,examples+jokes"]
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    assert done.returncode != 0
+    assert "unknown part 'jokes' in 'examples+jokes'" in done.stderr
+    assert list(tmp_path.iterdir()) == []

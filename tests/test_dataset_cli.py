@@ -118,3 +118,21 @@ def test_an_unreachable_llm_server_is_one_line_error_unless_optional(tmp_path, m
     assert code == 0
     assert "LLM pass skipped" in out
     assert "sk-x" not in (tmp_path / "ds" / "report.json").read_text()
+
+
+def test_build_dataset_examples_flags_put_earlier_replies_of_the_chat_in_the_system_prompt(
+    tmp_path, messages_file, capsys
+):
+    from pipeline.chatformat import EXAMPLES_HEADING
+
+    out = tmp_path / "ds"
+    code, _, err = run(
+        capsys, str(messages_file), "-o", str(out), "--examples", "2", "--examples-tokens", "40"
+    )
+    assert code == 0, err
+    lines = [json.loads(line) for name in ("train.jsonl", "val.jsonl") for line in (out / name).open()]
+    systems = [row["messages"][0]["content"] for row in lines]
+    assert EXAMPLES_HEADING not in systems[0]  # the first answer has nothing before it
+    assert all(f"{EXAMPLES_HEADING}\n- 收到 " in system for system in systems[1:])
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["settings"]["examples"] == 2 and report["settings"]["examples_tokens"] == 40

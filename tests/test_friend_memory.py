@@ -368,3 +368,28 @@ def test_the_memory_commands_work_on_the_store(
     main(["memory", "show", "c2c:20001"])
     assert "杭州" not in capsys.readouterr().out
     assert main(["memory", "show", "c2c:../x"]) == 2
+
+
+def test_memory_and_examples_share_one_system_prompt_and_stay_in_their_chat() -> None:
+    from pipeline.chatformat import EXAMPLES_HEADING
+
+    history = [
+        said("下周六我打算去杭州爬山", 0),
+        said("好啊 带上我", 30, me=True),
+        said("我打算去上海出差", 5 * DAY, chat="20002", name="老李"),
+        said("一路顺风", 5 * DAY + 30, me=True, chat="20002"),
+        said("杭州爬山还去吗", 20 * DAY),
+        said("当然去", 20 * DAY + 30, me=True),
+        said("上海出差回来了", 21 * DAY, chat="20002", name="老李"),
+        said("辛苦了", 21 * DAY + 30, me=True, chat="20002"),
+    ]
+    both = DatasetSettings(memory=True, examples=2, persona="阿明")
+    by_answer = {s.messages[-1]["content"]: s.messages[0]["content"] for s in build_samples(history, both)}
+    later = by_answer["当然去"]  # weeks later in 小王's chat: its memory, then its earlier reply
+    assert later.index(MEMORY_HEADING) < later.index("杭州") < later.index(EXAMPLES_HEADING)
+    assert "好啊 带上我" in later.split(EXAMPLES_HEADING)[1]
+    other = by_answer["辛苦了"]  # 老李's chat knows nothing of 小王's
+    assert "杭州" not in other and "带上我" not in other and "一路顺风" in other
+    memory_only = DatasetSettings(memory=True, persona="阿明")
+    alone = {s.messages[-1]["content"]: s.messages[0]["content"] for s in build_samples(history, memory_only)}
+    assert later.split(f"\n\n{EXAMPLES_HEADING}")[0] == alone["当然去"]  # the memory part is the same

@@ -84,3 +84,46 @@ def test_the_same_data_gives_the_same_hash_by_every_path(tmp_path: Path) -> None
     train_manifest_hash = data.dataset_hash(tmp_path)  # what `twin train` records
     retrain_manifest_hash = retrain.dataset_hash(tmp_path)  # what `twin retrain` records
     assert train_manifest_hash == retrain_manifest_hash and train_manifest_hash.startswith("sha256:")
+
+
+async def test_the_served_prompt_with_examples_is_the_training_sample_for_the_same_point(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import time
+
+    from bot.config import Config
+    from bot.runtime import Twin
+    from pipeline.chatformat import EXAMPLES_HEADING
+    from tests.bot_helpers import ScriptedBackend
+
+    now = int(time.time())
+
+    def c2c(origin: str, text: str, at: int) -> StoredMessage:
+        sender = OWNER if origin == "owner" else "20001"
+        return StoredMessage("c2c", "20001", sender, origin, text, now - 86_400 + at, msg_id=f"p{at}")
+
+    earlier = [
+        c2c("incoming", "今晚吃啥", 0),
+        c2c("owner", "火锅吧", 60),
+        c2c("incoming", "几点", 100),
+        c2c("owner", "七点", 120),
+    ]
+    later = [c2c("incoming", "今晚吃啥呀", 7300), c2c("incoming", "快说", 7310)]  # the next conversation
+    reply = c2c("owner", "烧烤吧", 7360)
+    settings = DatasetSettings(persona="阿明", examples=2)
+    samples = list(build_samples(map(to_record, [*earlier, *later, reply]), settings))
+    answered = next(s for s in samples if s.messages[-1]["content"] == "烧烤吧")
+
+    config = Config(twin_db=tmp_path / "bot.db", twin_persona="阿明", twin_examples=2)
+    twin = Twin(config, nicknames=[], backend=ScriptedBackend())
+    await twin.start()
+    for message in [*earlier, *later]:
+        await twin.record(message)
+    while twin.replies is None:
+        await asyncio.sleep(0.01)
+    served = build_prompt(later, "c2c", "阿明", context=twin.examples_context(("c2c", "20001"), later))
+    await twin.close()
+
+    assert served == answered.messages[:-1]
+    assert served[0]["content"].endswith(f"{EXAMPLES_HEADING}\n- 火锅吧")

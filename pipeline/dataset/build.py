@@ -32,10 +32,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from pipeline.chatformat import ChatContext, ChatTurn, system_prompt
+from pipeline.chatformat import ChatContext, system_prompt
 from pipeline.dataset import formats, llm_clean
 from pipeline.dataset.clean import clean_messages
-from pipeline.dataset.conversations import iter_conversations, to_turns
+from pipeline.dataset.conversations import ChatTurn, Conversation, iter_conversations, to_turns
 from pipeline.dataset.redact import needs_redaction, redact_found, redact_values
 from pipeline.dataset.samples import Sample, SampleOptions, estimate_messages_tokens, samples_from_turns
 from pipeline.dataset.settings import DatasetSettings
@@ -50,6 +50,7 @@ from pipeline.friend_memory import (
     update_memory,
 )
 from pipeline.records import Message, iter_messages
+from pipeline.retrieval import PairBuilder, ReplyIndex, query_of
 
 REPORT_FILE = "report.json"
 INFO_FILE = "dataset_info.json"
@@ -118,7 +119,7 @@ def build_samples(
         skipped=stats.skipped,
     )
     names = tuple(settings.redact_names)
-    memories: dict[tuple[str, str], ChatMemory] = {}  # each chat's memory of its earlier conversations
+    contexts = SampleContexts(settings)
     for conv in iter_conversations(messages, settings.session_gap, settings.max_conversation_messages):
         stats.conversations += 1
         # Every message lands in exactly one conversation: count there, not message by message.
@@ -127,11 +128,7 @@ def build_samples(
         stats.chats.add((conv.chat_type, conv.chat))
         kept = clean_messages(conv.messages, settings.rules, stats.dropped)
         redacted = _redact_conversation(kept, names, stats.redactions)
-        chat = (conv.chat_type, conv.chat)
-        earlier = memories.get(chat) or empty_memory(*chat)
-        if settings.memory:
-            # Redacted messages only: the memory of a sample is redacted as the sample is.
-            memories[chat] = update_memory(earlier, redacted)
+        prompts = contexts.follow(conv, redacted)
         if not any(msg.is_self for msg in redacted):
             continue  # every sample ends at (or waits for) the owner: a lurked chat makes none
         turns = to_turns(redacted, settings.burst_gap)
@@ -142,14 +139,73 @@ def build_samples(
             conversation=conv.key,
             conversation_end=conv.end,
             options=options,
-            system_for=_memory_prompts(earlier, redacted, turns, settings) if settings.memory else None,
+            system_for=prompts(turns),
         )
 
 
-def _memory_prompts(
+class SampleContexts:
+    """What a sample's system prompt knows besides the persona, from the chat's own history before
+    the sample (issue 15): the chat's memory and the owner's similar past replies, each enabled
+    part filling its field of the one `ChatContext`."""
+
+    def __init__(self, settings: DatasetSettings) -> None:
+        self.settings = settings
+        self.replies = ReplyIndex() if settings.examples > 0 else None
+        # Per chat, across its conversations (a chat's conversations arrive in time order).
+        self.pairs = PairBuilder(settings.burst_gap, settings.session_gap)
+        self.memories: dict[tuple[str, str], ChatMemory] = {}  # each chat's memory of earlier conversations
+
+    def follow(
+        self, conv: Conversation, messages: list[Message]
+    ) -> Callable[[list[ChatTurn]], Callable[[int], str] | None]:
+        """Take in one conversation (every one, even without a sample: memory and the index grow
+        from it); returns what gives `samples_from_turns` its per-sample system prompt, or None
+        when no part is on."""
+        settings, chat = self.settings, (conv.chat_type, conv.chat)
+        earlier = self.memories.get(chat) or empty_memory(*chat)
+        if settings.memory:
+            # Redacted messages only: the memory of a sample is redacted as the sample is.
+            self.memories[chat] = update_memory(earlier, messages)
+        replies = self.replies
+        if replies is not None:
+            # Every pair this conversation makes is indexed now; a sample still sees only those
+            # answered strictly before its own answer (`before_time`), never the one it trains on.
+            for message in messages:
+                pair = self.pairs.add(chat, message)
+                if pair is not None:
+                    replies.add(pair)
+
+        def prompts(turns: list[ChatTurn]) -> Callable[[int], str] | None:
+            if not settings.memory and replies is None:
+                return None
+            memory_for = _memory_texts(earlier, messages, turns, settings) if settings.memory else None
+            plain = [t.turn for t in turns]
+
+            def system(index: int) -> str:
+                examples: tuple[str, ...] = ()
+                if replies is not None:
+                    before = plain[index].time if index < len(plain) else plain[-1].time + 1
+                    examples = tuple(
+                        replies.examples_for(
+                            query_of(plain[:index]),
+                            chat,
+                            k=settings.examples,
+                            before_time=before,
+                            max_tokens=settings.examples_tokens,
+                        )
+                    )
+                memory = memory_for(index) if memory_for is not None else ""
+                return system_prompt(settings.persona, ChatContext(memory=memory, examples=examples))
+
+            return system
+
+        return prompts
+
+
+def _memory_texts(
     earlier: ChatMemory, messages: list[Message], turns: list[ChatTurn], settings: DatasetSettings
 ) -> Callable[[int], str]:
-    """The system prompt of the sample answering at turn `index`: the chat's memory of everything
+    """The rendered memory for the sample answering at turn `index`: the chat's memory of everything
     said before that turn (its earlier conversations and this one so far), never after it."""
     memory, folded = earlier, 0
 
@@ -165,8 +221,7 @@ def _memory_prompts(
         memory = apply_extraction(memory, extract_rules(messages[folded:end]))
         folded = end
         query = turns[index - 1].turn.text if index > 0 else ""
-        rendered = render_memory(memory, settings.memory_tokens, query)
-        return system_prompt(settings.persona, ChatContext(memory=rendered))
+        return render_memory(memory, settings.memory_tokens, query)
 
     return system_for
 

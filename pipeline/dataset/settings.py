@@ -68,6 +68,10 @@ class DatasetSettings(_Strict):
         0.0, ge=0, le=1, description="rate of 'read, did not answer' samples (0..1)"
     )
     persona: str = Field(DEFAULT_PERSONA, description="name in the system prompt")
+    examples: int = Field(
+        0, ge=0, le=20, description="owner's past replies to similar messages in each system prompt (0 = off)"
+    )
+    examples_tokens: int = Field(120, ge=8, description="estimated tokens of those examples, at most")
     format: Format = Field("openai", description="openai | sharegpt | alpaca")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="latest share of conversations → val")
     seed: int = Field(0, description="seed for sampling and mixing")
