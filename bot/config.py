@@ -208,6 +208,10 @@ class Config(BaseModel):
     twin_retrain_nice: int = Field(
         10, ge=0, le=19, description="niceness of the retrain child process and of its training child"
     )
+    twin_retrain_idle: bool = Field(
+        True,
+        description="Linux: retraining uses only CPU time nothing else wants (SCHED_IDLE); false: nice only",
+    )
     twin_retrain_threads: int = Field(
         0,
         ge=0,

@@ -341,7 +341,7 @@ def retrain(
     # stops its training child instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # The bot answers from the same cores: this whole cycle (evaluation and export too) yields.
-    lower_priority(settings.twin_retrain_nice)
+    lower_priority(settings.twin_retrain_nice, idle=settings.twin_retrain_idle)
     result = run_cycle(settings, on_stage=lambda stage: typer.echo(f"retrain: {stage}…"))
     typer.echo(result.message)
     if result.state == "failed":

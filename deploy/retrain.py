@@ -363,11 +363,18 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def lower_priority(niceness: int) -> None:
-    """Raise this process's niceness to at least `niceness` (never lower it: that needs root)."""
+def lower_priority(niceness: int, idle: bool = False) -> None:
+    """Raise this process's niceness to at least `niceness` (never lower it: that needs root);
+    with `idle`, also move it to Linux's SCHED_IDLE class, where it runs only on CPU time no
+    ordinary process wants. Threads and children started afterwards inherit both."""
     current = os.nice(0)
     if niceness > current:
         os.nice(niceness - current)
+    if idle and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError as exc:  # a sandbox may forbid it: the niceness still holds
+            log.warning("could not run the retrain at idle priority (%s); niceness %d only", exc, niceness)
 
 
 def _train_child_main(spec: Path, progress_file: Path, nice: int) -> int:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -412,3 +413,24 @@ def test_the_training_child_runs_niced_on_the_bounded_threads_every_thread_of_it
     assert probe["env"] == dict.fromkeys(THREAD_ENV, "2")
     assert len(probe["niceness"]) > 1  # torch's pool threads, not only the main thread
     assert set(probe["niceness"]) == {max(7, os.nice(0))}
+
+
+def test_idle_priority_moves_the_retrain_and_the_threads_it_starts_to_sched_idle():
+    """SCHED_IDLE: the retrain (and its training child, which inherits it) runs only on CPU
+    time the bot does not want, so a reply never waits behind a training step."""
+    probe = (
+        "import os, threading\n"
+        "from deploy.retrain import lower_priority\n"
+        "lower_priority(10, idle=True)\n"
+        "seen = []\n"
+        "t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))\n"
+        "t.start(); t.join()\n"
+        "import subprocess, sys\n"
+        "child = subprocess.run([sys.executable, '-c', 'import os; print(os.sched_getscheduler(0))'],"
+        " capture_output=True, text=True).stdout.strip()\n"
+        "print(os.sched_getscheduler(0) == os.SCHED_IDLE, seen[0] == os.SCHED_IDLE,"
+        " int(child) == os.SCHED_IDLE, os.nice(0))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True", "10"]
