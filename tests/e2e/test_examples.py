@@ -38,6 +38,7 @@ def bot(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         TWIN_DB=str(home / "data" / "bot.db"),
         TWIN_EXAMPLES="3",
         TWIN_EXAMPLES_MESSAGES=str(imported),
+        TWIN_TAKEOVER_MINUTES="0",  # the owner answers in chat A and the friend writes on at once
     )
     yield from running_bot(settings, home)
 
