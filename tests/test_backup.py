@@ -15,7 +15,7 @@ import pytest
 from dotenv import dotenv_values
 
 from bot.config import Config
-from bot.store import Store, StoredMessage, read_messages_since
+from bot.store import SCHEMA_VERSION, Store, StoredMessage, read_messages_since
 from deploy import backup as backup_module
 from deploy.backup import MANIFEST_NAME, create_backup, restore_backup
 from deploy.cli import main
@@ -121,7 +121,7 @@ def test_a_backup_restores_into_a_directory_the_bot_can_run_from(tmp_path, monke
     restored = tmp_path / "restored"
     assert main(["restore", str(out), "--to", str(restored)]) == 0
     said = capsys.readouterr().out
-    assert "schema v3, 21 messages, checked" in said and "serving v2" in said
+    assert f"schema v{SCHEMA_VERSION}, 21 messages, checked" in said and "serving v2" in said
     assert "ONEBOT_ACCESS_TOKEN" in said and "TWIN_OPENAI_API_KEY" in said
     before = read_messages_since(home / "data" / "bot.db", include_approved_twin=True)
     assert read_messages_since(restored / "data" / "bot.db", include_approved_twin=True) == before
