@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
+from pipeline import chatformat
 from pipeline.chatformat import CHAT_TYPES, EXAMPLES_HEADING, MEMORY_HEADING, PLACEHOLDERS
 from pipeline.dataset.samples import estimate_tokens
 
@@ -40,21 +41,13 @@ EXTRACTION_PROMPT = (
 )
 
 
-class Said(Protocol):
-    """A message as memory needs it: a dataset record (`records.Message`) or a bot store row."""
+class Said(chatformat.Said, Protocol):
+    """A message as memory needs it: what turns need (`chatformat.Said`) and the chat it was said in."""
 
     @property
     def chat_type(self) -> str: ...
     @property
     def chat(self) -> str: ...
-    @property
-    def sender_name(self) -> str: ...
-    @property
-    def is_self(self) -> bool: ...
-    @property
-    def time(self) -> int: ...
-    @property
-    def text(self) -> str: ...
 
 
 class OtherChatError(ValueError):
