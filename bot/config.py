@@ -37,6 +37,17 @@ class Config(BaseModel):
         False, description="also serve OneBot HTTP POST (/onebot/v11/, /onebot/v11/http); needs ONEBOT_SECRET"
     )
 
+    # the operator console in the browser (bot/console/, docs/console.md); one per process
+    twin_console: bool = Field(
+        False, description="serve the operator console at /twin/console/ (needs a password)"
+    )
+    twin_console_password: str = Field(
+        "", description="the console's operator password (12+ characters; not the OneBot token)"
+    )
+    twin_console_session_hours: float = Field(
+        12.0, gt=0.0, le=720.0, description="a console login lasts this long (hours), idle or not"
+    )
+
     # how it logs (bot.py)
     twin_log_format: Literal["text", "json"] = Field(
         "text", description="`text` lines, or `json`: one object per line (time, level, name, message)"
@@ -320,7 +331,13 @@ def load_config(cwd: Path = Path(), env_file: Path | None = None, **overrides: o
 # ------------------------------------------------------------------------- several accounts
 
 # What one process shares, so an account file may not set it.
-PROCESS_WIDE = ("twin_accounts", "twin_onebot_http_post")
+PROCESS_WIDE = (
+    "twin_accounts",
+    "twin_onebot_http_post",
+    "twin_console",
+    "twin_console_password",
+    "twin_console_session_hours",
+)
 
 
 def _account_layer(file: Path) -> dict[str, object]:

@@ -37,11 +37,13 @@ from typing_extensions import override
 require("nonebot_plugin_apscheduler")
 from apscheduler.triggers.cron import CronTrigger  # noqa: E402
 from nonebot_plugin_apscheduler import scheduler  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
 
 from bot import health, transport  # noqa: E402
 from bot.accounts import Account, Accounts, start_accounts  # noqa: E402
 from bot.admin import COMMAND, run_admin  # noqa: E402
 from bot.config import Config, load_accounts  # noqa: E402
+from bot.console import auth as console_auth  # noqa: E402
 from bot.runtime import ChatKey, SendBubble, Twin, serving_adapter  # noqa: E402
 from bot.segments import RenderedMessage, outgoing_parts, render_segments  # noqa: E402
 from bot.stickers import Sticker, stickers_in  # noqa: E402
@@ -128,6 +130,12 @@ def startup_problem() -> str | None:
         accounts = account_settings()
     except TwinError as exc:
         return str(exc)
+    if plugin_config.twin_console:
+        problem = console_auth.password_problem(plugin_config.twin_console_password)
+        if problem:
+            return problem
+        if not isinstance(getattr(driver, "server_app", None), Starlette):
+            return "TWIN_CONSOLE needs the FastAPI driver (DRIVER=~fastapi+~websockets)"
     for where, config in accounts.items():
         account = f"{where}: " if plugin_config.twin_accounts else ""  # which file, when there are several
         try:
@@ -170,7 +178,7 @@ async def start_twin() -> None:
             scheduled_retrain,
             CronTrigger.from_crontab(cron),
             args=[account],
-            id=f"qq-twin-retrain-{account.self_id}" if account.self_id else "qq-twin-retrain",
+            id=_retrain_job_id(account),
             replace_existing=True,
         )
 
@@ -182,6 +190,41 @@ def _access_token() -> str:
 # Liveness for anyone (says nothing), readiness with details for the holder of the access token.
 if isinstance(driver, ASGIMixin):  # a forward-WebSocket-only driver serves no HTTP at all
     health.register(driver, lambda: _accounts, lambda: set(get_bots()), _access_token)
+
+
+def _retrain_job_id(account: Account) -> str:
+    return f"qq-twin-retrain-{account.self_id}" if account.self_id else "qq-twin-retrain"
+
+
+def next_scheduled_retrain(account: Account) -> str | None:
+    """When the schedule starts this account's next retrain (local time), None without one."""
+    job = scheduler.get_job(_retrain_job_id(account))
+    when = getattr(job, "next_run_time", None) if job is not None else None
+    return when.strftime("%Y-%m-%d %H:%M %Z").strip() if when is not None else None
+
+
+# The operator console (bot/console/), on the same server, behind its own password.
+_console_password = plugin_config.twin_console_password
+if (
+    plugin_config.twin_console
+    and console_auth.password_problem(_console_password) is None
+    and isinstance(getattr(driver, "server_app", None), Starlette)
+):
+    from bot.console.app import mount as mount_console
+    from bot.console.web import ConsoleSource
+
+    mount_console(
+        driver.server_app,  # type: ignore[attr-defined]
+        ConsoleSource(
+            accounts=lambda: _accounts,
+            connected=lambda: set(get_bots()),
+            report=lambda account: superuser_reporter(account),
+            config=lambda: plugin_config,
+            next_retrain=next_scheduled_retrain,
+        ),
+        _console_password,
+        plugin_config.twin_console_session_hours,
+    )
 
 
 @driver.on_shutdown

@@ -108,6 +108,11 @@ class SendLimiter:
         self._day = time.strftime("%Y-%m-%d")
         self._day_counts = {**(by_sender or {}), "all": sends_today}
 
+    def sent_today(self, now: float | None = None) -> int:
+        """Bubbles sent today (the daily cap's count)."""
+        self._roll_day(time.time() if now is None else now)
+        return self._day_counts.get("all", 0)
+
     def _roll_day(self, now: float) -> None:
         day = time.strftime("%Y-%m-%d", time.localtime(now))
         if day != self._day:

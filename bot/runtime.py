@@ -157,7 +157,7 @@ def closed_prefix(messages: Sequence[StoredMessage], gap: int, now: float) -> in
     return 0
 
 
-def _midnight() -> int:
+def midnight() -> int:
     """Unix time of today's local midnight (daily counts and the daily cap)."""
     return int(time.mktime(time.strptime(time.strftime("%Y-%m-%d"), "%Y-%m-%d")))
 
@@ -231,7 +231,7 @@ class Twin:
         if await self.store.get_state("sending_halted", False):
             self.health.halted = True
             self.health.failures = self.health.limit
-        sent, by_chat = await self.store.sends_since(_midnight())
+        sent, by_chat = await self.store.sends_since(midnight())
         self.limiter.seed_today(sent, {chat: n for (kind, chat), n in by_chat.items() if kind == PRIVATE})
         await self.backend.start()
         if self.config.twin_examples:
@@ -806,8 +806,8 @@ class Twin:
     async def status_text(self) -> str:
         assert self.store is not None
         uptime = int(time.time() - self.started)
-        received = await self.store.count_since(_midnight(), "incoming")
-        replied = await self.store.count_since(_midnight(), "twin")
+        received = await self.store.count_since(midnight(), "incoming")
+        replied = await self.store.count_since(midnight(), "twin")
         status = model_registry.retrain_status(self.registry) if self.registry is not None else {}
         retrain = model_registry.describe_status(status)
         if self.retraining() and not retrain.startswith("running"):
