@@ -77,3 +77,10 @@ async def test_the_console_names_no_account_it_does_not_serve(tmp_path: Path) ->
     async with console_client(tmp_path) as (client, _):
         await login(client)
         assert (await client.get("/", params={"account": "99999"})).status_code == 404
+
+
+async def test_the_overview_buttons_post_to_the_console(tmp_path: Path) -> None:
+    async with console_client(tmp_path) as (client, _):
+        await login(client)
+        page = (await client.get("/")).text
+        assert 'action="/twin/console/pause"' in page and 'action="/twin/console/probability"' in page

@@ -64,11 +64,14 @@ class Console:
     password: str
     sessions: Sessions
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
-    env: Environment = field(
-        default_factory=lambda: Environment(
-            loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True), enable_async=False
-        )
-    )
+    env: Environment = field(default_factory=lambda: template_environment())
+
+
+def template_environment() -> Environment:
+    """Autoescaped templates; `prefix` is a global so that imported macros see it too."""
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True))
+    env.globals["prefix"] = PREFIX
+    return env
 
 
 Handler = Callable[["View"], Awaitable[Response]]
