@@ -213,6 +213,8 @@ async def test_bad_values_are_answered_and_change_nothing(tmp_path: Path) -> Non
             response = await client.get("/conversations", params={"chat": chat})
             assert response.status_code == 200 and "not a chat" in response.text
             assert '<table id="chats">' in response.text and "<script>" not in response.text
+        response = await client.get("/conversations", params={"q": "好", "chat": "c2c:x"})
+        assert "not a chat" in response.text and 'id="results"' not in response.text
         response = await client.get("/conversations", params={"chat": "c2c:20001", "before": "x'"})
         assert response.status_code == 200 and "not a message position" in response.text
 

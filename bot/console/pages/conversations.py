@@ -70,7 +70,7 @@ async def conversations(view: View) -> Response:
         ),
         "operator": EXCLUDED_OPERATOR,
     }
-    if query:
+    if query and not (chat_text and key is None):  # a bad chat filter searches nothing, not everything
         values["results"] = await store.search(query, chat=key, limit=SEARCH_ROWS)
         values["results_cap"] = SEARCH_ROWS
     elif key is not None:
