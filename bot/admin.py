@@ -16,6 +16,7 @@ from pipeline.friend_memory import describe_memory
 
 if TYPE_CHECKING:  # `bot/__init__.py` reads the table: no runtime (backends, store) for that
     from bot.runtime import ChatKey, Twin
+    from bot.store import StoredMessage
 
 COMMAND = "twin"
 
@@ -131,8 +132,45 @@ async def _approve_or_unapprove(request: AdminRequest) -> str:
     return f"{request.verb}d for retraining" if changed else "that is not one of the twin's replies"
 
 
+async def _exclude(request: AdminRequest) -> str:
+    if request.quoted is None:
+        return f"quote a message with /{COMMAND} exclude"
+    from bot.store import EXCLUDED_OPERATOR  # here: the table must import without the store
+
+    if await request.twin.exclude(request.quoted, EXCLUDED_OPERATOR):
+        return "excluded from prompts and training"
+    rows = await _quoted_rows(request)
+    if not rows:
+        return "that message is not in the store"
+    return f"that message is already excluded ({_reasons(rows)})"
+
+
+async def _include(request: AdminRequest) -> str:
+    if request.quoted is None:
+        return f"quote a message with /{COMMAND} include"
+    if await request.twin.include(request.quoted):
+        return "included again in prompts and training"
+    rows = await _quoted_rows(request)
+    if not rows:
+        return "that message is not in the store"
+    if all(row.excluded is None for row in rows):
+        return "that message is not excluded"
+    # Only an operator's own exclusion is undone here: a recall or a command line is not chat.
+    return f"that message stays excluded ({_reasons(rows)}): only an operator's exclusion is undone"
+
+
+async def _quoted_rows(request: AdminRequest) -> list[StoredMessage]:
+    assert request.twin.store is not None and request.quoted is not None
+    return await request.twin.store.by_msg_id(request.quoted)
+
+
+def _reasons(rows: list[StoredMessage]) -> str:
+    return ", ".join(sorted({row.excluded for row in rows if row.excluded is not None}))
+
+
 async def _block_or_unblock(request: AdminRequest) -> str:
-    if not request.arguments or not request.arguments[0].isdigit():
+    uin = request.arguments[0] if request.arguments else ""
+    if not uin.isascii() or not uin.isdigit():  # `²` is a digit to isdigit, not to int
         return f"usage: /{COMMAND} {request.verb} <uin>"
     await request.twin.set_blocked(int(request.arguments[0]), request.verb == "block")
     return f"{request.verb}ed {request.arguments[0]}"
@@ -175,6 +213,7 @@ async def _stickers(request: AdminRequest) -> str:
 
 
 QUOTING = "(quoting a twin reply)"
+QUOTING_ANY = "(quoting a message)"
 ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("status", "", "model, uptime, sending, queue, today's counts, last retrain", _status),
     AdminVerb("pause", "", "stop answering (messages are still stored)", _pause_or_resume),
@@ -199,6 +238,8 @@ ADMIN_VERBS: tuple[AdminVerb, ...] = (
     AdminVerb("unblock", "<uin>", "answer this person again", _block_or_unblock),
     AdminVerb("approve", QUOTING, "train on that reply", _approve_or_unapprove),
     AdminVerb("unapprove", QUOTING, "do not train on that reply", _approve_or_unapprove),
+    AdminVerb("exclude", QUOTING_ANY, "keep that message out of prompts and training", _exclude),
+    AdminVerb("include", QUOTING_ANY, "undo an operator's exclude of that message", _include),
     AdminVerb(
         "stickers", "[forget <名字>]", "the market stickers kept, whose, and which are sent", _stickers
     ),

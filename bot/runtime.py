@@ -432,6 +432,12 @@ class Twin:
             self.replies.forget(msg_id)
         return await self.store.exclude(msg_id, reason)
 
+    async def include(self, msg_id: str) -> int:
+        """Undo an operator's exclusion (only that reason); the examples index sees the message
+        again from the next start, since its pairs were cut when it was excluded."""
+        assert self.store is not None
+        return await self.store.include(msg_id)
+
     def is_command(self, text: str) -> bool:
         """A command line (`/twin …`, another bot's `/help`): never chat, never training text."""
         return bool(self.command_prefixes) and text.lstrip().startswith(self.command_prefixes)

@@ -149,6 +149,22 @@ class StoredMessage:
         return self.origin != "incoming"
 
 
+@dataclass(frozen=True, slots=True)
+class ChatSummary:
+    """One chat as the console lists it: who, when last, how many rows, how many await review."""
+
+    chat_type: str
+    chat: str
+    name: str  # the friend's (for a group: the last speaker's) latest name, "" when none is known
+    last_time: int
+    messages: int
+    to_review: int  # twin replies sent, neither approved nor excluded
+
+
+# A twin bubble that went out (rows from before send_state existed have none).
+_SENT = "(send_state IS NULL OR send_state = 'sent')"
+
+
 def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
     (
         id_,
@@ -379,12 +395,89 @@ class Store:
         return True
 
     async def exclude(self, msg_id: str, reason: str) -> int:
-        """Keep the messages with this OneBot id out of prompts and training; returns rows changed."""
+        """Keep the messages with this OneBot id out of prompts and training; returns rows changed.
+
+        An operator's exclusion never replaces another reason: `include` could then undo a recall."""
         cursor = await self._conn.execute(
-            "UPDATE messages SET excluded = ? WHERE msg_id = ?", (reason, str(msg_id))
+            "UPDATE messages SET excluded = ? WHERE msg_id = ? AND (? != ? OR excluded IS NULL)",
+            (reason, str(msg_id), reason, EXCLUDED_OPERATOR),
         )
         await self._conn.commit()
         return cursor.rowcount
+
+    async def include(self, msg_id: str) -> int:
+        """Undo an operator's exclusion of the messages with this OneBot id (a recalled message or
+        a command line stays excluded); returns rows changed."""
+        cursor = await self._conn.execute(
+            "UPDATE messages SET excluded = NULL WHERE msg_id = ? AND excluded = ?",
+            (str(msg_id), EXCLUDED_OPERATOR),
+        )
+        await self._conn.commit()
+        return cursor.rowcount
+
+    async def message(self, row_id: int) -> StoredMessage | None:
+        """One row by its id, or None."""
+        rows = list(
+            await self._conn.execute_fetchall(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (row_id,))
+        )
+        return _row_to_message(tuple(rows[0])) if rows else None
+
+    async def by_msg_id(self, msg_id: str) -> list[StoredMessage]:
+        """The rows with this OneBot message id (ids are not unique across chats)."""
+        rows = await self._conn.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM messages WHERE msg_id = ? ORDER BY id", (str(msg_id),)
+        )
+        return [_row_to_message(tuple(r)) for r in rows]
+
+    async def chat_list(self, limit: int) -> tuple[list[ChatSummary], int]:
+        """The chats with the newest activity first (at most `limit`), and how many there are."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT chat_type, chat, MAX(time), COUNT(*), "
+            f"SUM(origin = 'twin' AND approved = 0 AND excluded IS NULL AND {_SENT}), "
+            "(SELECT sender_name FROM messages AS n WHERE n.chat_type = m.chat_type AND n.chat = m.chat "
+            "AND n.origin = 'incoming' AND n.sender_name != '' ORDER BY n.time DESC, n.id DESC LIMIT 1) "
+            "FROM messages AS m GROUP BY chat_type, chat ORDER BY MAX(time) DESC, chat_type, chat LIMIT ?",
+            (limit,),
+        )
+        total = list(
+            await self._conn.execute_fetchall(
+                "SELECT COUNT(*) FROM (SELECT DISTINCT chat_type, chat FROM messages)"
+            )
+        )
+        chats = [
+            ChatSummary(kind, chat, name or "", int(last), int(count), int(review or 0))
+            for kind, chat, last, count, review, name in rows
+        ]
+        return chats, int(total[0][0])
+
+    async def timeline(
+        self, chat_type: str, chat: str, *, before_id: int | None = None, limit: int = 100
+    ) -> tuple[list[StoredMessage], bool]:
+        """A chat's `limit` rows before row `before_id` (the newest without it), oldest first, every
+        row as stored (excluded and failed ones too); and whether older rows exist."""
+        rows = list(
+            await self._conn.execute_fetchall(
+                f"SELECT {_COLUMNS} FROM messages WHERE chat_type = ? AND chat = ? AND id < ? "
+                "ORDER BY id DESC LIMIT ?",
+                (chat_type, chat, before_id if before_id is not None else 2**63 - 1, limit + 1),
+            )
+        )
+        return [_row_to_message(tuple(r)) for r in reversed(rows[:limit])], len(rows) > limit
+
+    async def search(
+        self, text: str, *, chat: tuple[str, str] | None = None, limit: int = 100
+    ) -> list[StoredMessage]:
+        """Rows whose text contains `text` literally (`%`, `_` and `\\` are no wildcards), newest first."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        where, params = "text LIKE ? ESCAPE '\\'", [pattern]
+        if chat is not None:
+            where += " AND chat_type = ? AND chat = ?"
+            params += list(chat)
+        rows = await self._conn.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM messages WHERE {where} ORDER BY time DESC, id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [_row_to_message(tuple(r)) for r in rows]
 
     async def recent(
         self, chat_type: str, chat: str, *, since: int, limit: int, after_id: int = 0
