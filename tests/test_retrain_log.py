@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 
 import pytest
 
-from deploy.retrain import MAX_LOSS_POINTS, StatusFile, add_loss_point, run_cycle
+from deploy.retrain import MAX_LOSS_POINTS, StatusFile, add_loss_point, run_cycle, run_training_child
 from pipeline.registry import (
     CYCLES_FILE,
     MAX_CYCLES,
@@ -115,3 +117,31 @@ def test_the_next_window_starts_after_the_serving_versions_window(tmp_path):
     _set_window(reg, {"until": "soon"})
     with pytest.raises(InvalidVersion, match=r"data_window\.until"):
         next_window_start(reg)
+
+
+# Stands in for the training child: reports two steps a while apart, as the real one at most once a second.
+FAKE_TRAINER = """
+import json, os, sys, time
+progress = sys.argv[1]
+for step, loss in ((1, 2.5), (2, 2.25)):
+    with open(progress + ".tmp", "w") as out:
+        json.dump({"progress": step / 4, "step": step, "steps": 4, "loss": loss}, out)
+    os.replace(progress + ".tmp", progress)
+    time.sleep(1.6)
+"""
+
+
+def test_training_progress_is_copied_into_the_status_with_its_loss_history(tmp_path, monkeypatch):
+    real_popen = subprocess.Popen
+
+    def fake_child(cmd, **kwargs):
+        return real_popen([sys.executable, "-c", FAKE_TRAINER, cmd[5]], **kwargs)
+
+    monkeypatch.setattr("deploy.retrain.subprocess.Popen", fake_child)
+    reg = _registry(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    status = StatusFile(reg, "v0001")
+    run_training_child({"output_dir": str(tmp_path / "run")}, work, status, nice=0, threads=1)
+    written = read_status(reg)
+    assert written["losses"] == [[1, 2.5], [2, 2.25]] and written["step"] == 2 and written["loss"] == 2.25

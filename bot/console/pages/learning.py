@@ -109,6 +109,8 @@ async def learning(view: View) -> Response:
         since, config.twin_retrain_include_approved, burst_gap=config.twin_burst_gap
     )
     running = twin.retraining() or status.get("state") == "running"
+    # A cycle just started (memories refresh first) has no status of its own yet: `live` is empty.
+    live = status if status.get("state") == "running" else {}
     if status.get("state") == model_registry.INTERRUPTED and not any(
         c.get("started") == status.get("started") for c in cycles
     ):
@@ -118,7 +120,7 @@ async def learning(view: View) -> Response:
             cycles.insert(0, entry)
     curve = None
     xs, ys = loss_points(status)
-    if xs and (running or status.get("state") == model_registry.INTERRUPTED):
+    if xs and (live or status.get("state") == model_registry.INTERRUPTED):
         curve = await asyncio.to_thread(loss_plot, xs, ys)
     trend = await asyncio.to_thread(gate_plot, cycles)
     return view.render(
@@ -133,8 +135,8 @@ async def learning(view: View) -> Response:
         next_run=view.console.source.next_retrain(view.account),
         running=running,
         status=status,
-        stage=status.get("stage") if running else None,
-        progress=status.get("progress") if _finite(status.get("progress")) else None,
+        live=live,
+        progress=live.get("progress") if _finite(live.get("progress")) else None,
         curve=curve,
         cycles=[{**c, **gate_numbers(c)} for c in cycles],
         trend=trend,
