@@ -216,6 +216,8 @@ async def test_past_cycles_are_listed_from_the_cycle_log(tmp_path):
 async def test_retrain_now_without_a_registry_flashes_the_verbs_refusal(tmp_path):
     async with console_client(tmp_path) as (client, twin):
         await login(client)
+        page = (await client.get("/learning")).text
+        assert '<form method="post" action="/twin/console/retrain"' in section(page, "schedule")
         response = await post(client, "/retrain", back="/twin/console/learning")
         assert response.status_code == 303 and response.headers["location"] == "/twin/console/learning"
         html = (await client.get("/learning")).text
