@@ -17,6 +17,7 @@ from typing import Any, Literal
 import aiosqlite
 
 from bot.stickers import Sticker, StickerSource
+from pipeline.chatformat import BURST_GAP, to_turns
 from pipeline.files import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE
 
 Origin = Literal["incoming", "twin", "owner"]
@@ -163,6 +164,23 @@ class ChatSummary:
 
 # A twin bubble that went out (rows from before send_state existed have none).
 _SENT = "(send_state IS NULL OR send_state = 'sent')"
+
+PREVIEW_SHOWN = 50  # the approved and excluded messages a learning preview lists
+
+
+@dataclass(slots=True)
+class LearningPreview:
+    """What the next retrain cycle would read from the store (`Store.learning_preview`)."""
+
+    since: int
+    include_approved: bool
+    owner_messages: int = 0
+    owner_turns: int = 0  # the account's bursts (owner's words, approved replies when trained on)
+    incoming: int = 0
+    approved: int = 0  # approved twin replies that went out, trained on only with include_approved
+    excluded: int = 0
+    approved_rows: list[StoredMessage] = field(default_factory=list)  # newest first
+    excluded_rows: list[StoredMessage] = field(default_factory=list)  # newest first
 
 
 def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
@@ -650,6 +668,54 @@ class Store:
         )
         return [Sticker(*row) for row in rows]
 
+    async def learning_preview(
+        self, since: int, include_approved: bool, *, burst_gap: int = BURST_GAP, shown: int = PREVIEW_SHOWN
+    ) -> LearningPreview:
+        """What a retrain cycle reading from `since` would learn (the rows `read_messages_since`
+        selects), the approved twin replies (listed even when they are not trained on) and the
+        messages kept out, newest `shown` of each."""
+        preview = LearningPreview(since=since, include_approved=include_approved)
+        chat: tuple[str, str] | None = None
+        said: list[StoredMessage] = []
+
+        def count_turns() -> None:
+            preview.owner_turns += sum(1 for t in to_turns(said, burst_gap) if t.turn.role == "assistant")
+
+        # One chat's rows in memory at a time: turns never span chats.
+        async with self._conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE {retrain_rows(include_approved)} "
+            "ORDER BY chat_type, chat, time, id",
+            (since,),
+        ) as cursor:
+            async for row in cursor:
+                message = _row_to_message(tuple(row))
+                if (message.chat_type, message.chat) != chat:
+                    count_turns()
+                    chat, said = (message.chat_type, message.chat), []
+                said.append(message)
+                if message.origin == "owner":
+                    preview.owner_messages += 1
+                elif message.origin == "incoming":
+                    preview.incoming += 1
+        count_turns()
+        where = f"time >= ? AND excluded IS NULL AND {_APPROVED_SENT}"
+        preview.approved = await self._count(where, since)
+        preview.approved_rows = await self._newest(where, since, shown)
+        preview.excluded = await self._count("time >= ? AND excluded IS NOT NULL", since)
+        preview.excluded_rows = await self._newest("time >= ? AND excluded IS NOT NULL", since, shown)
+        return preview
+
+    async def _count(self, where: str, since: int) -> int:
+        rows = await self._conn.execute_fetchall(f"SELECT COUNT(*) FROM messages WHERE {where}", (since,))
+        return int(next(iter(rows))[0])
+
+    async def _newest(self, where: str, since: int, limit: int) -> list[StoredMessage]:
+        rows = await self._conn.execute_fetchall(
+            f"SELECT {_COLUMNS} FROM messages WHERE {where} ORDER BY time DESC, id DESC LIMIT ?",
+            (since, limit),
+        )
+        return [_row_to_message(tuple(r)) for r in rows]
+
     async def get_state(self, key: str, default: Any = None) -> Any:
         rows = list(await self._conn.execute_fetchall("SELECT value FROM state WHERE key = ?", (key,)))
         return json.loads(rows[0][0]) if rows else default
@@ -661,6 +727,17 @@ class Store:
             (key, json.dumps(value)),
         )
         await self._conn.commit()
+
+
+# A twin reply an operator approved that went out (a failed or dropped bubble was never said).
+_APPROVED_SENT = f"origin = 'twin' AND approved = 1 AND {_SENT}"
+
+
+def retrain_rows(include_approved_twin: bool) -> str:
+    """The WHERE clause (one `?`: since) of the rows a retrain cycle reads; the console's preview
+    counts with the same clause."""
+    twin_clause = f"OR ({_APPROVED_SENT})" if include_approved_twin else ""
+    return f"time >= ? AND excluded IS NULL AND (origin IN ('incoming', 'owner') {twin_clause})"
 
 
 def read_messages_since(
@@ -681,14 +758,8 @@ def read_messages_since(
         raise FileNotFoundError(f"{path}: no such conversation store")
     conn = _connector(path, key or "")()
     try:
-        twin_clause = (
-            "OR (origin = 'twin' AND approved = 1 AND (send_state IS NULL OR send_state = 'sent'))"
-            if include_approved_twin
-            else ""
-        )
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE time >= ? AND excluded IS NULL "
-            f"AND (origin IN ('incoming', 'owner') {twin_clause}) ORDER BY time, id",
+            f"SELECT {_COLUMNS} FROM messages WHERE {retrain_rows(include_approved_twin)} ORDER BY time, id",
             (since_ts,),
         ).fetchall()
     finally:

@@ -26,8 +26,24 @@ from bot.config import Config
 from pipeline.errors import InputError, TwinError
 from pipeline.files import private_dir
 from pipeline.records import Message
-from pipeline.registry import ADAPTER_DIR, current_version, get_version, now_iso, read_status
-from pipeline.registry_ops import CurrentMoved, promote, prune, register, retrain_lock, write_status
+from pipeline.registry import (
+    ADAPTER_DIR,
+    INTERRUPTED,
+    current_version,
+    get_version,
+    next_window_start,
+    now_iso,
+    read_status,
+)
+from pipeline.registry_ops import (
+    CurrentMoved,
+    append_cycle,
+    promote,
+    prune,
+    register,
+    retrain_lock,
+    write_status,
+)
 from trainer.data import dataset_hash
 from trainer.style import style_distance
 
@@ -42,6 +58,8 @@ TRAIN_LOG = "train.log"
 PROGRESS_FILE = "train-progress.json"
 SETTLE_SECONDS = 5
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# The status file's loss history (the console's live curve) holds at most this many points.
+MAX_LOSS_POINTS = 400
 
 
 @dataclass(slots=True)
@@ -118,6 +136,20 @@ def split_heldout(samples: Sequence[dict], ratio: float) -> tuple[list[dict], li
     return samples[:-n], samples[-n:]
 
 
+def add_loss_point(losses: list[list[float]], step: int, loss: float, cap: int = MAX_LOSS_POINTS) -> None:
+    """Append [step, loss] to a loss history kept within `cap` points: when full, every other
+    point is dropped (the newest kept), so older history grows coarser and the file stays small."""
+    if losses and losses[-1][0] == step:
+        losses[-1][1] = loss
+        return
+    if len(losses) >= cap:
+        newest = losses[-1]
+        del losses[1::2]  # the first point stays: the curve always starts where training did
+        if losses[-1] is not newest:
+            losses.append(newest)
+    losses.append([step, loss])
+
+
 def replay_share(original: Sequence[dict], new_count: int, ratio: float, seed: int) -> list[dict]:
     """`ratio` original samples per new one, drawn without replacement, reproducibly."""
     want = min(len(original), round(new_count * ratio))
@@ -133,6 +165,11 @@ class StatusFile:
     def __init__(self, registry: Path, serving: str | None) -> None:
         self.registry = registry
         previous = read_status(registry)
+        if previous.get("state") == "running":
+            # We hold the lock, so that cycle died before it could record its end: log it now.
+            self._log(
+                {**previous, "state": INTERRUPTED, "reason": "the cycle stopped without recording its end"}
+            )
         last = {k: previous.get(k) for k in ("state", "reason", "finished", "version")} if previous else None
         self.data: dict = {
             "state": "running",
@@ -147,6 +184,7 @@ class StatusFile:
             "new_samples": None,
             "reason": "",
             "eval": {},
+            "losses": [],
             "last": last if last and last.get("state") != "running" else previous.get("last"),
         }
         self._write()
@@ -169,6 +207,24 @@ class StatusFile:
             eval=result.eval,
             progress=1.0 if result.state == "promoted" else self.data["progress"],
         )
+        self._log({**self.data, "new_samples": result.new_samples or self.data.get("new_samples")})
+
+    def _log(self, data: dict) -> None:
+        """Add the cycle to the registry's cycle log; a failure to log never fails the cycle."""
+        entry = {
+            key: data.get(key) for key in ("started", "finished", "state", "stage", "version", "serving")
+        }
+        entry.update(
+            new_samples=data.get("new_samples"),
+            reason=data.get("reason") or "",
+            eval=data.get("eval") or {},
+            loss=data.get("loss"),
+            steps=data.get("steps"),
+        )
+        try:
+            append_cycle(self.registry, entry)
+        except OSError as exc:
+            log.warning("retrain: could not add the cycle to the cycle log (%s)", exc)
 
     def _write(self) -> None:
         self.data["updated"] = now_iso()
@@ -317,6 +373,7 @@ def run_training_child(train_settings: dict, work: Path, status: StatusFile, nic
         child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         status.update(child_pid=child.pid)
         seen = None
+        losses = status.data.setdefault("losses", [])
         try:
             while True:
                 try:
@@ -328,6 +385,9 @@ def run_training_child(train_settings: dict, work: Path, status: StatusFile, nic
                 progress = _read_json(progress_file)
                 if progress and progress != seen:
                     seen = progress
+                    step, loss = progress.get("step"), progress.get("loss")
+                    if isinstance(step, int) and isinstance(loss, (int, float)):
+                        add_loss_point(losses, step, float(loss))
                     status.update(
                         progress=progress.get("progress", 0.0),
                         step=progress.get("step"),
@@ -495,9 +555,8 @@ def _cycle(
             registry, "nothing is serving yet: export a first version and `twin models promote` it"
         )
     serving_version = get_version(registry, serving)
-    window = serving_version.manifest.get("data_window") or {}
     # The serving model saw everything up to its window's end; only later messages are new.
-    since = int(window["until"]) + 1 if window.get("until") else 0
+    since = next_window_start(registry, serving)
     cycle = _CycleState(settings, registry, serving, serving_version, status, work, since)
 
     def stage(name: str) -> None:

@@ -3,6 +3,7 @@
     models/
       current                 text file: the serving version's name (switched atomically)
       retrain-status.json     last/ongoing retrain cycle, read by `/twin status` and `twin retrain`
+      retrain-cycles.jsonl    every finished cycle, one JSON line each, oldest first (newest 200 kept)
       retrain.lock            held (flock) while a retrain cycle runs
       history.json            promotions and rollbacks, oldest first (rollback walks it back)
       .history.lock           held (flock) for the moment `current` and the history change
@@ -33,6 +34,7 @@ from pipeline.errors import InputError  # stdlib-only, like this module
 
 CURRENT_FILE = "current"
 STATUS_FILE = "retrain-status.json"
+CYCLES_FILE = "retrain-cycles.jsonl"
 LOCK_FILE = "retrain.lock"
 HISTORY_FILE = "history.json"
 HISTORY_LOCK_FILE = ".history.lock"
@@ -44,7 +46,7 @@ QUANT_PREFERENCE = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q6_K", "F16", "BF16", "F32")
 # arithmetic could turn into a way out of the registry.
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch
 NUMBERED_VERSION = re.compile(r"^v(\d+)$")
-_RESERVED_NAMES = frozenset({CURRENT_FILE, STATUS_FILE, LOCK_FILE, HISTORY_FILE, MANIFEST_FILE})
+_RESERVED_NAMES = frozenset({CURRENT_FILE, STATUS_FILE, CYCLES_FILE, LOCK_FILE, HISTORY_FILE, MANIFEST_FILE})
 _GGUF_PREFIX, _GGUF_SUFFIX = "model-", ".gguf"
 
 
@@ -224,6 +226,25 @@ def get_version(registry: str | Path, name: str) -> ModelVersion:
     """A registered version: a valid name, a directory in the registry, a readable manifest."""
     path = version_dir(registry, name)
     return ModelVersion(name=name, path=path, manifest=read_manifest(path, required=True))
+
+
+def next_window_start(registry: str | Path, serving: str | None = None) -> int:
+    """The first message time the next retrain cycle reads: just after the data window of the
+    serving version (or `serving`); 0, everything, when nothing serves or it names no window."""
+    name = serving if serving is not None else current_version(registry)
+    if name is None:
+        return 0
+    version = get_version(registry, name)
+    window = version.manifest.get("data_window") or {}
+    until = window.get("until") if isinstance(window, dict) else None
+    if not until:
+        return 0
+    try:
+        return int(until) + 1
+    except (TypeError, ValueError):
+        raise InvalidVersion(
+            version.path / MANIFEST_FILE, f"data_window.until is not a time: {until!r}"
+        ) from None
 
 
 def list_versions(registry: str | Path) -> list[ModelVersion]:
@@ -660,3 +681,50 @@ def describe_status(status: dict) -> str:
 
 def _when(iso: object) -> str:
     return str(iso)[:16].replace("T", " ") if iso else "—"
+
+
+# `retrain-cycles.jsonl`, appended by registry_ops.append_cycle when a cycle ends. Keys: started,
+# finished, state, stage, version, serving, new_samples, reason, eval, loss (the last training
+# loss), steps. Read as hostile: a line that is not such an object is skipped.
+MAX_CYCLES = 200
+_MAX_CYCLES_BYTES = 4 * 1024 * 1024  # far above 200 real lines; a bigger file is read from its end
+_CYCLE_TEXT = ("started", "finished", "state", "stage", "version", "serving", "reason")
+_CYCLE_NUMBERS = ("new_samples", "loss", "steps")
+
+
+def cycle_entry(raw: object) -> dict | None:
+    """One cycle log line as shown: known keys of the right type only; None when it has no state."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("state"), str):
+        return None
+    entry: dict = {
+        key: str(raw[key])[:1000] if isinstance(raw.get(key), str) else None for key in _CYCLE_TEXT
+    }
+    for key in _CYCLE_NUMBERS:
+        value = raw.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        entry[key] = value if ok else None
+    entry["eval"] = raw["eval"] if isinstance(raw.get("eval"), dict) else {}
+    return entry
+
+
+def read_cycles(registry: str | Path, limit: int = MAX_CYCLES) -> list[dict]:
+    """The finished cycles, newest first (at most `limit`); malformed lines are skipped."""
+    path = Path(registry) / CYCLES_FILE
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - _MAX_CYCLES_BYTES))
+            data = handle.read()
+    except OSError:
+        return []
+    entries: list[dict] = []
+    for line in reversed(data.decode("utf-8", errors="replace").splitlines()):
+        try:
+            entry = cycle_entry(json.loads(line))
+        except ValueError:
+            continue
+        if entry is not None:
+            entries.append(entry)
+            if len(entries) >= limit:
+                break
+    return entries

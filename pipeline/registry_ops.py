@@ -23,10 +23,12 @@ from pipeline.errors import InputError, TwinError
 from pipeline.files import PRIVATE_FILE_MODE, atomic_dir, private_dir, write_text_atomic
 from pipeline.registry import (
     CURRENT_FILE,
+    CYCLES_FILE,
     HISTORY_FILE,
     HISTORY_LOCK_FILE,
     LOCK_FILE,
     MANIFEST_FILE,
+    MAX_CYCLES,
     NUMBERED_VERSION,
     STATUS_FILE,
     HistoryEntry,
@@ -35,6 +37,7 @@ from pipeline.registry import (
     VersionNotFound,
     check_version,
     current_version,
+    cycle_entry,
     cycle_running,
     get_version,
     ggufs_in,
@@ -308,3 +311,23 @@ def retrain_lock(registry: str | Path) -> Iterator[Path]:
 def write_status(registry: str | Path, status: dict) -> None:
     """Replace the status file atomically and durably (readers never see half a file)."""
     write_text_atomic(Path(registry) / STATUS_FILE, json.dumps(status, ensure_ascii=False, indent=1))
+
+
+def append_cycle(registry: str | Path, entry: dict) -> None:
+    """Add a finished cycle to `retrain-cycles.jsonl`, keeping the newest MAX_CYCLES; the caller
+    holds the retrain lock (the one writer), and the file is replaced atomically."""
+    path = Path(registry) / CYCLES_FILE
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        lines = []
+    kept = [line for line in lines if _is_cycle_line(line)]
+    kept.append(json.dumps(entry, ensure_ascii=False, default=str))
+    write_text_atomic(path, "\n".join(kept[-MAX_CYCLES:]) + "\n")
+
+
+def _is_cycle_line(line: str) -> bool:
+    try:
+        return cycle_entry(json.loads(line)) is not None
+    except ValueError:
+        return False
