@@ -204,6 +204,17 @@ def test_after_five_wrong_passwords_even_the_right_one_waits(other: BotProcess) 
     assert COOKIE not in throttled.cookies
 
 
+def test_behind_a_local_reverse_proxy_the_throttle_counts_the_client_it_names(bot: BotProcess) -> None:
+    # uvicorn trusts X-Forwarded-For from 127.0.0.1 only: the proxy's own address is not throttled.
+    with browser(bot, headers={"X-Forwarded-For": "198.51.100.7"}) as proxied:
+        for _ in range(5):
+            assert log_in(proxied, bot, "not the password at all").status_code == 401
+        assert log_in(proxied, bot).status_code == 429
+    with browser(bot) as direct:
+        assert log_in(direct, bot).status_code == 303
+    assert "console: failed login from 198.51.100.7" in bot.log()
+
+
 def test_the_session_cookie_is_httponly_strict_and_scoped_to_the_console(bot: BotProcess) -> None:
     with browser(bot) as client:
         answer = log_in(client, bot)
