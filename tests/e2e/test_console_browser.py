@@ -204,6 +204,23 @@ async def test_every_page_renders_without_console_errors_and_is_photographed(
 # ---------------------------------------------------------------- what an operator does
 
 
+async def test_pause_and_resume_from_the_overview(console: Console, qq: OneBotClient) -> None:
+    def pause() -> str:
+        console.login()
+        console.submit("form[action$='/pause']")
+        return console.find("#paused").text
+
+    assert "paused" in await in_browser(pause)
+    assert "paused: yes" in await twin_status(qq)
+
+    def resume() -> str:
+        console.submit("form[action$='/resume']")
+        return console.find("#paused").text
+
+    assert "answering" in await in_browser(resume)
+    assert "paused: no" in await twin_status(qq)
+
+
 async def test_an_approved_twin_reply_is_in_what_the_next_retrain_would_learn(
     console: Console, qq: OneBotClient
 ) -> None:
