@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 STAMP := $(VENV)/.qq-twin-installed
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast console-screenshots lint format bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not e2e"
+
+# The console's pages in headless Chromium (Debian's chromium + chromium-driver; a CJK font such as
+# fonts-noto-cjk for readable labels), saved as docs/console/*.png: one command refreshes them all.
+console-screenshots: $(STAMP)
+	TWIN_CONSOLE_SCREENSHOTS=docs/console $(PY) -m pytest -q -ra tests/e2e/test_console_browser.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

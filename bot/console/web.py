@@ -58,20 +58,22 @@ class ConsoleSource:
     next_retrain: Callable[[Account], str | None] = lambda _: None  # the schedule's next run, if any
 
 
+def templates() -> Environment:
+    """The console's Jinja2 environment: autoescaped, `prefix` global (imported macros see no context)."""
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True), enable_async=False
+    )
+    env.globals["prefix"] = PREFIX
+    return env
+
+
 @dataclass(slots=True)
 class Console:
     source: ConsoleSource
     password: str
     sessions: Sessions
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
-    env: Environment = field(default_factory=lambda: template_environment())
-
-
-def template_environment() -> Environment:
-    """Autoescaped templates; `prefix` is a global so that imported macros see it too."""
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True))
-    env.globals["prefix"] = PREFIX
-    return env
+    env: Environment = field(default_factory=templates)
 
 
 Handler = Callable[["View"], Awaitable[Response]]
