@@ -11,7 +11,7 @@ from starlette.responses import FileResponse, HTMLResponse, PlainTextResponse, R
 from starlette.routing import Route as StarletteRoute
 
 from bot.console import pages  # noqa: F401  (the pages register their routes on import)
-from bot.console.auth import LoginThrottle, Sessions, password_matches
+from bot.console.auth import LoginThrottle, Sessions, csrf_matches, password_matches, tokens_match
 from bot.console.web import (
     COOKIE,
     LOGIN_COOKIE,
@@ -73,7 +73,12 @@ def create_app(source: ConsoleSource, password: str, session_hours: float) -> St
             return response
         form = await read_form(request)
         expected = request.cookies.get(LOGIN_COOKIE) or ""
-        if form is None or not same_origin(request) or not expected or form.get("login_csrf") != expected:
+        if (
+            form is None
+            or not same_origin(request)
+            or not expected
+            or not tokens_match(form.get("login_csrf"), expected)
+        ):
             return login_page(
                 request, "the login form expired; please try again / 登录表单已过期，请重试", 403
             )
@@ -92,7 +97,12 @@ def create_app(source: ConsoleSource, password: str, session_hours: float) -> St
     async def do_logout(request: Request) -> Response:
         session = console.sessions.get(request.cookies.get(COOKIE))
         form = await read_form(request)
-        if session is None or form is None or form.get("csrf") != session.csrf or not same_origin(request):
+        if (
+            session is None
+            or form is None
+            or not csrf_matches(session, form.get("csrf"))
+            or not same_origin(request)
+        ):
             return secured(PlainTextResponse("refused", status_code=403))
         console.sessions.end(session.id)
         response = secured(RedirectResponse(f"{PREFIX}/login", status_code=303))

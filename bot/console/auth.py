@@ -87,8 +87,13 @@ class Sessions:
         return len(self._sessions)
 
 
+def tokens_match(given: str | None, expected: str) -> bool:
+    """Constant-time; never true for an empty token."""
+    return bool(given) and bool(expected) and hmac.compare_digest(str(given).encode(), expected.encode())
+
+
 def csrf_matches(session: Session, given: str | None) -> bool:
-    return bool(given) and hmac.compare_digest(session.csrf.encode(), str(given).encode())
+    return tokens_match(given, session.csrf)
 
 
 class LoginThrottle:
