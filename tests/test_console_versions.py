@@ -61,6 +61,10 @@ async def test_the_table_lists_every_version_with_its_numbers_and_marks_the_serv
     for plot in ("ppl-plot", "style-plot"):
         assert re.search(rf'<img class="plot" id="{plot}" src="data:image/svg\+xml;base64,', html)
     assert 'id="samples"' in html
+    actions = re.findall(r'<form method="post" action="([^"]*)"', html)
+    for path in ("/promote", "/rollback", "/samples"):
+        assert f"/twin/console{path}" in actions
+    assert all(a.startswith("/twin/console/") for a in actions)
 
 
 async def test_without_a_registry_the_page_says_so_and_shows_what_serves(tmp_path: Path) -> None:
