@@ -120,6 +120,20 @@ async def _model(request: AdminRequest) -> str:
     return f"serving {version}"
 
 
+async def _rollback(request: AdminRequest) -> str:
+    twin = request.twin
+    before = twin.backend.version
+    try:
+        served = await twin.rollback(by=f"chat:{request.user}")
+    except Exception as exc:  # a version that does not load leaves the old one serving
+        return f"cannot roll back, still serving {twin.backend.version}: {exc}"
+    return f"rolled back {before} → {served}"
+
+
+async def _samples(request: AdminRequest) -> str:
+    return request.twin.start_samples(request.report)
+
+
 async def _retrain(request: AdminRequest) -> str:
     return request.twin.start_retrain(request.report)
 
@@ -227,7 +241,11 @@ ADMIN_VERBS: tuple[AdminVerb, ...] = (
     ),
     AdminVerb("prob", "<0..1>", "chance to join a group chat unprompted", _probability),
     AdminVerb("model", "[version]", "the registry's versions, or serve one now", _model),
+    AdminVerb("rollback", "", "serve the previously promoted version again", _rollback),
     AdminVerb("retrain", "", "start one retrain cycle now", _retrain),
+    AdminVerb(
+        "samples", "", "answer the held-out probes with every version (`twin models samples`)", _samples
+    ),
     AdminVerb(
         "takeover",
         "[c2c:UIN|group:GID] on|off",

@@ -62,14 +62,30 @@ async def run_retrain(
     so it reads the bot's `TWIN_*` settings from the same environment and `.env` (`load_config`),
     and with `account` that account's file of `TWIN_ACCOUNTS` over them; `secrets` (the bot's
     secret setting values) are masked in the summary."""
+    chosen = ["--account", str(account)] if account is not None else []
+    return await run_deploy_child(["retrain", "--now", *chosen], nice, secrets, cwd)
+
+
+async def run_samples(
+    nice: int = 10, secrets: Iterable[str] = (), cwd: Path | None = None, *, account: int | None = None
+) -> RetrainResult:
+    """`twin models samples` (every version's replies to the held-out probes) as a child process,
+    like `run_retrain`."""
+    chosen = ["--account", str(account)] if account is not None else []
+    return await run_deploy_child(["models", "samples", *chosen], nice, secrets, cwd)
+
+
+async def run_deploy_child(
+    arguments: list[str], nice: int = 10, secrets: Iterable[str] = (), cwd: Path | None = None
+) -> RetrainResult:
+    """`python -m deploy <arguments>` at lower priority; its last output line, secrets masked."""
     env = dict(os.environ)
     # `deploy` sits next to this package; found the same way from a checkout or an install.
     project = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH", "")) if p)
 
-    chosen = ["--account", str(account)] if account is not None else []
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "deploy", "retrain", "--now", *chosen,
+        sys.executable, "-m", "deploy", *arguments,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=cwd,
     )  # fmt: skip
     if nice:
@@ -78,11 +94,11 @@ async def run_retrain(
             os.setpriority(os.PRIO_PROCESS, process.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
     try:
         output, _ = await process.communicate()
-    except asyncio.CancelledError:  # the bot is shutting down: end the cycle cleanly, then go
+    except asyncio.CancelledError:  # the bot is shutting down: end the child cleanly, then go
         await stop_child(process)
         raise
     lines = [line for line in output.decode("utf-8", "replace").splitlines() if line.strip()]
     # The summary goes to superusers over QQ: no secret of the child's environment in it.
     summary = SecretMask({*secret_values(env), *secrets})(lines[-1].strip()) if lines else ""
-    log.info("retrain child exited with %s", process.returncode)
+    log.info("%s child exited with %s", arguments[0], process.returncode)
     return RetrainResult(returncode=process.returncode or 0, summary=summary[:300])

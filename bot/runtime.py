@@ -29,7 +29,7 @@ from bot.config import Config
 from bot.log_mask import secret_values
 from bot.memory import build_prompt, history_turns
 from bot.pacing import SendHealth, SendLimiter, SendLimits, filter_bubbles, jittered, typing_delay
-from bot.retrain import registry_of, run_retrain
+from bot.retrain import registry_of, run_retrain, run_samples
 from bot.segments import outgoing_bubbles, outgoing_parts, outgoing_text
 from bot.stickers import Sticker, StickerSource, sendable
 from bot.store import EXCLUDED_COMMAND, SEND_DROPPED, Store, StoredMessage, read_example_rows
@@ -47,7 +47,7 @@ from pipeline.friend_memory import (
     render_memory,
     update_memory,
 )
-from pipeline.registry_ops import switch_current
+from pipeline.registry_ops import rollback_current, switch_current
 from pipeline.retrieval import PairBuilder, ReplyIndex, query_of, read_record_pairs
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,7 @@ class Twin:
         self.registry = registry_of(config.twin_model) if follows_registry(config) else None
         self.switch_problem: str | None = None  # why the last model switch failed, until one succeeds
         self.retrain_task: asyncio.Task | None = None
+        self.samples_task: asyncio.Task | None = None  # `twin models samples` as a child, one at a time
         self._chats: dict[ChatKey, _ChatState] = {}
         self._takeovers: dict[ChatKey, Takeover] = {}
         self.clock: Callable[[], float] = time.monotonic  # the takeover window's clock (tests move it)
@@ -250,7 +251,8 @@ class Twin:
     async def close(self) -> None:
         """Stop waiting handlers, finish nothing new, free the model and the store."""
         self._stopping.set()
-        tasks = [task for task in (self._watcher, self.retrain_task, self._indexer) if task is not None]
+        running = (self._watcher, self.retrain_task, self.samples_task, self._indexer)
+        tasks = [task for task in running if task is not None]
         for task in tasks:
             task.cancel()
         # A running retrain cycle is told to stop (it records "interrupted" and ends its training).
@@ -805,6 +807,29 @@ class Twin:
             await self.use_version(version)  # `current` moves only once the version really serves
             switch_current(self.registry, version, by=by, reason="/twin model")
 
+    async def rollback(self, by: str = "chat") -> str:
+        """Serve the previously promoted version again (as `twin models rollback`); returns it.
+
+        ValueError (one line) when there is no registry, it is shared, or nothing to go back to."""
+        if self.registry is None:
+            raise ValueError("TWIN_MODEL is not a model registry")
+        if self.model_shared_with:
+            raise ValueError(self.shared_registry_note())
+        async with self._model_lock:
+            target = model_registry.previous_version(self.registry)
+            if target is None:
+                raise ValueError("no earlier promoted version to roll back to")
+            before = self.backend.version
+            await self.use_version(target)  # `current` moves only once the version really serves
+            try:
+                served = rollback_current(self.registry, by=by, reason="/twin rollback")
+            except model_registry.RegistryError as exc:
+                await self.use_version(before)  # `current` did not move: serve what it names
+                raise ValueError(str(exc)) from None
+            if served != self.backend.version:  # the history moved between the two reads
+                await self.use_version(served)
+        return served
+
     def versions(self) -> list[str]:
         """The registry's versions, oldest first (the order `twin models list` shows)."""
         return model_registry.version_names(self.registry) if self.registry is not None else []
@@ -889,6 +914,24 @@ class Twin:
 
         self.retrain_task = asyncio.create_task(refresh_then_run(), name="twin-retrain")
         return "retrain started"
+
+    def start_samples(self, report: Callable[[str], Awaitable[None]]) -> str:
+        """Start `twin models samples` (each version's replies to the held-out probes) in the
+        background at lower priority; returns what to tell the operator now."""
+        if self.registry is None:
+            return "samples need TWIN_MODEL to be a model registry (models/ with `current`)"
+        if self.samples_task is not None and not self.samples_task.done():
+            return "sample replies are already being generated"
+        account = self.config.twin_account if self.config.twin_accounts else None
+
+        async def run() -> None:
+            secrets = secret_values(self.config.model_dump())
+            result = await run_samples(self.config.twin_retrain_nice, secrets, account=account)
+            outcome = "finished" if result.returncode == 0 else f"failed (exit {result.returncode})"
+            await report(f"samples {outcome}: {result.summary}".strip())
+
+        self.samples_task = asyncio.create_task(run(), name="twin-samples")
+        return "generating sample replies for every version (the result is sent to superusers)"
 
     def shared_registry_note(self) -> str:
         """Why this account leaves the registry alone: another account answers from it too."""

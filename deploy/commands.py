@@ -21,7 +21,8 @@ from pipeline.errors import InputError
 commands = typer.Typer()
 models = typer.Typer(
     help="The model registry: without a command, list the versions with their eval numbers "
-    "and which one serves; `promote V`; `rollback`; `vllm-args` (LoRA flags for vLLM)."
+    "and which one serves; `promote V`; `rollback`; `samples` (each version's replies to held-out "
+    "prompts); `vllm-args` (LoRA flags for vLLM)."
 )
 commands.add_typer(models, name="models")
 
@@ -75,6 +76,58 @@ def models_rollback(ctx: typer.Context, registry: Registry = None) -> None:
     before = current_version(path)
     target = rollback(path, reason="rolled back by operator (twin models rollback)")
     typer.echo(f"rolled back {before} → {target.name} (registry {path})")
+
+
+@models.command("samples")
+def models_samples(
+    ctx: typer.Context,
+    registry: Registry = None,
+    version: Annotated[
+        list[str] | None, typer.Option("--version", help="only this version (repeatable); default: every one")
+    ] = None,
+    probes: Annotated[
+        int, typer.Option("--probes", min=1, max=64, help="how many held-out prompts to pick when none are")
+    ] = 8,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="pick the probes anew and answer them with every version again")
+    ] = False,
+    account: Annotated[
+        int | None,
+        typer.Option(help="with TWIN_ACCOUNTS: the QQ number whose account file's settings to use"),
+    ] = None,
+) -> None:
+    """Answer the registry's held-out probes (picked once) with every version lacking samples."""
+    from rich.progress import Progress
+
+    from deploy.samples import fill_samples, llama_generate
+    from deploy.settings import load_settings
+
+    chosen = registry or ctx.obj
+    settings = load_settings(account, **({"twin_model": str(chosen)} if chosen is not None else {}))
+    path = Path(settings.twin_model)
+    if not path.is_dir():
+        raise InputError(path, "not a model registry directory (TWIN_MODEL or --registry)")
+    with Progress(transient=True) as progress:
+        task = progress.add_task("samples", total=None)
+
+        def on_version(name: str) -> None:
+            progress.update(task, description=f"samples: {name}")
+
+        filled, failed = fill_samples(
+            settings,
+            path,
+            llama_generate(settings),
+            versions=version or None,
+            count=probes,
+            refresh=refresh,
+            on_version=on_version,
+        )
+    if failed:
+        problems = "; ".join(f"{name}: {why}" for name, why in failed.items())
+        raise InputError(
+            path, f"samples failed for {problems}" + (f" (filled {', '.join(filled)})" if filled else "")
+        )
+    typer.echo(f"samples: {', '.join(filled) or 'every version already has them'} (registry {path})")
 
 
 @models.command("vllm-args")

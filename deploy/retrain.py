@@ -575,6 +575,7 @@ def _cycle(
         return rejected
     stage("export")
     _export(cycle)
+    _samples(cycle)
     stage("promote")
     return _promote(cycle)
 
@@ -687,6 +688,14 @@ def _export(cycle: _CycleState) -> None:
 
     with torch_threads(retrain_threads(cycle.settings)):
         export(cycle.run_dir, cycle.export_dir, quants=tuple(cycle.settings.retrain_quant_list))
+
+
+def _samples(cycle: _CycleState) -> None:
+    """The candidate's replies to the registry's probes, in the export so they move with it."""
+    from deploy.samples import llama_generate, samples_for_export
+
+    generate = llama_generate(cycle.settings, n_threads=retrain_threads(cycle.settings))
+    samples_for_export(cycle.settings, cycle.registry, cycle.export_dir, generate)
 
 
 def _promote(cycle: _CycleState) -> CycleResult:

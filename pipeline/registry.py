@@ -7,8 +7,10 @@
       retrain.lock            held (flock) while a retrain cycle runs
       history.json            promotions and rollbacks, oldest first (rollback walks it back)
       .history.lock           held (flock) for the moment `current` and the history change
+      probes.jsonl            held-out prompts every version answers (`twin models samples`)
       <version>/
         manifest.json         base, parent, data window, dataset hash, eval numbers, ggufs, created
+        samples.json          this version's greedy replies to probes.jsonl (with that file's hash)
         model-<QUANT>.gguf    quantised model(s)
         adapter/              the LoRA adapter (PEFT layout), for incremental retraining and
                               for vLLM, which serves it as `twin-<version>` (`lora_modules`)
@@ -21,6 +23,7 @@ order, manifests, the history, the retrain lock and status. Every change of the 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import mmap
 import os
@@ -39,6 +42,8 @@ LOCK_FILE = "retrain.lock"
 HISTORY_FILE = "history.json"
 HISTORY_LOCK_FILE = ".history.lock"
 MANIFEST_FILE = "manifest.json"
+PROBES_FILE = "probes.jsonl"
+SAMPLES_FILE = "samples.json"
 ADAPTER_DIR = "adapter"
 QUANT_PREFERENCE = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q6_K", "F16", "BF16", "F32")
 
@@ -46,7 +51,9 @@ QUANT_PREFERENCE = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q6_K", "F16", "BF16", "F32")
 # arithmetic could turn into a way out of the registry.
 VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch
 NUMBERED_VERSION = re.compile(r"^v(\d+)$")
-_RESERVED_NAMES = frozenset({CURRENT_FILE, STATUS_FILE, CYCLES_FILE, LOCK_FILE, HISTORY_FILE, MANIFEST_FILE})
+_RESERVED_NAMES = frozenset(
+    {CURRENT_FILE, STATUS_FILE, CYCLES_FILE, LOCK_FILE, HISTORY_FILE, MANIFEST_FILE, PROBES_FILE}
+)
 _GGUF_PREFIX, _GGUF_SUFFIX = "model-", ".gguf"
 
 
@@ -250,6 +257,64 @@ def next_window_start(registry: str | Path, serving: str | None = None) -> int:
 def list_versions(registry: str | Path) -> list[ModelVersion]:
     """All registered versions, oldest first."""
     return [get_version(registry, name) for name in version_names(registry)]
+
+
+# ---------------------------------------------------------------- probes and sample replies
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One held-out prompt: the conversation up to the owner's reply, and that real reply."""
+
+    id: str
+    messages: list[dict[str, str]]  # system/user/assistant…, without the final assistant turn
+    owner_reply: str
+
+
+def probes_hash(registry: str | Path) -> str | None:
+    """The hash of `probes.jsonl` (samples made for other probes are stale); None without it."""
+    try:
+        return hashlib.sha256((Path(registry) / PROBES_FILE).read_bytes()).hexdigest()[:16]
+    except FileNotFoundError:
+        return None
+
+
+def read_probes(registry: str | Path) -> list[Probe]:
+    """The registry's probes, in file order; [] without the file; InvalidVersion when corrupt."""
+    path = Path(registry) / PROBES_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidVersion(path, f"cannot read the probes ({exc})") from None
+    probes = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row["messages"]]
+            probes.append(Probe(str(row["id"]), messages, str(row["owner_reply"])))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidVersion(path, f"line {number} is not a probe ({exc})") from None
+    return probes
+
+
+def read_samples(model_dir: str | Path, probes: str | None) -> dict[str, str]:
+    """A version's replies by probe id, only when made for the probes hashed `probes`; else {}."""
+    try:
+        data = json.loads((Path(model_dir) / SAMPLES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if not isinstance(data, dict) or probes is None or data.get("probes") != probes:
+        return {}
+    replies = data.get("replies")
+    if not isinstance(replies, list):
+        return {}
+    return {
+        str(r["id"]): str(r["text"]) for r in replies if isinstance(r, dict) and "id" in r and "text" in r
+    }
 
 
 # ---------------------------------------------------------------- history (reading side)
