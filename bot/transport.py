@@ -174,7 +174,8 @@ def kept_token(settings: Mapping[str, str | None]) -> str | None:
 # ------------------------------------------------------------------------- checks at start
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """127.0.0.1, ::1, localhost: reachable from this machine only."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -185,7 +186,7 @@ def transport_problem(host: str, token: str, *, http_post: bool, secret: str) ->
     """What is wrong with how the QQ side would connect, as one line (None when all is well)."""
     if not token:
         return "ONEBOT_ACCESS_TOKEN is empty: refusing to serve without authentication (start with bot.py)"
-    if not _is_loopback(host) and len(token) < MIN_EXPOSED_TOKEN_LENGTH:
+    if not is_loopback(host) and len(token) < MIN_EXPOSED_TOKEN_LENGTH:
         return (
             f"HOST {host} is not loopback and ONEBOT_ACCESS_TOKEN has only {len(token)} characters: "
             f"refusing to start; use at least {MIN_EXPOSED_TOKEN_LENGTH} ({GENERATE_HINT}), "

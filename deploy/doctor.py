@@ -291,6 +291,35 @@ def check_exposure(settings: Mapping[str, str | None], token: str | None, *, htt
     return ok("host/token", f"HOST {host} with {strength}{post}")
 
 
+def check_console(config: Config, settings: Mapping[str, str | None], token: str | None) -> Check:
+    """The operator console as `bot.py` will judge it, and whether its password crosses a network."""
+    from bot.console.auth import password_problem
+    from bot.transport import is_loopback
+
+    if not config.twin_console:
+        return ok("console", "off (TWIN_CONSOLE=true serves it at /twin/console/)")
+    fix = (
+        'set TWIN_CONSOLE_PASSWORD to python -c "import secrets; print(secrets.token_urlsafe(18))"\'s output'
+    )
+    problem = password_problem(config.twin_console_password)
+    if problem is not None:
+        return fail("console", f"{problem}: bot.py refuses to start", fix)
+    if token and config.twin_console_password == token:
+        return fail("console", "TWIN_CONSOLE_PASSWORD is the OneBot access token", f"give it its own: {fix}")
+    if "fastapi" not in (settings.get("driver") or "~fastapi"):
+        return fail("console", "the console needs the FastAPI driver", "DRIVER=~fastapi+~websockets")
+    host = settings.get("host") or "127.0.0.1"
+    if not is_loopback(host):
+        return warn(
+            "console",
+            f"served on HOST {host} over plain HTTP: the password crosses the network readable",
+            "keep HOST=127.0.0.1 and use an SSH tunnel or an HTTPS reverse proxy (docs/console.md)",
+        )
+    return ok(
+        "console", f"on at http://{host}:{settings.get('port') or 8080}/twin/console/ with its own password"
+    )
+
+
 def _onebot_setting(settings: Mapping[str, str | None], field: str) -> str | None:
     """An OneBot adapter setting under either name it reads (the `v11` alias wins)."""
     for key in (f"onebot_v11_{field}", f"onebot_{field}"):
@@ -603,6 +632,7 @@ def run_checks(root: Path, environ: Mapping[str, str]) -> list[Check]:
     db = _under(root, config.twin_db)
     token_check, token = check_access_token(settings, transport.token_file({**settings, "twin_db": str(db)}))
     checks += [token_check, check_exposure(settings, token, http_post=config.twin_onebot_http_post)]
+    checks.append(check_console(config, settings, token))
 
     model = _under(root, Path(config.twin_model))
     if config.twin_backend == "openai":

@@ -536,3 +536,37 @@ def test_napcat_not_listening_fails_as_refused(home: Path, capsys, napcat: str) 
     assert result.code == 1
     assert result.line("napcat").startswith("✗") and "connection refused" in result.line("napcat")
     assert "start NapCat" in result.line("napcat")
+
+
+@pytest.mark.parametrize(
+    ("settings", "host", "token", "status", "words"),
+    [
+        ({}, "127.0.0.1", "t" * 32, "ok", "off"),
+        ({"twin_console": True}, "127.0.0.1", "t" * 32, "fail", "TWIN_CONSOLE_PASSWORD is empty"),
+        ({"twin_console": True, "twin_console_password": "short"}, "127.0.0.1", None, "fail", "shorter"),
+        ({"twin_console": True, "twin_console_password": "t" * 32}, "127.0.0.1", "t" * 32, "fail", "OneBot"),
+        (
+            {"twin_console": True, "twin_console_password": "p" * 16},
+            "0.0.0.0",
+            "t" * 32,
+            "warn",
+            "plain HTTP",
+        ),
+        (
+            {"twin_console": True, "twin_console_password": "p" * 16},
+            "127.0.0.1",
+            "t" * 32,
+            "ok",
+            "own password",
+        ),
+    ],
+)
+def test_the_console_check_judges_its_password_and_where_it_listens(
+    settings: dict, host: str, token: str | None, status: str, words: str
+) -> None:
+    from bot.config import Config
+    from deploy.doctor import check_console
+
+    check = check_console(Config(**settings), {"host": host, "port": "8080"}, token)
+    assert check.status == status and words in check.detail, check
+    assert "p" * 16 not in f"{check.detail} {check.fix}"
