@@ -245,6 +245,17 @@ def _pick_account(accounts: list[Account], wanted: str | None) -> Account | None
     return next((a for a in accounts if a.self_id == wanted), None)
 
 
+def _account_problem(in_url: str, in_form: str, *, several: bool) -> str | None:
+    """Why an action may not run: with several accounts it must name one, and the address and
+    the form may not name two different ones (one operator session acts on every account, so
+    the account acted on is only ever the one the form was made for)."""
+    if in_url and in_form and in_url != in_form:
+        return "refused: the address and the form name different accounts / 账号不一致"
+    if several and not (in_url or in_form):
+        return "refused: the form names no account / 未指定账号"
+    return None
+
+
 def _running(console: Console) -> list[Account]:
     running = console.source.accounts()
     return [a for a in running if a.twin.store is not None] if running is not None else []
@@ -263,7 +274,12 @@ async def dispatch(console: Console, route: Route, request: Request) -> Response
         if form is None or not csrf_matches(session, form.get("csrf")) or not same_origin(request):
             return secured(PlainTextResponse("refused: bad or missing CSRF token", status_code=403))
     accounts = _running(console)
-    wanted = request.query_params.get("account") or (form.get("account") if route.method == "POST" else None)
+    wanted = request.query_params.get("account", "")
+    if route.method == "POST":
+        problem = _account_problem(wanted, form.get("account"), several=len(accounts) > 1)
+        if problem is not None:
+            return secured(PlainTextResponse(problem, status_code=400))
+        wanted = wanted or form.get("account")
     account = _pick_account(accounts, wanted)
     if account is None:
         text = "qq-twin is not running" if not accounts else "no such account"
@@ -273,7 +289,8 @@ async def dispatch(console: Console, route: Route, request: Request) -> Response
         return await route.handler(view)
     message = await route.handler(view, form)
     if message:
-        session.flash.append(message)
+        # One session's answers, whichever account they were about: say which.
+        session.flash.append(f"{account.self_id}: {message}" if len(accounts) > 1 else message)
     return secured(RedirectResponse(safe_back(form.get("back"), view.url("/")), status_code=303))
 
 

@@ -69,7 +69,8 @@ def shown(name: str, value: object) -> str:
     if is_secret_setting(name):
         return SECRET_SET if value not in (None, "", "EMPTY") else "(empty / 未设置)"
     if isinstance(value, (list, dict, bool)):
-        return json.dumps(value, ensure_ascii=False)
+        # default=str: a list of paths (TWIN_ACCOUNTS) is shown as the paths it names.
+        return json.dumps(value, ensure_ascii=False, default=str)
     if isinstance(value, (set, frozenset)):
         return json.dumps(sorted(value), ensure_ascii=False)
     return str(value)
