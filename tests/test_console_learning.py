@@ -167,7 +167,7 @@ async def test_a_running_cycle_shows_its_stage_and_a_live_loss_curve(tmp_path):
         html = (await client.get("/learning")).text
         assert '<meta http-equiv="refresh"' not in html
         assert 'id="cycle-state">interrupted<' in html
-        assert '<tr class="cycle-interrupted">' in html
+        assert '<tr class="cycle cycle-interrupted">' in html
 
 
 async def test_past_cycles_are_listed_from_the_cycle_log(tmp_path):
@@ -205,7 +205,7 @@ async def test_past_cycles_are_listed_from_the_cycle_log(tmp_path):
         await login(client)
         html = (await client.get("/learning")).text
         table = re.search(r'<table id="cycles">(.*?)</table>', html, re.S).group(1)
-        rows = re.findall(r'<tr class="cycle-(\w+)">', table)
+        rows = re.findall(r'<tr class="cycle cycle-(\w+)">', table)
         assert rows == ["promoted", "rejected"]  # newest first, the garbage line skipped
         assert "v0002" in table and "12.500 / 10.000" in table and "0.200 / 0.100" in table
         assert "1.234" in table and "perplexity worse &lt;beyond&gt; tolerance" in table

@@ -171,3 +171,22 @@ async def test_the_page_shows_each_versions_reply_next_to_the_owners_escaped(tmp
     assert "OLD" not in samples
     v3 = re.search(r"<code>v0003</code></th><td[^>]*>([^<]*)</td>", samples)
     assert v3 and v3.group(1) == "—"
+
+
+async def test_an_empty_reply_shows_as_staying_silent_not_as_missing(tmp_path: Path) -> None:
+    registry = registry_of_versions(tmp_path, 8, 16)
+    probe = {"id": "p1", "messages": [{"role": "user", "content": "在吗"}], "owner_reply": "在"}
+    (registry / "probes.jsonl").write_text(json.dumps(probe, ensure_ascii=False) + "\n")
+    digest = model_registry.probes_hash(registry)
+    # What a model answering only blank lines leaves once cleaned: the twin would say nothing.
+    (registry / "v0001" / "samples.json").write_text(
+        json.dumps({"probes": digest, "replies": [{"id": "p1", "text": ""}], "created": "now"})
+    )
+    twin = await _twin(tmp_path, registry)
+    async with console_client(tmp_path, twin=twin) as (client, _):
+        await login(client)
+        html = (await client.get("/versions")).text
+    v1 = re.search(r'<tr class="reply" id="reply-p1-v0001">.*?</tr>', html, re.S)
+    v2 = re.search(r'<tr class="reply" id="reply-p1-v0002">.*?</tr>', html, re.S)
+    assert v1 and 'class="silent"' in v1.group(0) and "stays silent" in v1.group(0)
+    assert v2 and '<td class="text">—</td>' in v2.group(0) and "silent" not in v2.group(0)

@@ -23,6 +23,8 @@ MISSING = (
 REPO = Path(__file__).resolve().parents[2]
 DESKTOP = (1280, 900)
 PHONE = (390, 844)
+FULL_PAGE = (DESKTOP[0], 0)  # the desktop's width, as tall as the page (up to MAX_HEIGHT)
+MAX_HEIGHT = 2400
 FLAGS = (
     "--headless=new",
     "--no-sandbox",
@@ -86,8 +88,11 @@ def screenshot_dir() -> Path:
 
 
 def screenshot(driver: object, name: str, size: tuple[int, int] = DESKTOP) -> Path:
-    """The current page, its viewport exactly `size` (a phone's when narrow), saved as `<name>.png`."""
+    """The current page, its viewport exactly `size` (a phone's when narrow; with height 0 the whole
+    page, up to MAX_HEIGHT), saved as `<name>.png`."""
     width, height = size
+    if not height:
+        height = min(MAX_HEIGHT, int(driver.execute_script("return document.documentElement.scrollHeight")))
     # The window's size includes the browser's own frame; the device metrics are the page's.
     metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)

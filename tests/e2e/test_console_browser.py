@@ -3,8 +3,9 @@
 Every page must render without a browser console error (the CSP forbids inline scripts and
 styles, so a violation shows up here), and each is saved as a screenshot (`make
 console-screenshots` refreshes docs/console/). Then what an operator does: approve a twin reply
-and find it among what the next retrain learns, start a retrain and watch its stage move, promote
-and roll back a version and see `/twin status` follow. Selenium blocks, so it runs in a thread:
+and find it among what the next retrain learns, promote and roll back a version and see `/twin
+status` follow, start a retrain and follow it to a promoted version whose sample replies show on
+Versions, then generate the older version's. Selenium blocks, so it runs in a thread:
 the QQ client on this loop must keep answering the bot meanwhile.
 """
 
@@ -21,7 +22,7 @@ import pytest
 from deploy.onebot_client import BotProcess, OneBotClient
 from deploy.retrain import SETTLE_SECONDS
 from tests.e2e import test_retrain_cycle as retrain_cycle
-from tests.e2e.browser import PHONE, chromium, console_errors, screenshot
+from tests.e2e.browser import FULL_PAGE, PHONE, chromium, console_errors, screenshot
 from tests.e2e.conftest import OWNER, bot_env, running_bot, twin_status, wait_until
 from tests.fake_openai import FakeOpenAI
 from tests.registry_helpers import registry_of_versions
@@ -188,6 +189,8 @@ async def test_every_page_renders_without_console_errors_and_is_photographed(
     await friend_talks(qq, FRIEND, "在吗")  # a chat for the timeline
 
     def every_page() -> None:
+        # conversations and timeline are photographed again once they hold more (below); overview,
+        # learning and versions by the retrain test, with a real model, cycles and numbers
         console.login()
         for name, path, heading in PAGES:
             assert heading in console.open(path), f"{path} lacks its heading"
@@ -225,6 +228,9 @@ async def test_an_approved_twin_reply_is_in_what_the_next_retrain_would_learn(
     console: Console, qq: OneBotClient
 ) -> None:
     await friend_talks(qq, FRIEND + 1, "周末去哪")
+    await friend_talks(qq, FRIEND + 1, "要不要一起去爬山")
+    await qq.send_message_sent("好啊 周六早上吧", target_id=FRIEND + 1)  # the owner answers by hand too
+    await asyncio.sleep(0.5)  # stored just after it arrives
 
     def approve() -> None:
         console.login()
@@ -238,8 +244,12 @@ async def test_an_approved_twin_reply_is_in_what_the_next_retrain_would_learn(
         assert replies, "the twin's reply is not in the timeline"
         rowid = replies[-1].get_attribute("id").removeprefix("msg-")
         console.submit(f"li#msg-{rowid} form[action$='/approve']")
+        assert console.all(f"li#msg-{rowid} form[action$='/unapprove']"), "the reply is not approved"
+        screenshot(console.driver, "timeline")  # friend, owner and twin, one reply approved
         console.open("/learning")
         assert console.all(f"#next-retrain li#approved-{rowid}"), "the approved reply is not listed"
+        console.open("/conversations")
+        screenshot(console.driver, "conversations")
 
     await in_browser(approve)
 
@@ -276,48 +286,157 @@ def retrain_bot(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
         TWIN_SEED="7",
         TWIN_BLOCK_LINKS="false",
         TWIN_TAKEOVER_MINUTES="0",  # the owner answers by hand, the twin still answers next round
-        **retrain_cycle.retrain_env(world, home / "data" / "bot.db"),
+        # enough steps for the live loss curve to have a few points (polled once a second)
+        **retrain_cycle.retrain_env(world, home / "data" / "bot.db", TWIN_RETRAIN_MAX_STEPS="12"),
     )
     yield from running_bot(settings, home)
 
 
+LATE_STAGES = ("train", "evaluate", "export", "promote")  # a loss was reported by then or soon after
+CYCLE_COLUMNS = ("started", "finished", "state", "version", "new", "ppl", "style", "loss", "reason")
+
+
+def newest_cycle(console: Console) -> dict[str, str]:
+    """The first row of Learning's past cycles (newest first) by column; {} without one."""
+    from selenium.webdriver.common.by import By
+
+    rows = console.all("table#cycles tbody tr.cycle")
+    if not rows:
+        return {}
+    cells = [td.text.strip() for td in rows[0].find_elements(By.CSS_SELECTOR, "td")]
+    return dict(zip(CYCLE_COLUMNS, cells, strict=False))
+
+
+def sample_replies(console: Console, version: str) -> dict[str, tuple[str, str | None]]:
+    """Per probe on the Versions page: the owner's real reply and `version`'s (None while "—", ""
+    for a reply that is only blank lines: a tiny random model answers greedily so, and stays silent)."""
+    from selenium.webdriver.common.by import By
+
+    replies = {}
+    for table in console.all("#samples table[id^='probe-']"):
+        probe = table.get_attribute("id").removeprefix("probe-")
+        owner = console.find(f"tr#owner-{probe} td").text.strip()
+        cell = console.find(f"tr#reply-{probe}-{version} td")
+        reply = "" if cell.find_elements(By.CSS_SELECTOR, ".silent") else cell.text.strip()
+        replies[probe] = (owner, None if reply == "—" else reply)
+    return replies
+
+
+async def owner_answers(qq: OneBotClient, tag: str) -> None:
+    """Three friends write twice and the owner answers each by hand: what the next cycle learns."""
+    for round_ in range(2):
+        for friend in (21001, 21002, 21003):
+            await friend_talks(qq, friend, f"{tag}第{round_}轮 在吗")
+            await qq.send_message_sent(f"在的 {tag}我自己回的{round_}", target_id=friend)
+    await asyncio.sleep(SETTLE_SECONDS + 1)  # the newest messages wait for the next cycle
+
+
+async def cycle_from_learning(console: Console, running_shot: str | None = None) -> dict[str, str]:
+    """Press Retrain now on Learning and follow the cycle (bounded) until its row is among the past
+    cycles and the page no longer says running; with `running_shot`, the page with its live loss
+    curve is photographed meanwhile (the last such view is kept). Returns that row."""
+
+    def start() -> int:
+        assert "Learning" in console.open("/learning")
+        cycles = len(console.all("table#cycles tbody tr.cycle"))
+        console.submit("form[action$='/retrain']")
+        return cycles
+
+    cycles_before = await in_browser(start)
+    stages: list[str] = []
+    seen = {"finished": False, "state": "", "curve": False}
+
+    def watch() -> bool:
+        console.open("/learning")
+        stage = console.all("#cycle-stage")
+        now = stage[0].text.strip() if stage else ""
+        if now and now not in stages:
+            stages.append(now)
+        state = console.all("#cycle-state")
+        seen["state"] = state[0].text.strip() if state else ""
+        if now in LATE_STAGES and console.all("img#loss-curve"):
+            if running_shot:  # the stage and the live loss curve, retaken until it is the whole curve
+                screenshot(console.driver, running_shot)
+            seen["curve"] = True
+        logged = len(console.all("table#cycles tbody tr.cycle")) > cycles_before
+        # The bot's task reports to the superusers after the cycle is logged: until it ends the
+        # page still says running.
+        seen["finished"] = logged and "running" not in seen["state"]
+        return seen["finished"]
+
+    deadline = time.monotonic() + 480  # a busy machine starts torch slowly; then train, eval, export
+    while not await in_browser(watch) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)  # the QQ client keeps answering the bot meanwhile
+    assert seen["finished"], f"the cycle never finished: stages seen {stages}, state {seen['state']!r}"
+    assert "train" in stages and len(stages) >= 2, f"the stage never showed training: {stages}"
+    assert seen["curve"], f"no live loss curve while the cycle ran (stages seen {stages})"
+    return await in_browser(newest_cycle, console)
+
+
 @pytest.mark.slow
-async def test_a_retrain_started_in_the_console_moves_through_its_stages(
+async def test_retrains_started_in_the_console_become_promoted_versions_with_sample_replies(
     driver: Any, retrain_bot: BotProcess
 ) -> None:
+    from selenium.webdriver.common.by import By
+
     async with retrain_bot.client(self_id=OWNER) as qq:
-        for round_ in range(2):  # the owner's own answers: what the cycle learns
-            for friend in (21001, 21002, 21003):
-                await friend_talks(qq, friend, f"第{round_}轮 在吗")
-                await qq.send_message_sent(f"在的 我自己回的{round_}", target_id=friend)
-        await asyncio.sleep(SETTLE_SECONDS + 1)  # the newest messages wait for the next cycle
         console = Console(driver, retrain_bot)
+        await in_browser(console.login)  # the other bot's session cookie is for the same host
+        await owner_answers(qq, "")
+        cycle = await cycle_from_learning(console, running_shot="learning-running")
+        assert cycle["state"] == "promoted" and cycle["version"] == "v0002", cycle
+        for gate in ("ppl", "style"):  # candidate / serving, both evaluated
+            assert "—" not in cycle[gate] and cycle[gate].count("/") == 1, cycle
+        await serving(qq, "v0002", timeout=60)
 
-        def start() -> int:
-            console.login()  # the other bot's session cookie is for the same host: log in again
-            assert "Learning" in console.open("/learning")
-            cycles = len(console.all("table#cycles tbody tr"))
-            console.submit("form[action$='/retrain']")
-            return cycles
+        def numbers_and_replies(version: str) -> dict[str, tuple[str, str | None]]:
+            console.open("/versions")
+            row = console.find(f"table#versions tr#version-{version}")
+            cells = [td.text.strip() for td in row.find_elements(By.CSS_SELECTOR, "td")]
+            perplexity, style = cells[6], cells[7]  # after name, created, parent, window, messages, samples
+            assert float(perplexity) > 0 and float(style) >= 0, f"{version} lacks its numbers: {cells}"
+            assert console.all("img#ppl-plot") and console.all("img#style-plot")
+            return sample_replies(console, version)
 
-        cycles_before = await in_browser(start)
+        # The cycle's sample hook answered the probes (from TWIN_RETRAIN_DATASET's val.jsonl).
+        replies = await in_browser(numbers_and_replies, "v0002")
+        assert replies, "no probes on the Versions page"
+        for probe, (owner, reply) in replies.items():
+            assert owner, f"probe {probe} lacks the owner's real reply"
+            assert reply is not None, f"the retrained v0002 has no reply to probe {probe}"
 
-        stages: list[str] = []
-        seen = {"finished": False, "state": ""}
+        # A second cycle continues from v0002: two points on every plot, a trend on Learning.
+        await owner_answers(qq, "又")
+        cycle = await cycle_from_learning(console)
+        assert cycle["version"] == "v0003" and cycle["state"] in ("promoted", "rejected"), cycle
+        await in_browser(screenshot, console.driver, "learning", FULL_PAGE)
+        assert await in_browser(console.all, "img#gate-trend"), "no gate trend after two cycles"
+        assert (await in_browser(numbers_and_replies, "v0003")).keys() == replies.keys()
 
-        def watch() -> bool:
-            console.open("/learning")
-            stage = console.all("#cycle-stage")
-            if stage and stage[0].text.strip() and stage[0].text.strip() not in stages:
-                stages.append(stage[0].text.strip())
-            state = console.all("#cycle-state")
-            seen["state"] = state[0].text if state else ""
-            seen["finished"] = len(console.all("table#cycles tbody tr")) > cycles_before
-            return len(stages) >= 2 or seen["finished"]
+        def generate_samples() -> str:
+            console.open("/versions")
+            assert not any(r for _, r in sample_replies(console, "v0001").values()), "v0001 had samples"
+            console.submit("form[action$='/samples']")
+            return console.find(".flash").text if console.all(".flash") else ""
 
-        deadline = time.monotonic() + 400  # a busy machine starts torch slowly
-        while not await in_browser(watch) and time.monotonic() < deadline:
-            await asyncio.sleep(1.0)  # the QQ client keeps answering the bot meanwhile
-        assert len(stages) >= 2 or seen["finished"], (
-            f"the cycle's stage never moved: stages seen {stages}, state {seen['state']!r}"
-        )
+        flash = await in_browser(generate_samples)
+        assert "generating sample replies" in flash, flash
+
+        def v0001_answered() -> bool:
+            console.open("/versions")
+            answered = sample_replies(console, "v0001")
+            return bool(answered) and all(reply is not None for _, reply in answered.values())
+
+        # `twin models samples` loads each version lacking replies in a child at lower priority.
+        deadline = time.monotonic() + 300
+        while not await in_browser(v0001_answered) and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+        assert await in_browser(v0001_answered), "v0001's sample replies never appeared"
+        await in_browser(screenshot, console.driver, "versions", FULL_PAGE)
+
+        def overview() -> str:
+            console.open("/")
+            screenshot(console.driver, "overview")  # a real model, the last retrain, disk used
+            return console.find("#serving-version").text
+
+        assert "v000" in await in_browser(overview)
