@@ -44,6 +44,7 @@ def line_svg(
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.3)
+    axes.ticklabel_format(axis="y", useOffset=False)  # "+2.9999" above the axis reads as noise
     if drawn > 1:
         axes.legend(loc="best", fontsize="small")
     if not drawn:
