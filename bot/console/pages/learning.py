@@ -62,7 +62,8 @@ def gate_plot(cycles: list[dict]) -> str | None:
     evaluated = [c for c in reversed(cycles) if _finite(_candidate(c).get("perplexity"))]
     if len(evaluated) < GATE_PLOT_MIN_CYCLES:
         return None
-    ticks = [str(c.get("started") or "")[5:10] for c in evaluated]
+    # The version a cycle made names it; a rejected one (no version) by when it started.
+    ticks = [str(c.get("version") or str(c.get("started") or "")[5:16].replace("T", " ")) for c in evaluated]
     series = [
         Series("candidate", range(len(evaluated)), [float(_candidate(c)["perplexity"]) for c in evaluated]),
         Series(
