@@ -77,6 +77,22 @@ async def in_browser(step: Callable[..., T], *args: object) -> T:
     return await asyncio.to_thread(step, *args)
 
 
+def left(page: Any) -> Callable[[Any], bool]:
+    """A wait condition: the browser has left `page` (its old <html> is stale). Mid-navigation
+    chromedriver may answer with some other error ("cannot find context…"), which the caller's
+    wait ignores and asks again, where `expected_conditions.staleness_of` would fail the test."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def gone(_: Any) -> bool:
+        try:
+            page.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        return False
+
+    return gone
+
+
 class Console:
     """The console of one bot as the browser sees it; every page load is checked for console errors."""
 
@@ -107,18 +123,19 @@ class Console:
 
     def submit(self, form_css: str, allowed: str | None = None) -> str:
         """Click the submit button of the form at `form_css`, wait for the next page; its heading."""
-        from selenium.webdriver.support import expected_conditions
+        from selenium.common.exceptions import WebDriverException
         from selenium.webdriver.support.wait import WebDriverWait
 
         page = self.find("html")
         self.find(f"{form_css} button[type=submit], {form_css} button:not([type])").click()
-        WebDriverWait(self.driver, 60).until(expected_conditions.staleness_of(page))
+        WebDriverWait(self.driver, 60, ignored_exceptions=(WebDriverException,)).until(left(page))
         WebDriverWait(self.driver, 60).until(
             lambda d: d.execute_script("return document.readyState") == "complete"
         )
         return self.checked(allowed)
 
     def login(self, password: str = PASSWORD) -> str:
+        console_errors(self.driver)  # drained: what an earlier test left unread is not this page's
         self.driver.get(self.base + "/login")
         if not self.driver.current_url.endswith("/login"):
             return self.checked()  # still logged in
