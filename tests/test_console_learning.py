@@ -8,7 +8,7 @@ import re
 
 from bot.store import StoredMessage, read_messages_since
 from pipeline.chatformat import to_turns
-from pipeline.registry import LOCK_FILE
+from pipeline.registry import LOCK_FILE, read_status
 from pipeline.registry_ops import append_cycle, write_status
 from tests.console_helpers import console_client, login, post
 from tests.registry_helpers import registry_of_versions
@@ -163,6 +163,13 @@ async def test_a_running_cycle_shows_its_stage_and_a_live_loss_curve(tmp_path):
         assert re.search(r'id="cycle-state">.*running', cycle)
         assert 'id="cycle-stage">train<' in cycle and "25%" in cycle and "30/120" in cycle
         assert re.search(r'<img id="loss-curve" class="plot" src="data:image/svg\+xml;base64,', cycle)
+        # A stage that reports no progress (export) shows none, not a stuck 0%.
+        write_status(reg, {**read_status(reg), "stage": "export", "progress": 0.0})
+        with open(reg / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            cycle = section((await client.get("/learning")).text, "cycle")
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        assert 'id="cycle-stage">export<' in cycle and 'id="cycle-progress">— · ' in cycle
         # The lock released: the cycle died unrecorded, no refresh, shown among past cycles.
         html = (await client.get("/learning")).text
         assert '<meta http-equiv="refresh"' not in html
