@@ -84,3 +84,12 @@ async def test_the_overview_buttons_post_to_the_console(tmp_path: Path) -> None:
         await login(client)
         page = (await client.get("/")).text
         assert 'action="/twin/console/pause"' in page and 'action="/twin/console/probability"' in page
+
+
+def test_settings_hide_the_credentials_in_a_server_url() -> None:
+    from bot.console.pages.settings import shown
+
+    assert shown("twin_openai_base_url", "http://user:hunter22@gpu:8000/v1") == "http://***@gpu:8000/v1"
+    listed = shown("twin_openai_base_url", ["https://a:b@x/v1", "http://y/v1"])
+    assert "a:b" not in listed and "https://***@x/v1" in listed and "http://y/v1" in listed
+    assert shown("twin_persona", "mail me: me@example.com") == "mail me: me@example.com"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from dotenv import dotenv_values
@@ -64,10 +65,23 @@ def sources(
     return layers
 
 
+# `scheme://user:password@host`: the credentials in a server URL are a secret too.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s]+@")
+
+
+def _no_credentials(value: object) -> object:
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub(r"\1***@", value)
+    if isinstance(value, list):
+        return [_no_credentials(item) for item in value]
+    return value
+
+
 def shown(name: str, value: object) -> str:
-    """A value as the page shows it: secrets masked whatever they are."""
+    """A value as the page shows it: secrets masked whatever they are, and URL credentials."""
     if is_secret_setting(name):
         return SECRET_SET if value not in (None, "", "EMPTY") else "(empty / 未设置)"
+    value = _no_credentials(value)
     if isinstance(value, (list, dict, bool)):
         # default=str: a list of paths (TWIN_ACCOUNTS) is shown as the paths it names.
         return json.dumps(value, ensure_ascii=False, default=str)
