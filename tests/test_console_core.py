@@ -86,7 +86,7 @@ async def test_the_overview_buttons_post_to_the_console(tmp_path: Path) -> None:
         assert 'action="/twin/console/pause"' in page and 'action="/twin/console/probability"' in page
 
 
-def test_settings_hide_the_credentials_in_a_server_url() -> None:
+async def test_settings_hide_the_credentials_in_a_server_url() -> None:
     from bot.console.pages.settings import shown
 
     assert shown("twin_openai_base_url", "http://user:hunter22@gpu:8000/v1") == "http://***@gpu:8000/v1"
