@@ -229,18 +229,16 @@ def simulate(
     """Chat with a running bot as a QQ friend (or group member), from the terminal; Ctrl-D ends."""
     import asyncio
 
-    from dotenv import dotenv_values
     from rich.console import Console
 
-    from bot.transport import kept_token
     from deploy.onebot_client import OneBotClient, OneBotRefused
 
-    # Same sources as the bot: the environment first, then ./.env.
-    settings = {**{k: v for k, v in dotenv_values(".env").items() if v is not None}, **os.environ}
+    # The bot's own sources and names (ONEBOT_V11_ACCESS_TOKEN too); an empty token means the
+    # one it generated and keeps beside its store.
+    settings = _bot_settings()
     if url is None:
-        url = f"ws://{settings.get('HOST', '127.0.0.1')}:{settings.get('PORT', '8080')}/onebot/v11/ws"
-    # An empty token in .env: the bot generated one and keeps it beside its store.
-    token = token or settings.get("ONEBOT_ACCESS_TOKEN") or kept_token({"twin_db": settings.get("TWIN_DB")})
+        url = f"ws://{settings.get('host') or '127.0.0.1'}:{settings.get('port') or '8080'}/onebot/v11/ws"
+    token = token or _access_token(settings)
     console = Console()
 
     async def run() -> None:

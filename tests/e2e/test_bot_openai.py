@@ -402,3 +402,35 @@ async def test_twin_simulate_chats_from_the_terminal(bot: BotProcess, tmp_path: 
     )
     assert done.returncode == 0, done.stderr
     assert "twin> 收到:你好呀" in done.stdout
+
+
+async def test_twin_simulate_finds_the_bot_and_its_token_as_the_bot_reads_them(
+    bot: BotProcess, tmp_path: Path
+) -> None:
+    """No flags: HOST, PORT and the OneBot adapter's own token name (ONEBOT_V11_ACCESS_TOKEN)."""
+    import os
+    import subprocess
+    import sys
+
+    project = str(Path(__file__).resolve().parents[2])
+    command = [sys.executable, "-m", "deploy", "simulate", "--user-id", "20051", "--self-id", "10002"]
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("ONEBOT_", "HOST", "PORT"))}
+    env |= {
+        "PYTHONPATH": project,
+        "COLUMNS": "200",
+        "HOST": bot.settings["HOST"],
+        "PORT": bot.settings["PORT"],
+        "ONEBOT_V11_ACCESS_TOKEN": TOKEN,
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        input="早上好\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "twin> 收到:早上好" in done.stdout
