@@ -20,22 +20,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _prompts import PROMPTS  # bench/ is on sys.path when a script runs
+
 from deploy.onebot_client import NO_PACING, BotProcess
 from pipeline.chatformat import Turn, system_prompt, to_messages
 from pipeline.llama_prompt import prompt_token_ids
-
-PROMPTS = [
-    "在吗",
-    "周末去哪玩",
-    "今天好累啊",
-    "晚上吃什么",
-    "你看那个新番了吗",
-    "明天几点出发",
-    "哈哈哈哈笑死",
-    "借我点钱呗",
-    "考试考得怎么样",
-    "猫又把杯子打翻了",
-]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -35,21 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from _docs import replace_section  # noqa: E402  (bench/ is on sys.path when a script runs)
+from _prompts import PROMPTS  # noqa: E402
 
 HEADING = "## Serving while retraining (`bench/serve_retrain.py`)"
 GOAL = 1.5  # p95 during retrain ≤ GOAL × p95 idle
-PROMPTS = [
-    "在吗",
-    "周末去哪玩",
-    "今天好累啊",
-    "晚上吃什么",
-    "你看那个新番了吗",
-    "明天几点出发",
-    "哈哈哈哈笑死",
-    "借我点钱呗",
-    "考试考得怎么样",
-    "猫又把杯子打翻了",
-]
 REPLY_TIMEOUT = 180.0
 TRAINING_TIMEOUT = 900.0  # a busy machine imports torch and loads the base slowly
 POLL = 0.25
