@@ -20,8 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _prompts import PROMPTS  # bench/ is on sys.path when a script runs
-
+from bench._prompts import PROMPTS  # the repo root is on sys.path, as a script or imported
 from deploy.onebot_client import NO_PACING, BotProcess
 from pipeline.chatformat import Turn, system_prompt, to_messages
 from pipeline.llama_prompt import prompt_token_ids

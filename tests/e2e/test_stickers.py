@@ -155,6 +155,11 @@ async def test_with_twin_stickers_any_friends_stickers_go_out_but_never_over_the
         await qq.send_private(
             20202, [market_face(**HUG, summary="[哈哈哈]")]
         )  # a friend's, first of its name
+        # events are handled concurrently: "first" means first stored, so let these land first
+        firsts = "SELECT name, source FROM stickers ORDER BY name"
+        assert await wait_until(
+            lambda: rows(any_bot, firsts) == [("哈哈哈", "friend"), ("摸摸头", "owner")], 20
+        ), rows(any_bot, firsts)
         forged = {"emoji_package_id": 666, "emoji_id": "deadbeef", "key": "ffffffffffffffff"}
         await qq.send_private(20203, [market_face(**forged, summary="[摸摸头]")])  # collides with the owner's
         await qq.send_private(20203, [market_face(**forged, summary="[微笑]")])  # collides with a QQ face
