@@ -311,8 +311,9 @@ class OpenAIBackend:
     """Any OpenAI-compatible server (vLLM, llama-server, LM Studio, Ollama) via AsyncOpenAI.
 
     Several servers fail over in order. With `lora`, `version` is a registry version served
-    by vLLM as the LoRA `twin-<version>`; with `runtime_lora` a swap first loads the new
-    adapter into every server (vLLM's `/v1/load_lora_adapter`). docs/serving.md.
+    by vLLM as the LoRA `twin-<version>-<fingerprint>` (`adapter` its directory); with
+    `runtime_lora` a swap first loads the new adapter into every server (vLLM's
+    `/v1/load_lora_adapter`). docs/serving.md.
     """
 
     name = "openai"
@@ -339,7 +340,10 @@ class OpenAIBackend:
         self.version = model
         self.lora = lora
         self.runtime_lora = runtime_lora and lora
-        self.model = lora_module_name(model) if lora else model  # the name requests ask for
+        if lora and adapter is None:
+            raise ValueError(f"{model}: serving a registry version as a LoRA needs its adapter directory")
+        # the name requests ask for
+        self.model = lora_module_name(model, adapter) if lora and adapter is not None else model
         self.adapter = adapter  # the serving version's adapter directory, for runtime loading
         self.n_ctx = n_ctx  # the server's window is unknown here: prompts are bounded by this too
         self.sampling = sampling or SamplingSettings()
@@ -482,7 +486,7 @@ class OpenAIBackend:
         if not self.lora:
             log.warning("the openai backend serves whatever its server loaded; swap to %s ignored", version)
             return
-        name = lora_module_name(version)
+        name = await asyncio.to_thread(lora_module_name, version, Path(gguf))
         if self.runtime_lora:
             await self._load_everywhere(name, Path(gguf))
         previous = self.model

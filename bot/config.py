@@ -85,8 +85,9 @@ class Config(BaseModel):
     )
     twin_openai_lora: bool = Field(
         False,
-        description="openai backend: ask for model `twin-<version>` of the registry's serving version "
-        "(vLLM with one LoRA per version, docs/serving.md) and follow promotions and rollbacks",
+        description="openai backend: ask for model `twin-<version>-<fingerprint>` of the registry's "
+        "serving version (vLLM with one LoRA per version, docs/serving.md) and follow promotions "
+        "and rollbacks",
     )
     twin_vllm_runtime_lora: bool = Field(
         False,

@@ -320,7 +320,7 @@ class Twin:
         """Serve `version` from the registry (requests already queued finish on the old model);
         a failure leaves the old version serving and is shown by `/twin status`."""
         try:
-            path = self._checked(version)
+            path = await asyncio.to_thread(self._checked, version)  # may hash an adapter's weights
             log.info("switching model %s → %s", self.backend.version, version)
             await self.backend.swap(path, version)
         except BackendClosed:
@@ -802,7 +802,7 @@ class Twin:
             raise ValueError("TWIN_MODEL is not a model registry")
         if self.model_shared_with:
             raise ValueError(self.shared_registry_note())
-        self._checked(version)  # before anything is loaded
+        await asyncio.to_thread(self._checked, version)  # before anything is loaded
         async with self._model_lock:
             await self.use_version(version)  # `current` moves only once the version really serves
             switch_current(self.registry, version, by=by, reason="/twin model")

@@ -13,7 +13,8 @@
         samples.json          this version's greedy replies to probes.jsonl (with that file's hash)
         model-<QUANT>.gguf    quantised model(s)
         adapter/              the LoRA adapter (PEFT layout), for incremental retraining and
-                              for vLLM, which serves it as `twin-<version>` (`lora_modules`)
+                              for vLLM, which serves it as `twin-<version>-<fingerprint>`
+                              (`lora_modules`)
 
 Reading only (stdlib only, the bot imports it): what to serve, the versions in their one
 order, manifests, the history, the retrain lock and status. Every change of the layout
@@ -23,6 +24,7 @@ order, manifests, the history, the retrain lock and status. Every change of the 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import mmap
@@ -533,18 +535,41 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 class LoraModule:
     """One version's adapter as vLLM loads it: `--lora-modules <name>=<path>`."""
 
-    name: str  # twin-<version>
+    name: str  # twin-<version>-<fingerprint>
     version: str
     path: Path  # the adapter directory, absolute, inside the registry
     rank: int
     base: str  # the base model the adapter applies to ("" when nothing names one)
 
 
-def lora_module_name(version: str) -> str:
-    """The model name a version is served under by vLLM: `twin-<version>`."""
+def adapter_fingerprint(adapter: str | Path) -> str:
+    """The first 12 hex digits of the SHA-256 of an adapter's weights (cached per file state).
+
+    Part of the LoRA name, so that two registries (two QQ accounts) sharing one vLLM never
+    ask for each other's adapter under the same `v0001`; equal weights give the equal name."""
+    weights = Path(adapter) / ADAPTER_WEIGHTS_FILE
+    try:
+        stat = weights.stat()
+    except OSError as exc:
+        raise InvalidVersion(weights, f"unreadable adapter weights ({exc.strerror or exc})") from None
+    return _fingerprint(str(weights.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def lora_module_name(version: str, adapter: str | Path) -> str:
+    """The model name a version is served under by vLLM: `twin-<version>-<fingerprint>`, the
+    fingerprint that of the adapter's weights (`adapter_fingerprint`)."""
     if not is_version_name(version):
         raise InvalidVersion(Path(str(version)), "is not a version name, no LoRA module name for it")
-    return LORA_PREFIX + version
+    return f"{LORA_PREFIX}{version}-{adapter_fingerprint(adapter)}"
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -576,7 +601,8 @@ def lora_module(registry: str | Path, version: str) -> LoraModule:
         raise InvalidVersion(config_path, f"no positive integer rank `r` (found {rank!r})")
     manifest = read_manifest(model_dir)
     base = manifest.get("base") or config.get("base_model_name_or_path") or ""
-    return LoraModule(lora_module_name(version), version, adapter.resolve(), rank, str(base))
+    name = lora_module_name(version, adapter)
+    return LoraModule(name, version, adapter.resolve(), rank, str(base))
 
 
 def lora_modules(registry: str | Path, versions: list[str] | None = None) -> list[LoraModule]:
@@ -607,7 +633,7 @@ def vllm_max_lora_rank(modules: list[LoraModule]) -> int:
 def vllm_lora_args(
     registry: str | Path, modules: list[LoraModule], path_prefix: str | None = None
 ) -> list[str]:
-    """`--enable-lora --max-lora-rank R --lora-modules twin-vNNNN=PATH …` for `vllm serve`.
+    """`--enable-lora --max-lora-rank R --lora-modules twin-vNNNN-<fp>=PATH …` for `vllm serve`.
 
     `path_prefix` replaces the registry directory in each path (where vLLM's container mounts it).
     Adapters trained on different bases cannot share one server: refused."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.registry import lora_module_name
 from pipeline.registry_ops import promote, register
 from tests.gguf_helpers import write_gguf
 
@@ -15,7 +16,8 @@ def export_with_adapter(tmp_path: Path, name: str, *, rank: int = 16, base: str 
     (d / "adapter").mkdir(parents=True)
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 32, "base_model_name_or_path": base}
     (d / "adapter" / "adapter_config.json").write_text(json.dumps(config))
-    (d / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    # weights of their own per export: the LoRA name carries their fingerprint
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(str(d.resolve()).encode().ljust(64, b"\0"))
     write_gguf(d / "model-Q4_K_M.gguf")
     (d / "manifest.json").write_text(json.dumps({"base": base}))
     return d
@@ -28,3 +30,8 @@ def registry_of_versions(tmp_path: Path, *ranks: int) -> Path:
         version = register(reg, export_with_adapter(tmp_path, f"export{i}", rank=rank))
         promote(reg, version.name)
     return reg
+
+
+def lora_name(reg: Path, version: str) -> str:
+    """The model name vLLM serves `version` of `reg` under (`twin-<version>-<fingerprint>`)."""
+    return lora_module_name(version, reg / version / "adapter")

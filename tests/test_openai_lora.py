@@ -1,10 +1,12 @@
 """vLLM with one LoRA per version: what the registry publishes (`twin models vllm-args`), the
-openai backend asking for `twin-<version>`, runtime loading on promotion and rollback, timeouts,
+openai backend asking for `twin-<version>-<fingerprint>`, runtime loading on promotion and rollback, timeouts,
 and failover between servers — all against FakeOpenAI over real HTTP."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +24,7 @@ from pipeline.registry import lora_module_name, lora_modules
 from pipeline.registry_ops import promote, register, rollback
 from tests.e2e.conftest import wait_until
 from tests.fake_openai import FakeOpenAI
-from tests.registry_helpers import export_with_adapter, registry_of_versions
+from tests.registry_helpers import export_with_adapter, lora_name, registry_of_versions
 
 CHAT = [{"role": "system", "content": "你是小明"}, {"role": "user", "content": "在吗"}]
 
@@ -62,8 +64,8 @@ def test_vllm_args_publish_the_serving_version_and_its_rollback_target(tmp_path,
         "--max-lora-rank",
         "64",  # rank 40 rounded up to a value vLLM accepts
         "--lora-modules",
-        f"twin-v0003={adapters}/v0003/adapter",
-        f"twin-v0002={adapters}/v0002/adapter",
+        f"{lora_name(reg, 'v0003')}={adapters}/v0003/adapter",
+        f"{lora_name(reg, 'v0002')}={adapters}/v0002/adapter",
     ]
     assert "base model: Qwen/Qwen3-0.6B" in captured.err
 
@@ -76,8 +78,8 @@ def test_vllm_args_all_versions_under_the_containers_mount(tmp_path, capsys) -> 
         "--max-lora-rank",
         "16",
         "--lora-modules",
-        "twin-v0001=/models/v0001/adapter",
-        "twin-v0002=/models/v0002/adapter",
+        f"{lora_name(reg, 'v0001')}=/models/v0001/adapter",
+        f"{lora_name(reg, 'v0002')}=/models/v0002/adapter",
     ]
 
 
@@ -126,10 +128,42 @@ def test_vllm_args_refuse_a_relative_path_prefix(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize("name", ["../v0001", "v1/x", ".hidden", "current", ""])
-def test_a_lora_name_is_made_only_from_a_version_name(name) -> None:
+def test_a_lora_name_is_made_only_from_a_version_name(name, tmp_path) -> None:
+    adapter = export_with_adapter(tmp_path, "export") / "adapter"
     with pytest.raises(ValueError):
-        lora_module_name(name)
-    assert lora_module_name("v0007") == "twin-v0007"
+        lora_module_name(name, adapter)
+    weights = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert lora_module_name("v0007", adapter) == f"twin-v0007-{weights[:12]}"
+
+
+def test_two_registries_versions_of_one_name_get_different_lora_names(tmp_path, capsys) -> None:
+    """Two accounts' registries both start at v0001: on one vLLM they must not share a name."""
+    alice, bob = registry_of_versions(tmp_path / "alice", 16), registry_of_versions(tmp_path / "bob", 16)
+    assert lora_name(alice, "v0001") != lora_name(bob, "v0001")
+    published = []
+    for reg in (alice, bob):
+        assert twin(["models", "vllm-args", "--all", "--registry", str(reg)]) == 0
+        published += capsys.readouterr().out.split()[4:]
+    assert len({spec.split("=")[0] for spec in published}) == 2
+    # the same weights copied elsewhere (a restored backup) keep their name
+    copy = tmp_path / "copy"
+    shutil.copytree(alice / "v0001" / "adapter", copy)
+    assert lora_module_name("v0001", copy) == lora_name(alice, "v0001")
+
+
+def test_a_lora_name_follows_new_weights_and_refuses_missing_ones(tmp_path) -> None:
+    adapter = export_with_adapter(tmp_path, "export") / "adapter"
+    before = lora_module_name("v0001", adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(b"retrained, longer than before")
+    assert lora_module_name("v0001", adapter) != before
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: unreadable adapter weights"):
+        lora_module_name("v0001", adapter)
+
+
+async def test_a_lora_backend_needs_the_adapter(fake) -> None:
+    with pytest.raises(ValueError, match="needs its adapter directory"):
+        OpenAIBackend(fake.base_url, "v0001", lora=True)
 
 
 def test_lora_modules_of_a_registry_without_current_is_a_clear_error(tmp_path) -> None:
@@ -161,7 +195,7 @@ async def running(tmp_path: Path, fake: FakeOpenAI) -> AsyncIterator[tuple[Twin,
     """A twin on vLLM with runtime LoRA loading, serving v0001 of a two-version registry."""
     reg = registry_of_versions(tmp_path, 16, 16)
     rollback(reg)  # v0001 serves, v0002 is registered
-    fake.loaded.add("twin-v0001")  # vLLM started with `twin models vllm-args`
+    fake.loaded.add(lora_name(reg, "v0001"))  # vLLM started with `twin models vllm-args`
     twin_ = Twin(lora_config(tmp_path, reg, fake.base_url, twin_vllm_runtime_lora=True), nicknames=["小明"])
     await twin_.start()
     yield twin_, reg
@@ -170,12 +204,13 @@ async def running(tmp_path: Path, fake: FakeOpenAI) -> AsyncIterator[tuple[Twin,
 
 async def test_requests_ask_for_the_serving_versions_lora(tmp_path, fake) -> None:
     reg = registry_of_versions(tmp_path, 16)
-    backend = OpenAIBackend(fake.base_url, "v0001", retries=0, lora=True)
+    backend = OpenAIBackend(fake.base_url, "v0001", retries=0, lora=True, adapter=reg / "v0001" / "adapter")
     try:
         generation = await backend.generate(CHAT)
     finally:
         await backend.close()
-    assert fake.requests[-1]["model"] == "twin-v0001" and generation.version == "v0001"
+    assert fake.requests[-1]["model"] == lora_name(reg, "v0001")
+    assert generation.version == "v0001"
     assert fake.lora_calls == []  # without runtime loading vLLM was started with the modules
     assert reg.is_dir()
 
@@ -186,10 +221,13 @@ async def test_a_promotion_loads_the_adapter_first_then_chats_use_its_name(runni
     promote(reg, "v0002")
     assert await wait_until(lambda: twin_.backend.version == "v0002", 10, interval=0.05)
     adapter = str((reg / "v0002" / "adapter").resolve())
-    assert fake.lora_calls == [("load", {"lora_name": "twin-v0002", "lora_path": adapter})]
+    assert fake.lora_calls == [("load", {"lora_name": lora_name(reg, "v0002"), "lora_path": adapter})]
     await twin_.backend.generate(CHAT)
-    assert fake.requests[-1]["model"] == "twin-v0002"
-    assert ("unload", {"lora_name": "twin-v0001"}) not in fake.lora_calls  # the rollback target stays
+    assert fake.requests[-1]["model"] == lora_name(reg, "v0002")
+    assert (
+        "unload",
+        {"lora_name": lora_name(reg, "v0001")},
+    ) not in fake.lora_calls  # the rollback target stays
     assert "model: v0002 (openai)" in await twin_.status_text()
 
 
@@ -200,9 +238,11 @@ async def test_a_rollback_returns_to_the_previous_name(running, fake) -> None:
     rollback(reg)
     assert await wait_until(lambda: twin_.backend.version == "v0001", 10, interval=0.05)
     await twin_.backend.generate(CHAT)
-    assert fake.requests[-1]["model"] == "twin-v0001"
+    assert fake.requests[-1]["model"] == lora_name(reg, "v0001")
     # Loading a name the server has is vLLM's 400 "already been loaded": success for the bot.
-    assert [call for call in fake.lora_calls if call[0] == "load"][-1][1]["lora_name"] == "twin-v0001"
+    assert [call for call in fake.lora_calls if call[0] == "load"][-1][1]["lora_name"] == lora_name(
+        reg, "v0001"
+    )
 
 
 async def test_versions_beyond_the_rollback_target_are_unloaded(tmp_path, fake) -> None:
@@ -217,8 +257,8 @@ async def test_versions_beyond_the_rollback_target_are_unloaded(tmp_path, fake) 
             assert await wait_until(lambda v=version: twin_.backend.version == v, 10, interval=0.05)
     finally:
         await twin_.close()
-    assert ("unload", {"lora_name": "twin-v0001"}) in fake.lora_calls
-    assert fake.loaded == {"twin-v0002", "twin-v0003"}
+    assert ("unload", {"lora_name": lora_name(reg, "v0001")}) in fake.lora_calls
+    assert fake.loaded == {lora_name(reg, "v0002"), lora_name(reg, "v0003")}
 
 
 async def test_a_failed_load_keeps_the_old_name_and_status_says_so(running, fake) -> None:
@@ -229,7 +269,7 @@ async def test_a_failed_load_keeps_the_old_name_and_status_says_so(running, fake
     assert problem and problem.startswith("v0002 failed") and "HTTP 500" in problem
     assert problem.endswith("still serving v0001")
     await twin_.backend.generate(CHAT)
-    assert fake.requests[-1]["model"] == "twin-v0001"
+    assert fake.requests[-1]["model"] == lora_name(reg, "v0001")
     assert "last switch: v0002 failed" in await twin_.status_text()
     fake.fail_loads = False
     await twin_.switch_model("v0002")  # `/twin model v0002` tries again
@@ -237,12 +277,12 @@ async def test_a_failed_load_keeps_the_old_name_and_status_says_so(running, fake
 
 
 async def test_an_adapter_a_restarted_vllm_forgot_is_loaded_on_first_use(running, fake) -> None:
-    twin_, _ = running
+    twin_, reg = running
     fake.loaded.clear()  # vLLM restarted with other --lora-modules
     fake.strict_models = True
     generation = await twin_.backend.generate(CHAT)
-    assert generation.text == "收到:在吗" and fake.requests[-1]["model"] == "twin-v0001"
-    assert fake.lora_calls[-1][0] == "load" and "twin-v0001" in fake.loaded
+    assert generation.text == "收到:在吗" and fake.requests[-1]["model"] == lora_name(reg, "v0001")
+    assert fake.lora_calls[-1][0] == "load" and lora_name(reg, "v0001") in fake.loaded
 
 
 async def test_the_openai_lora_setting_needs_a_registry(tmp_path, fake) -> None:

@@ -18,7 +18,7 @@ from deploy.onebot_client import BotProcess, OneBotClient, OneBotRefused
 from pipeline.registry_ops import promote, rollback
 from tests.e2e.conftest import OWNER, SUPERUSER, TOKEN, bot_env, running_bot, twin_status, wait_until
 from tests.fake_openai import FakeOpenAI
-from tests.registry_helpers import registry_of_versions
+from tests.registry_helpers import lora_name, registry_of_versions
 
 pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
@@ -247,7 +247,7 @@ async def test_restart_keeps_memory_and_pause_state(fake: FakeOpenAI, tmp_path: 
 
 
 async def test_a_promotion_loads_the_new_lora_into_vllm_before_chats_use_it(tmp_path: Path) -> None:
-    """vLLM with one LoRA per version: the bot asks for `twin-<serving version>`, and a promotion
+    """vLLM with one LoRA per version: the bot asks for `twin-<serving version>-<fp>`, and a promotion
     in the registry is loaded through /v1/load_lora_adapter before the next chat uses its name."""
     registry = registry_of_versions(tmp_path, 16, 16)
     rollback(registry)  # v0001 serves
@@ -266,16 +266,16 @@ async def test_a_promotion_loads_the_new_lora_into_vllm_before_chats_use_it(tmp_
         async with process.client(self_id=OWNER) as client:
             await client.send_private(20030, "早")
             await client.wait_reply(user_id=20030, timeout=20)
-            assert vllm.requests[-1]["model"] == "twin-v0001"
+            assert vllm.requests[-1]["model"] == lora_name(registry, "v0001")
             promote(registry, "v0002")
             adapter = str((registry / "v0002" / "adapter").resolve())
-            load = ("load", {"lora_name": "twin-v0002", "lora_path": adapter})
+            load = ("load", {"lora_name": lora_name(registry, "v0002"), "lora_path": adapter})
             assert await wait_until(lambda: load in vllm.lora_calls, 20, interval=0.1)
             status = await twin_status(client)
             assert status.startswith("model: v0002 (openai)") and f"server: {vllm.base_url}" in status
             await client.send_private(20030, "晚")
             await client.wait_reply(user_id=20030, after=1, timeout=20)
-            assert vllm.requests[-1]["model"] == "twin-v0002"
+            assert vllm.requests[-1]["model"] == lora_name(registry, "v0002")
     finally:
         process.stop()
         vllm.close()
