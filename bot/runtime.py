@@ -214,6 +214,8 @@ class Twin:
         self._pairs = PairBuilder(config.twin_burst_gap)
         self._indexer: asyncio.Task | None = None
         self._indexed = 0  # the last store row in the index
+        self._reindex_wanted = False  # an include came while the index was being built
+        self._forgotten_meanwhile: set[str] = set()  # excluded while a build ran: out of the new index
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -332,43 +334,63 @@ class Twin:
 
     async def _index_replies(self) -> None:
         """Index the owner's past replies (the imported history, then the store) in a thread; rows
-        stored meanwhile are caught up after, and from then on each message as it is recorded."""
+        stored meanwhile are caught up after, and from then on each message as it is recorded.
+        Runs again from scratch when asked meanwhile (`reindex`); the index built before keeps
+        answering until the new one replaces it."""
         assert self.store is not None
-        started = time.perf_counter()
-        try:
-            index, up_to = await asyncio.to_thread(self._build_index)
-        except BackendClosed:
-            return
-        except Exception as exc:  # a bad import file must not stop the bot: it answers without examples
-            log.error("examples are off: indexing the owner's replies failed: %s", exc)
-            return
-        # The thread saw committed rows only; the rest (ids only grow) is read here.
-        while rows := await self.store.example_rows(up_to):
-            for row in rows:
-                self._index_row(row, index)
-            up_to = rows[-1].id or up_to
-        self._indexed = up_to
-        self.replies = index  # no await since the last read: nothing recorded is missed
-        log.info(
-            "indexed %d of the owner's past replies in %.1f s", len(index), time.perf_counter() - started
-        )
+        while True:
+            self._reindex_wanted = False
+            self._forgotten_meanwhile = set()
+            started = time.perf_counter()
+            pairs = PairBuilder(self.config.twin_burst_gap)
+            try:
+                index, up_to = await asyncio.to_thread(self._build_index, pairs)
+            except BackendClosed:
+                return
+            except Exception as exc:  # a bad import file must not stop the bot: it answers without examples
+                log.error("examples are off: indexing the owner's replies failed: %s", exc)
+                return
+            # The thread saw committed rows only; the rest (ids only grow) is read here.
+            while rows := await self.store.example_rows(up_to):
+                for row in rows:
+                    self._index_row(row, index, pairs)
+                up_to = rows[-1].id or up_to
+            for msg_id in self._forgotten_meanwhile:  # the thread may have read it before
+                index.forget(msg_id)
+            # no await since the last read: nothing recorded is missed
+            self._pairs, self.replies, self._indexed = pairs, index, up_to
+            log.info(
+                "indexed %d of the owner's past replies in %.1f s", len(index), time.perf_counter() - started
+            )
+            if not self._reindex_wanted:
+                return
 
-    def _build_index(self) -> tuple[ReplyIndex, int]:
+    def reindex(self) -> None:
+        """Build the examples index again (an included message's pairs were cut when it was
+        excluded); the current index answers meanwhile. Nothing when TWIN_EXAMPLES is off."""
+        if not self.config.twin_examples or self.store is None or self._stopping.is_set():
+            return
+        if self._indexer is not None and not self._indexer.done():
+            self._reindex_wanted = True  # the running build may have read the row before: again
+            return
+        self._indexer = asyncio.create_task(self._index_replies(), name="twin-examples-index")
+
+    def _build_index(self, pairs: PairBuilder) -> tuple[ReplyIndex, int]:
         """The index of the imported history and the store's committed rows, and the last row read."""
         index = ReplyIndex(other_chats=self.config.twin_examples_other_chats)
         if self.config.twin_examples_messages is not None:
-            for pair in read_record_pairs(self.config.twin_examples_messages, self._pairs):
+            for pair in read_record_pairs(self.config.twin_examples_messages, pairs):
                 index.add(pair)
         last = 0
         for row in read_example_rows(self.config.twin_db, key=self.config.twin_db_key):
             if self._stopping.is_set():  # a thread cannot be cancelled: it stops itself, or shutdown waits
                 raise BackendClosed("shutting down")
-            self._index_row(row, index)
+            self._index_row(row, index, pairs)
             last = max(last, row.id or 0)
         return index, last
 
-    def _index_row(self, row: StoredMessage, index: ReplyIndex) -> None:
-        pair = self._pairs.add((row.chat_type, row.chat), row, source=row.msg_id or "")
+    def _index_row(self, row: StoredMessage, index: ReplyIndex, pairs: PairBuilder | None = None) -> None:
+        pair = (pairs or self._pairs).add((row.chat_type, row.chat), row, source=row.msg_id or "")
         if pair is not None:
             index.add(pair)
 
@@ -432,13 +454,18 @@ class Twin:
         assert self.store is not None
         if self.replies is not None:
             self.replies.forget(msg_id)
+        if self._indexer is not None and not self._indexer.done():
+            self._forgotten_meanwhile.add(msg_id)  # the build may have read it already
         return await self.store.exclude(msg_id, reason)
 
     async def include(self, msg_id: str) -> int:
-        """Undo an operator's exclusion (only that reason); the examples index sees the message
-        again from the next start, since its pairs were cut when it was excluded."""
+        """Undo an operator's exclusion (only that reason); the examples index is built again in
+        the background, since the message's pairs were cut when it was excluded."""
         assert self.store is not None
-        return await self.store.include(msg_id)
+        changed = await self.store.include(msg_id)
+        if changed:
+            self.reindex()
+        return changed
 
     def is_command(self, text: str) -> bool:
         """A command line (`/twin …`, another bot's `/help`): never chat, never training text."""

@@ -210,6 +210,55 @@ async def test_a_recalled_reply_is_no_longer_an_example(tmp_path: Path) -> None:
     assert EXAMPLES_HEADING not in prompt
 
 
+async def test_an_included_reply_is_an_example_again_without_a_restart(tmp_path: Path) -> None:
+    twin = await started_twin(tmp_path, ScriptedBackend(), twin_examples=2)
+    past = time.time() - 600
+    await chat_in(twin, A, "明天几点出发", "九点", past)
+    await twin.exclude(f"o{int(past)}", "operator")
+    assert EXAMPLES_HEADING not in await ask(twin, A, "明天几点出发")
+    excluded_index = twin.replies
+
+    assert await twin.include(f"o{int(past)}") == 1
+    for _ in range(200):  # rebuilt in the background; the old index answers meanwhile
+        if twin.replies is not excluded_index:
+            break
+        await asyncio.sleep(0.02)
+    prompt = await ask(twin, A, "明天几点出发")
+    await twin.close()
+
+    assert prompt.endswith(f"{EXAMPLES_HEADING}\n- 九点")
+
+
+async def test_a_reply_excluded_while_the_index_is_rebuilt_stays_out_of_it(tmp_path: Path) -> None:
+    twin = await started_twin(tmp_path, ScriptedBackend(), twin_examples=2)
+    past = time.time() - 600
+    await chat_in(twin, A, "明天几点出发", "九点", past)
+    await chat_in(twin, A, "周末去哪", "去香山", past + 60)
+    await twin.exclude(f"o{int(past)}", "operator")
+    started = asyncio.Event()
+    build = twin._build_index
+
+    def slow_build(pairs):  # the thread reads every row, then the operator excludes one
+        result = build(pairs)
+        asyncio.run_coroutine_threadsafe(_set(started), loop)
+        time.sleep(0.3)
+        return result
+
+    async def _set(event: asyncio.Event) -> None:
+        event.set()
+
+    loop = asyncio.get_running_loop()
+    twin._build_index = slow_build  # type: ignore[method-assign]
+    await twin.include(f"o{int(past)}")
+    await started.wait()
+    await twin.exclude(f"o{int(past) + 60}", "operator")  # read by the running build already
+    await twin._indexer
+    prompt = await ask(twin, A, "明天几点出发 周末去哪")
+    await twin.close()
+
+    assert "- 九点" in prompt and "去香山" not in prompt
+
+
 async def test_examples_are_off_by_default(tmp_path: Path) -> None:
     twin = await started_twin(tmp_path, ScriptedBackend())
     await chat_in(twin, A, "明天几点出发", "九点", time.time() - 600)
