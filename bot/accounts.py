@@ -199,7 +199,7 @@ async def start_accounts(
             handles.append(backend)
             twin = Twin(
                 config,
-                nicknames=nicknames,
+                nicknames=list(config.twin_nicknames) or nicknames,
                 backend=backend,
                 command_prefixes=command_prefixes,
                 model_lock=backend.model_lock,

@@ -120,6 +120,11 @@ class Config(BaseModel):
     twin_superusers: list[int] = Field(
         [], description="who may give this account /twin commands; empty = SUPERUSERS"
     )
+    twin_nicknames: list[str] = Field(
+        [],
+        description="the names friends call this account by: a group message that contains one "
+        "addresses its twin; empty = NICKNAME (set it per account file when there are several)",
+    )
 
     # the conversation store
     twin_db: Path = Field(Path(DEFAULT_DB), description="conversation store (SQLite, WAL)")

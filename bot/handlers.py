@@ -163,6 +163,11 @@ async def start_twin() -> None:
         nicknames=sorted(driver.config.nickname),
         command_prefixes=sorted(driver.config.command_start),
     )
+    if plugin_config.twin_accounts and driver.config.nickname:
+        logger.warning(
+            "qq-twin: NICKNAME is process-wide: a group message starting with one is addressed to "
+            "every account; with several accounts leave it empty and set TWIN_NICKNAMES per account file"
+        )
     # The QQ side may not log in as a superuser; a QQ account no file names is told of once.
     transport.set_accounts(accounts.served(), accounts.superusers())
     _accounts = accounts

@@ -1,7 +1,7 @@
 """Two QQ accounts in one `bot.py`, each its own twin: nothing crosses from one to the other.
 
 Accounts A (10001, persona 小明, superuser 51) and B (10002, persona 小红, superuser 52) each
-have an account file and a store; they name the same model, which is loaded once.
+have an account file and a store (and nicknames); they name the same model, which is loaded once.
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ FRIEND = 20001
 @pytest.fixture(scope="module")
 def bot(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotProcess]:
     home = tmp_path_factory.mktemp("accounts")
+    nicknames = {A: '["小明", "明哥"]', B: '["小红"]'}
     for qq, persona, admin in ((A, "小明", A_ADMIN), (B, "小红", B_ADMIN)):
         lines = [f"TWIN_ACCOUNT={qq}", f"TWIN_DB=data/{qq}.db", f"TWIN_PERSONA={persona}"]
-        (home / f"{qq}.env").write_text("\n".join([*lines, f"TWIN_SUPERUSERS=[{admin}]"]) + "\n")
+        lines += [f"TWIN_NICKNAMES={nicknames[qq]}", f"TWIN_SUPERUSERS=[{admin}]"]
+        (home / f"{qq}.env").write_text("\n".join(lines) + "\n")
     settings = bot_settings(
-        fake, home / "data" / "process.db", TWIN_ACCOUNTS=json.dumps([f"{A}.env", f"{B}.env"])
+        fake,
+        home / "data" / "process.db",
+        TWIN_ACCOUNTS=json.dumps([f"{A}.env", f"{B}.env"]),
+        NICKNAME='["阿福"]',  # process-wide: set here only to see the warning
     )
     yield from running_bot(settings, home)
 
@@ -165,3 +170,22 @@ async def test_two_account_files_for_one_store_stop_the_bot_in_one_line(
         process.start(timeout=60)
     assert "qq-twin: b.env: TWIN_DB data/same.db is a.env's too: each account needs its own" in process.log()
     assert not (tmp_path / "data" / "same.db").exists()
+
+
+async def test_a_nickname_addresses_its_own_accounts_twin_only(
+    qa: OneBotClient, qb: OneBotClient, bot: BotProcess
+) -> None:
+    """Both accounts are in group 300; each answers its own TWIN_NICKNAMES and not the other's."""
+    member = 20077
+    for qq in (qa, qb):
+        await qq.send_group(300, member, "小红在吗", card="阿强")
+    (answer,) = await qb.wait_reply(group_id=300, timeout=20)
+    assert answer.text.endswith("小红在吗")
+    assert await qa.wait_quiet(1.0, group_id=300) == []  # not A's name
+
+    for qq in (qa, qb):
+        await qq.send_group(300, member, "明哥晚上打球吗", card="阿强")
+    (answer,) = await qa.wait_reply(group_id=300, timeout=20)
+    assert answer.text.endswith("明哥晚上打球吗")
+    assert await qb.wait_quiet(1.0, group_id=300) == []  # B answered only its own name
+    assert "NICKNAME is process-wide" in bot.log()

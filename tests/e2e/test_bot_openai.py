@@ -24,20 +24,20 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 
 def bot_settings(fake: FakeOpenAI, db: Path, **extra: str) -> dict[str, str]:
-    return bot_env(
-        NICKNAME='["小明"]',
-        COMMAND_START='["/"]',
-        TWIN_BACKEND="openai",
-        TWIN_OPENAI_BASE_URL=fake.base_url,
-        TWIN_OPENAI_MODEL="fake-twin",
-        TWIN_OPENAI_RETRIES="0",
-        TWIN_OPENAI_TIMEOUT="10",
-        TWIN_DB=str(db),
-        TWIN_RATE_PER_CHAT="100",
-        TWIN_RATE_TOTAL="1000",
-        TWIN_GROUP_ALLOW="[300, 301]",
-        **extra,
-    )
+    defaults = {
+        "NICKNAME": '["小明"]',
+        "COMMAND_START": '["/"]',
+        "TWIN_BACKEND": "openai",
+        "TWIN_OPENAI_BASE_URL": fake.base_url,
+        "TWIN_OPENAI_MODEL": "fake-twin",
+        "TWIN_OPENAI_RETRIES": "0",
+        "TWIN_OPENAI_TIMEOUT": "10",
+        "TWIN_DB": str(db),
+        "TWIN_RATE_PER_CHAT": "100",
+        "TWIN_RATE_TOTAL": "1000",
+        "TWIN_GROUP_ALLOW": "[300, 301]",
+    }
+    return bot_env(**{**defaults, **extra})
 
 
 def rows(db: Path, sql: str, *args: object) -> list[tuple]:
