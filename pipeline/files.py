@@ -30,7 +30,8 @@ def private_dir(path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `final`; rename it over `final` only if the block succeeds."""
+    """Yield a temp path beside `final`; rename it over `final` only if the block succeeds,
+    its contents synced first and the rename after (a power cut leaves the old file or the new)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -39,21 +40,25 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(final.parent)
 
 
 @contextlib.contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a private temp directory beside `final`; it replaces `final` only on success."""
+    """Yield a private temp directory beside `final`; it replaces `final` only on success, every
+    file in it synced first and the rename after."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, PRIVATE_DIR_MODE)
     try:
         yield tmp
+        fsync_tree(tmp)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -65,6 +70,26 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(final.parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's contents to the disk (a link or something not a regular file is left alone)."""
+    if Path(path).is_symlink() or not Path(path).is_file():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """`fsync_file` every file under `root`, then every directory, deepest first."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(dirpath)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -43,6 +43,39 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     assert _mode(target) == 0o700
 
 
+def test_atomic_outputs_are_synced_before_their_rename_and_the_directory_after(tmp_path, monkeypatch):
+    """Durable, not only atomic: a power cut right after must not leave an empty file in place."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("sync " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(f"rename {os.path.basename(dst)}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_path(tmp_path / "out.jsonl") as tmp:
+        tmp.write_text("x")
+    assert events[0].startswith("sync .out.jsonl.") and events[1:] == [
+        "rename out.jsonl",
+        f"sync {tmp_path.name}",
+    ]
+
+    events.clear()
+    with atomic_dir(tmp_path / "dataset") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "train.jsonl").write_text("x")
+    assert events[0] == "sync train.jsonl" and events[1] == "sync sub"
+    assert events[2].startswith("sync .dataset.") and events[3:] == [
+        "rename dataset",
+        f"sync {tmp_path.name}",
+    ]
+
+
 def test_messages_round_trip(tmp_path):
     msg = Message(
         "1", "group", "100", "200", "小王", False, 1_700_000_000, "笑死[doge]", "0", ["text", "face"]
