@@ -746,8 +746,10 @@ def read_messages_since(
     *,
     key: str = "",
     include_approved_twin: bool = False,
+    before_ts: int | None = None,
 ) -> list[StoredMessage]:
-    """Messages at or after `since_ts`, oldest first, for retraining (synchronous, read-only use).
+    """Messages at or after `since_ts` (and before `before_ts`, when given), oldest first, for
+    retraining (synchronous, read-only use).
 
     Incoming and owner messages always; the twin's own replies only when `include_approved_twin`
     and an operator approved them (training on unreviewed output makes the model drift), and
@@ -758,9 +760,11 @@ def read_messages_since(
         raise FileNotFoundError(f"{path}: no such conversation store")
     conn = _connector(path, key or "")()
     try:
+        until, params = ("", (since_ts,)) if before_ts is None else (" AND time < ?", (since_ts, before_ts))
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE {retrain_rows(include_approved_twin)} ORDER BY time, id",
-            (since_ts,),
+            f"SELECT {_COLUMNS} FROM messages WHERE {retrain_rows(include_approved_twin)}{until} "
+            "ORDER BY time, id",
+            params,
         ).fetchall()
     finally:
         conn.close()

@@ -8,6 +8,7 @@ very end. Whatever happens, `retrain-status.json` says what the cycle did and wh
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import math
@@ -234,9 +235,9 @@ class StatusFile:
 # ---------------------------------------------------------------- stages (I/O)
 
 
-def collect_messages(settings: Config, since: int) -> list[Message]:
-    """The store's messages at or after `since` as records: everyone's, the owner's own, and
-    the twin's replies only where an operator approved them."""
+def collect_messages(settings: Config, since: int, before: int | None = None) -> list[Message]:
+    """The store's messages at or after `since` (and before `before`) as records: everyone's,
+    the owner's own, and the twin's replies only where an operator approved them."""
     from bot.store import read_messages_since
 
     if not settings.twin_db.is_file():
@@ -247,12 +248,25 @@ def collect_messages(settings: Config, since: int) -> list[Message]:
             since,
             key=settings.twin_db_key or "",
             include_approved_twin=settings.twin_retrain_include_approved,
+            before_ts=before,
         )
     except Exception as exc:  # sqlite3/sqlcipher errors: wrong key, not a database
         raise InputError(
             settings.twin_db, f"cannot read the conversation store ({exc}); check TWIN_DB_KEY"
         ) from None
     return [to_record(m) for m in stored]
+
+
+def context_history(settings: Config, before: int) -> Iterator[Message]:
+    """Everything said before `before` (a cycle's first message), oldest first, for its samples'
+    memory and examples: the imported history of TWIN_EXAMPLES_MESSAGES and the store's rows,
+    as the live bot knows them when it answers."""
+    from pipeline.records import iter_messages
+
+    imported = settings.twin_examples_messages
+    older = iter_messages(imported) if imported is not None and imported.is_file() else iter(())
+    stored = collect_messages(settings, 0, before=before)
+    return heapq.merge((m for m in older if m.time < before), stored, key=lambda m: m.time)
 
 
 def to_record(stored) -> Message:
@@ -594,7 +608,12 @@ def _build(cycle: _CycleState) -> CycleResult | None:
     from pipeline.dataset.build import build_samples
 
     settings = cycle.settings
-    built = build_samples(cycle.messages, dataset_settings_for(settings))
+    build_settings = dataset_settings_for(settings)
+    # The samples' system prompts know the whole history before the window, as the bot's do.
+    needs_history = build_settings.memory or build_settings.examples > 0
+    start = cycle.messages[0].time if cycle.messages else cycle.since
+    history = context_history(settings, start) if needs_history else iter(())
+    built = build_samples(cycle.messages, build_settings, history=history)
     samples = sorted(built, key=lambda sample: getattr(sample, "end", 0))
     cycle.new_samples = len(samples)
     cycle.status.update(new_samples=len(samples))

@@ -434,3 +434,62 @@ def test_idle_priority_moves_the_retrain_and_the_threads_it_starts_to_sched_idle
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "True", "True", "10"]
+
+
+def test_a_cycles_samples_know_the_history_before_its_window_as_the_bot_does(tmp_path, monkeypatch):
+    """Memory and examples are built from everything said before the window (the imported history
+    and the store's older rows), not from the window alone; that history makes no samples."""
+    import deploy.retrain as retrain
+    from pipeline.dataset.build import build_dataset
+    from pipeline.dataset.settings import DatasetSettings
+    from pipeline.records import Message, write_messages
+
+    day, t0 = 86_400, 1_700_000_000
+    imported = [
+        Message("i1", "c2c", FRIEND, FRIEND, "", False, t0, "周末去爬山吗"),
+        Message("i2", "c2c", FRIEND, OWNER, "", True, t0 + 30, "好啊去香山"),
+    ]
+    write_messages(tmp_path / "messages.jsonl", imported)
+    original = tmp_path / "dataset"
+    settings = DatasetSettings(format="openai", examples=2, memory=True, persona="阿明")
+    build_dataset(imported, original, settings, progress=False)
+    reg = _registry(tmp_path)
+    manifest = reg / "v0001" / "manifest.json"
+    before_window = t0 + 2 * day
+    manifest.write_text(json.dumps({"base": "tiny", "data_window": {"until": before_window}}))
+    db = tmp_path / "bot.db"
+    rows = [
+        (FRIEND, FRIEND, "incoming", t0 + day, "我下个月5号生日", False),  # in the store, before the window
+        (FRIEND, OWNER, "owner", t0 + day + 20, "记住啦", False),
+        (FRIEND, FRIEND, "incoming", t0 + 3 * day, "周末去爬山吗", False),  # the window
+        (FRIEND, OWNER, "owner", t0 + 3 * day + 30, "这周不行", False),
+        (FRIEND, FRIEND, "incoming", t0 + 4 * day, "那下周呢", False),
+        (FRIEND, OWNER, "owner", t0 + 4 * day + 30, "下周可以", False),
+    ]
+    asyncio.run(_fill_store(db, rows))
+
+    def stop(cycle):
+        raise RuntimeError("stopped after the build")
+
+    monkeypatch.setattr(retrain, "_train", stop)
+    result = run_cycle(
+        _settings(
+            tmp_path,
+            reg,
+            db,
+            retrain_dataset=original,
+            retrain_min_samples=1,
+            retrain_heldout_ratio=0.0,
+            retrain_replay_ratio=0.0,
+            examples_messages=tmp_path / "messages.jsonl",
+        )
+    )
+    assert result.state == "failed" and "stopped after the build" in result.reason
+    assert read_status(reg)["new_samples"] == 2  # the history made none
+    data = reg / retrain.WORK_DIR / "data"
+    samples = [json.loads(line)["messages"] for line in (data / "train.jsonl").read_text().splitlines()]
+    samples += [json.loads(line)["messages"] for line in (data / "val.jsonl").read_text().splitlines()]
+    by_reply = {m[-1]["content"]: m[0]["content"] for m in samples}
+    assert set(by_reply) >= {"这周不行", "下周可以"}
+    assert "好啊去香山" in by_reply["这周不行"]  # the imported history's reply is an example
+    assert "生日" in by_reply["这周不行"]  # the store's older chat is in the memory

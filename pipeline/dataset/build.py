@@ -105,9 +105,17 @@ class DatasetReport:
 
 
 def build_samples(
-    messages: Iterable[Message], settings: DatasetSettings | None = None, *, stats: BuildStats | None = None
+    messages: Iterable[Message],
+    settings: DatasetSettings | None = None,
+    *,
+    stats: BuildStats | None = None,
+    history: Iterable[Message] = (),
 ) -> Iterator[Sample]:
-    """Stream cleaned, redacted owner samples (no LLM pass, no split) out of a message stream."""
+    """Stream cleaned, redacted owner samples (no LLM pass, no split) out of a message stream.
+
+    `history` (older than every message, time order) makes no samples: it only feeds what the
+    samples' system prompts know (each chat's memory, the owner's past replies), as the live bot
+    knows the whole history when it answers. A retrain cycle passes what came before its window."""
     settings = settings or DatasetSettings()
     stats = stats if stats is not None else BuildStats()
     options = SampleOptions(
@@ -120,6 +128,10 @@ def build_samples(
     )
     names = tuple(settings.redact_names)
     contexts = SampleContexts(settings)
+    if settings.memory or settings.examples > 0:
+        for conv in iter_conversations(history, settings.session_gap, settings.max_conversation_messages):
+            kept = clean_messages(conv.messages, settings.rules, Counter())
+            contexts.follow(conv, _redact_conversation(kept, names, Counter()))
     for conv in iter_conversations(messages, settings.session_gap, settings.max_conversation_messages):
         stats.conversations += 1
         # Every message lands in exactly one conversation: count there, not message by message.
