@@ -141,8 +141,7 @@ async def _retrain(request: AdminRequest) -> str:
 async def _approve_or_unapprove(request: AdminRequest) -> str:
     if request.quoted is None:
         return f"quote one of the twin's replies with /{COMMAND} {request.verb}"
-    assert request.twin.store is not None
-    changed = await request.twin.store.approve_sent(request.quoted, request.verb == "approve")
+    changed = await request.twin.approve(request.quoted, request.verb == "approve")
     return f"{request.verb}d for retraining" if changed else "that is not one of the twin's replies"
 
 

@@ -452,11 +452,28 @@ class Twin:
     async def exclude(self, msg_id: str, reason: str) -> int:
         """Keep a message (by its OneBot id) out of prompts, training and examples from now on."""
         assert self.store is not None
+        changed = await self.store.exclude(msg_id, reason)
+        self._forget_example(msg_id)  # after the commit: a build reading from now on leaves it out
+        return changed
+
+    def _forget_example(self, msg_id: str) -> None:
+        """A message stops being an example now, in the index that answers and in one being built."""
         if self.replies is not None:
             self.replies.forget(msg_id)
         if self._indexer is not None and not self._indexer.done():
             self._forgotten_meanwhile.add(msg_id)  # the build may have read it already
-        return await self.store.exclude(msg_id, reason)
+
+    async def approve(self, msg_id: str, approved: bool = True) -> int:
+        """Approve (or unapprove) the twin's bubble with this OneBot id for training; returns rows
+        matched. An approved reply is an example too: the index is built again in the background
+        (an unapproved one leaves it at once)."""
+        assert self.store is not None
+        changed = await self.store.approve_sent(msg_id, approved)
+        if changed:
+            if not approved:
+                self._forget_example(msg_id)
+            self.reindex()
+        return changed
 
     async def include(self, msg_id: str) -> int:
         """Undo an operator's exclusion (only that reason); the examples index is built again in

@@ -219,14 +219,41 @@ async def test_an_included_reply_is_an_example_again_without_a_restart(tmp_path:
     excluded_index = twin.replies
 
     assert await twin.include(f"o{int(past)}") == 1
-    for _ in range(200):  # rebuilt in the background; the old index answers meanwhile
-        if twin.replies is not excluded_index:
-            break
-        await asyncio.sleep(0.02)
+    await wait_for_new_index(twin, excluded_index)
     prompt = await ask(twin, A, "明天几点出发")
     await twin.close()
 
     assert prompt.endswith(f"{EXAMPLES_HEADING}\n- 九点")
+
+
+async def wait_for_new_index(twin: Twin, old: object) -> None:
+    for _ in range(200):  # rebuilt in the background; the old index answers meanwhile
+        if twin.replies is not old and (twin._indexer is None or twin._indexer.done()):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the examples index was not rebuilt")
+
+
+async def test_an_approved_twin_reply_is_an_example_and_an_unapproved_one_not(tmp_path: Path) -> None:
+    twin = await started_twin(tmp_path, ScriptedBackend(), twin_examples=2)
+    past = int(time.time() - 600)
+    await twin.record(StoredMessage(*A, A[1], "incoming", "明天几点出发", past, msg_id="f1"))
+    await twin.record(StoredMessage(*A, "10000", "twin", "九点吧", past + 5, msg_id="t1"))
+    await twin.record(StoredMessage(*A, A[1], "incoming", "好的", past + 60, msg_id="f2"))
+    assert EXAMPLES_HEADING not in await ask(twin, A, "明天几点出发")  # unreviewed output is no example
+
+    old = twin.replies
+    assert await twin.approve("t1") == 1
+    await wait_for_new_index(twin, old)
+    assert (await ask(twin, A, "明天几点出发")).endswith(f"{EXAMPLES_HEADING}\n- 九点吧")
+
+    old = twin.replies
+    assert await twin.approve("t1", approved=False) == 1
+    assert EXAMPLES_HEADING not in await ask(twin, A, "明天几点出发")  # at once, rebuilt or not
+    await wait_for_new_index(twin, old)
+    prompt = await ask(twin, A, "明天几点出发")
+    await twin.close()
+    assert EXAMPLES_HEADING not in prompt
 
 
 async def test_a_reply_excluded_while_the_index_is_rebuilt_stays_out_of_it(tmp_path: Path) -> None:
