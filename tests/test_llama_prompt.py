@@ -124,12 +124,10 @@ class RunawayTokenizer:
     bos_token, eos_token = None, "<|im_end|>"
     pad_token_id, eos_token_id = 0, 2
     all_special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-    padding_side = "right"
+    added_tokens_decoder: dict[int, Any] = {}  # noqa: RUF012  (no special token lands in content)
 
-    def __call__(self, prompts: list[str], **kwargs: Any) -> dict[str, Any]:
-        import torch
-
-        return {"input_ids": torch.ones((len(prompts), 4), dtype=torch.long)}
+    def __call__(self, text: str, **kwargs: Any) -> dict[str, Any]:
+        return {"input_ids": [1, 1, 1, 1], "offset_mapping": [(0, 0)] * 4}
 
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
         return RUNAWAY if not skip_special_tokens else RUNAWAY.replace("<|im_end|><|im_start|>", "")

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.chatformat import clean_model_output, render_chat_template
+from pipeline.chatformat import clean_model_output, render_chat_pieces
 from pipeline.errors import InputError
 from pipeline.files import atomic_path, write_text_atomic
 from trainer.config import ADAPTER_DIR, SETTINGS_FILE
-from trainer.data import VAL_FILE, encode_all, epoch_batches, load_split
+from trainer.data import VAL_FILE, encode_all, epoch_batches, load_split, tokenize_pieces
 from trainer.models import BaseModelRef
 from trainer.style import style_distance, style_metrics
 
@@ -197,23 +197,23 @@ def perplexity(model: Any, samples: Sequence[Any], pad_id: int) -> float:
 def generate(
     model: Any, tokenizer: Any, tests: Sequence[Probe], *, max_new_tokens: int, batch_size: int
 ) -> list[str]:
-    """Greedy replies, prompted with the same chat template the bot renders (thinking off)."""
-    tokenizer.padding_side = "left"
-    prompts = [
-        render_chat_template(
-            tokenizer.chat_template,
-            t.messages,
-            add_generation_prompt=True,
-            bos_token=tokenizer.bos_token or "",
-            eos_token=tokenizer.eos_token or "",
-        )
-        for t in tests
-    ]
+    """Greedy replies, prompted with the same chat template the bot renders (thinking off).
+
+    Tokenised as training tokenises: a special token typed inside a chat message stays text, so
+    a held-out message cannot open a turn of its own (`trainer.data.tokenize_pieces`)."""
+    import torch
+
+    prompts = [prompt_ids(tokenizer, t.messages) for t in tests]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(
-            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        batch = prompts[start : start + batch_size]
+        width = max(len(ids) for ids in batch)
+        # Left padding: every row's prompt ends where generation starts.
+        enc = {
+            "input_ids": torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch]),
+            "attention_mask": torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch]),
+        }
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -224,6 +224,20 @@ def generate(
         for row in out[:, enc["input_ids"].shape[1] :]:
             replies.append(reply_text(tokenizer, row))
     return replies
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """A chat's generation prompt as token ids: template text with its special tokens, message
+    content always plain text."""
+    pieces = render_chat_pieces(
+        tokenizer.chat_template,
+        messages,
+        add_generation_prompt=True,
+        bos_token=tokenizer.bos_token or "",
+        eos_token=tokenizer.eos_token or "",
+    )
+    ids, _ = tokenize_pieces(tokenizer, "".join(piece.text for piece in pieces), pieces)
+    return ids
 
 
 def reply_text(tokenizer: Any, ids: Sequence[int]) -> str:
