@@ -234,8 +234,14 @@ class Twin:
         if await self.store.get_state("sending_halted", False):
             self.health.halted = True
             self.health.failures = self.health.limit
+        # Today's counts survive a restart: per person, a friend's private chat plus the group
+        # bubbles that answered them.
         sent, by_chat = await self.store.sends_since(midnight())
-        self.limiter.seed_today(sent, {chat: n for (kind, chat), n in by_chat.items() if kind == PRIVATE})
+        by_sender = await self.store.group_sends_by_sender_since(midnight())
+        for (kind, chat), n in by_chat.items():
+            if kind == PRIVATE:
+                by_sender[chat] = by_sender.get(chat, 0) + n
+        self.limiter.seed_today(sent, by_sender)
         await self.backend.start()
         if self.config.twin_examples:
             self._indexer = asyncio.create_task(self._index_replies(), name="twin-examples-index")

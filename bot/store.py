@@ -557,6 +557,19 @@ class Store:
         by_chat = {(kind, chat): int(n) for kind, chat, n in rows}
         return sum(by_chat.values()), by_chat
 
+    async def group_sends_by_sender_since(self, since: int) -> dict[str, int]:
+        """Bubbles the twin sent in groups at or after `since`, by the member each answered: the
+        sender of the group's last incoming message before the bubble (a row does not name it)."""
+        rows = await self._conn.execute_fetchall(
+            "SELECT (SELECT i.sender FROM messages i WHERE i.chat_type = t.chat_type AND i.chat = t.chat "
+            "AND i.origin = 'incoming' AND i.time <= t.time AND i.id < t.id "
+            "ORDER BY i.time DESC, i.id DESC LIMIT 1) AS answered, COUNT(*) "
+            "FROM messages t WHERE t.time >= ? AND t.origin = 'twin' AND t.chat_type = 'group' "
+            "AND (t.send_state IS NULL OR t.send_state = 'sent') GROUP BY answered",
+            (since,),
+        )
+        return {str(sender): int(n) for sender, n in rows if sender is not None}
+
     async def approve(self, message_id: int, approved: bool = True) -> None:
         """Mark a twin reply as good enough to train on (operators' choice)."""
         await self._conn.execute(

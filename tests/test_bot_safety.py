@@ -309,3 +309,24 @@ async def test_the_daily_cap_counts_bubbles_and_survives_a_restart(tmp_path: Pat
     await again.answer(KEY, await incoming(again, "还在吗"), send, self_id=SELF)
     await again.close()
     assert sent == ["一", "二", "三"]  # the cap counts bubbles, restarts included
+
+
+async def test_a_group_members_daily_cap_survives_a_restart(tmp_path: Path) -> None:
+    """The per-person cap counts the group bubbles that answered someone, across restarts too."""
+    group, member = ("group", "300"), "20077"
+    twin = await make_twin(tmp_path, Saying("一\n二"), twin_sender_daily_cap=3)
+    sent: list[str] = []
+
+    async def send(text: str) -> int:
+        sent.append(text)
+        return len(sent)
+
+    await twin.answer(group, await incoming(twin, "在吗", member, group), send, self_id=SELF, sender=member)
+    await twin.close()
+    again = await make_twin(tmp_path, Saying("三\n四"), twin_sender_daily_cap=3)
+    row = await incoming(again, "还在吗", member, group)
+    await again.answer(group, row, send, self_id=SELF, sender=member)
+    other = await incoming(again, "我也问", "20078", group)  # another member's cap is their own
+    await again.answer(group, other, send, self_id=SELF, sender="20078")
+    await again.close()
+    assert sent == ["一", "二", "三", "三", "四"]
