@@ -8,6 +8,8 @@ nothing), `manifest.json` first, then::
     data/<store>                  the store, copied with SQLite's online backup (SQLCipher: still encrypted)
     models/current, history.json, retrain-status.json, <version>/...   the registry's serving version
                                   and its rollback target (every version with --all-versions)
+    dataset/...                   the original dataset (TWIN_RETRAIN_DATASET), when set
+    imports/<file>                the imported history (TWIN_EXAMPLES_MESSAGES), when set
 
 The manifest names every member with its size and sha256; restore takes nothing else.
 """
@@ -43,6 +45,8 @@ SETTINGS_NAME = "settings.env"
 RESTORED_SETTINGS = ".env"  # where restore puts settings.env: what `twin serve` in the directory reads
 STORE_DIR = "data"
 MODELS_DIR = "models"
+DATASET_DIR = "dataset"
+IMPORTS_DIR = "imports"
 MAX_MANIFEST_BYTES = 16 * 2**20
 CHUNK = 2**20
 # Pages per step of SQLite's online backup; the copy reads one snapshot (WAL: writers never wait).
@@ -110,6 +114,9 @@ class BackupManifest:
     secrets_removed: list[str] = field(default_factory=list)
     files: list[Member] = field(default_factory=list)
     dirs: list[str] = field(default_factory=list)
+    dataset: str | None = None  # archive path TWIN_RETRAIN_DATASET points at (absent: not set)
+    examples_messages: str | None = None  # archive path of TWIN_EXAMPLES_MESSAGES
+    not_included: list[str] = field(default_factory=list)  # settings naming what was not there
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2)
@@ -144,12 +151,20 @@ class BackupManifest:
             and manifest.model_kind in ("registry", "directory", "file")
             and isinstance(manifest.serving, (str, type(None)))
             and all(isinstance(n, str) for n in [*manifest.versions, *manifest.secrets_removed])
+            and isinstance(manifest.dataset, (str, type(None)))
+            and isinstance(manifest.examples_messages, (str, type(None)))
+            and isinstance(manifest.not_included, list)
+            and all(isinstance(n, str) for n in manifest.not_included)
         )
         if not kinds_ok:
             raise InputError(where, "manifest.json is malformed (a field of the wrong type)")
         paths = [m.path for m in files]
         for path in [*paths, *manifest.dirs, manifest.model]:
             _checked_path(path, where)
+        if manifest.dataset is not None and manifest.dataset not in manifest.dirs:
+            raise InputError(where, "manifest.json names a dataset it does not hold")
+        if manifest.examples_messages is not None and manifest.examples_messages not in paths:
+            raise InputError(where, "manifest.json names an imported history it does not hold")
         if len(set(paths) | set(manifest.dirs)) != len(paths) + len(manifest.dirs):
             raise InputError(where, "manifest.json names a path twice")
         if RESTORED_SETTINGS in paths or manifest.store not in paths:
@@ -195,13 +210,20 @@ def create_backup(
     if not db.is_file():
         raise InputError(db, "no conversation store here (TWIN_DB); nothing to back up")
     files, dirs, model = _model_plan(_under(base, Path(settings.twin_model)), all_versions)
+    inputs = _inputs_plan(settings, base, files, dirs)
     out.parent.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".staging", dir=out.parent))
     try:
         store_member = f"{STORE_DIR}/{db.name}"
         version = _copy_store(db, staging / db.name, settings.twin_db_key, out)
         text, removed = settings_env(
-            settings, raw_settings or {}, store=store_member, model=model["model"], base=base
+            settings,
+            raw_settings or {},
+            store=store_member,
+            model=model["model"],
+            base=base,
+            dataset=inputs["dataset"],
+            examples_messages=inputs["examples_messages"],
         )
         (staging / SETTINGS_NAME).write_text(text, encoding="utf-8")
         sources = [
@@ -220,6 +242,7 @@ def create_backup(
             all_versions=all_versions,
             **{k: v for k, v in model.items() if k != "model"},
             model=model["model"],
+            **inputs,
         )
         meter.start("checksums", sum(source.stat().st_size for _, source in sources))
         manifest.files = [_member(path, source, meter) for path, source in sources]
@@ -231,6 +254,32 @@ def create_backup(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _inputs_plan(settings: object, base: Path, files: list, dirs: list) -> dict:
+    """The original dataset and the imported history, when the settings name them: a restored
+    deployment retrains (replay, held-out set, build settings) and indexes examples as before.
+    A setting naming nothing there is recorded as not included (the backup still runs)."""
+    plan: dict = {"dataset": None, "examples_messages": None, "not_included": []}
+    dataset = getattr(settings, "twin_retrain_dataset", None)
+    if dataset is not None:
+        path = _under(base, Path(dataset))
+        if path.is_dir():
+            _walk(path, path.resolve(), DATASET_DIR, files, dirs, "the dataset (TWIN_RETRAIN_DATASET)")
+            plan["dataset"] = DATASET_DIR
+        else:
+            plan["not_included"].append("TWIN_RETRAIN_DATASET")
+    imported = getattr(settings, "twin_examples_messages", None)
+    if imported is not None:
+        path = _under(base, Path(imported))
+        if path.is_file():
+            member = f"{IMPORTS_DIR}/{path.name}"
+            dirs.append(IMPORTS_DIR)
+            files.append((member, _inside(path.resolve(), path.resolve())))  # its content, linked or not
+            plan["examples_messages"] = member
+        else:
+            plan["not_included"].append("TWIN_EXAMPLES_MESSAGES")
+    return plan
 
 
 def _under(base: Path, path: Path) -> Path:
@@ -328,27 +377,29 @@ def _check_complete(path: Path, manifest: dict) -> None:
             )
 
 
-def _inside(path: Path, root: Path) -> Path:
-    """`path` itself, or the file it links to when that is inside the registry; a link out is refused."""
+def _inside(path: Path, root: Path, what: str = "the registry") -> Path:
+    """`path` itself, or the file it links to when that is inside `root`; a link out is refused."""
     if path.is_symlink():
         target = path.resolve()
         if not target.is_relative_to(root):
-            raise InputError(path, f"is a link to {target}, outside the registry; refusing to back it up")
+            raise InputError(path, f"is a link to {target}, outside {what}; refusing to back it up")
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):
         raise InputError(path, "is not a regular file; refusing to back it up")
     return path
 
 
-def _walk(directory: Path, root: Path, prefix: str, files: list, dirs: list) -> None:
+def _walk(
+    directory: Path, root: Path, prefix: str, files: list, dirs: list, what: str = "the registry"
+) -> None:
     dirs.append(prefix)
     for entry in sorted(directory.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
-            _walk(entry, root, f"{prefix}/{entry.name}", files, dirs)
+            _walk(entry, root, f"{prefix}/{entry.name}", files, dirs, what)
         elif entry.is_symlink() and entry.is_dir():
             raise InputError(entry, "is a link to a directory; refusing to back it up")
         else:
-            files.append((f"{prefix}/{entry.name}", _inside(entry, root)))
+            files.append((f"{prefix}/{entry.name}", _inside(entry, root, what)))
 
 
 def _member(path: str, source: Path, meter: Meter) -> Member:
@@ -427,7 +478,14 @@ def _info(path: str, size: int, mtime: int) -> tarfile.TarInfo:
 
 
 def settings_env(
-    settings: object, raw: Mapping[str, str | None], *, store: str, model: str, base: Path = Path()
+    settings: object,
+    raw: Mapping[str, str | None],
+    *,
+    store: str,
+    model: str,
+    base: Path = Path(),
+    dataset: str | None = None,
+    examples_messages: str | None = None,
 ) -> tuple[str, list[str]]:
     """The settings as a `.env` for the restored directory, every secret left out; and the secrets'
     names that had a value. Paths point into the restored directory."""
@@ -439,9 +497,11 @@ def settings_env(
     for name, value in settings.model_dump(mode="json").items():  # type: ignore[attr-defined]
         values[name.upper()] = _env_text(value)
     values["TWIN_DB"], values["TWIN_MODEL"] = store, model
-    dataset = values.get("TWIN_RETRAIN_DATASET")
-    if dataset and not Path(dataset).is_absolute():  # not in the backup: keep pointing at the original
-        values["TWIN_RETRAIN_DATASET"] = str((base / dataset).absolute())
+    for name, inside in (("TWIN_RETRAIN_DATASET", dataset), ("TWIN_EXAMPLES_MESSAGES", examples_messages)):
+        if inside is not None:
+            values[name] = inside
+        elif values.get(name) and not Path(values[name]).is_absolute():
+            values[name] = str((base / values[name]).absolute())  # not in it: keep pointing at it
     secret = {name for name in values if is_secret_setting(name)}
     removed = sorted(n for n in secret if values[n].strip() and values[n].strip() not in PLACEHOLDER_VALUES)
     # A secret pasted into another setting (a URL with a password) is masked there too.
@@ -717,6 +777,11 @@ def backup(
         f"{' (encrypted)' if manifest.encrypted else ''}, models {models}, "
         f"{len(manifest.files)} files, {size / 2**20:.1f} MiB"
     )
+    if manifest.dataset or manifest.examples_messages:
+        held = [p for p in (manifest.dataset, manifest.examples_messages) if p]
+        typer.echo(f"with the retrain inputs: {', '.join(held)}")
+    for name in manifest.not_included:
+        typer.echo(f"{name} names nothing there: not in the backup (the restored settings keep its path)")
     kept = sorted({*manifest.secrets_removed, TOKEN_SETTING})
     typer.echo(f"not in the backup, keep them yourself: {', '.join(kept)}")
 

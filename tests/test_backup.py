@@ -327,3 +327,65 @@ def test_a_link_out_of_the_registry_is_refused(tmp_path) -> None:
     with pytest.raises(InputError, match="outside the registry"):
         backup_of(home, tmp_path / "twin.tar")
     assert list(tmp_path.glob("*.tar")) == [] and list(tmp_path.glob(".twin.tar*")) == []
+
+
+def with_retrain_inputs(home: Path) -> Config:
+    """The deployment's settings with an original dataset and an imported history beside it."""
+    dataset = home / "datasets" / "v1"
+    (dataset / "mix").mkdir(parents=True)
+    for name, text in (("train.jsonl", '{"messages": []}\n'), ("val.jsonl", ""), ("report.json", "{}")):
+        (dataset / name).write_text(text, encoding="utf-8")
+    (dataset / "mix" / "general.jsonl").write_text("{}\n", encoding="utf-8")
+    (home / "messages.jsonl").write_text('{"msg_id": "1"}\n', encoding="utf-8")
+    return settings_of(home).model_copy(
+        update={"twin_retrain_dataset": Path("datasets/v1"), "twin_examples_messages": Path("messages.jsonl")}
+    )
+
+
+def test_the_retrain_inputs_are_backed_up_and_the_restored_settings_point_at_them(tmp_path) -> None:
+    home = deployment(tmp_path)
+    manifest = create_backup(with_retrain_inputs(home), tmp_path / "twin.tar", base=home)
+    assert manifest.dataset == "dataset" and manifest.examples_messages == "imports/messages.jsonl"
+    assert manifest.not_included == []
+
+    restored = tmp_path / "restored"
+    restore_backup(tmp_path / "twin.tar", restored)
+    for name in ("train.jsonl", "val.jsonl", "report.json", "mix/general.jsonl"):
+        assert (restored / "dataset" / name).read_bytes() == (home / "datasets" / "v1" / name).read_bytes()
+    assert (restored / "imports" / "messages.jsonl").read_bytes() == (home / "messages.jsonl").read_bytes()
+    env = dotenv_values(restored / ".env")
+    assert env["TWIN_RETRAIN_DATASET"] == "dataset"
+    assert env["TWIN_EXAMPLES_MESSAGES"] == "imports/messages.jsonl"
+
+
+def test_a_retrain_input_that_is_not_there_is_named_and_the_backup_still_runs(tmp_path) -> None:
+    home = deployment(tmp_path)
+    settings = settings_of(home).model_copy(
+        update={"twin_retrain_dataset": Path("gone"), "twin_examples_messages": Path("gone.jsonl")}
+    )
+    manifest = create_backup(settings, tmp_path / "twin.tar", base=home)
+    assert manifest.dataset is None and manifest.examples_messages is None
+    assert manifest.not_included == ["TWIN_RETRAIN_DATASET", "TWIN_EXAMPLES_MESSAGES"]
+    env = dotenv_values(stream=io.StringIO(member_bytes(tmp_path / "twin.tar", "settings.env").decode()))
+    assert env["TWIN_RETRAIN_DATASET"] == str(home / "gone")  # still its original place
+
+
+def test_a_link_out_of_the_dataset_is_refused(tmp_path) -> None:
+    home = deployment(tmp_path)
+    settings = with_retrain_inputs(home)
+    secret = tmp_path / "elsewhere.txt"
+    secret.write_text("not the dataset's", encoding="utf-8")
+    (home / "datasets" / "v1" / "extra.jsonl").symlink_to(secret)
+    with pytest.raises(InputError, match=r"outside the dataset \(TWIN_RETRAIN_DATASET\)"):
+        create_backup(settings, tmp_path / "twin.tar", base=home)
+    assert not (tmp_path / "twin.tar").exists()
+
+
+def test_a_manifest_naming_a_dataset_it_does_not_hold_is_refused(tmp_path) -> None:
+    home = deployment(tmp_path)
+    create_backup(with_retrain_inputs(home), tmp_path / "twin.tar", base=home)
+    with tarfile.open(tmp_path / "twin.tar") as tar:
+        manifest = json.loads(tar.extractfile(MANIFEST_NAME).read())  # type: ignore[union-attr]
+    manifest["dirs"].remove("dataset")
+    with pytest.raises(InputError, match="names a dataset it does not hold"):
+        backup_module.BackupManifest.from_json(json.dumps(manifest).encode(), tmp_path / "twin.tar")
