@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
-from nonebot import get_driver, get_plugin_config
+from nonebot import get_adapters, get_driver, get_plugin_config
 from nonebot.adapters.onebot.utils import get_auth_bearer
 from nonebot.adapters.onebot.v11 import Adapter, Bot
 from nonebot.adapters.onebot.v11.config import Config as OneBotConfig
@@ -200,8 +200,24 @@ def transport_problem(host: str, token: str, *, http_post: bool, secret: str) ->
     return None
 
 
+def adapter_problem(adapters: Iterable[object]) -> str | None:
+    """The OneBot v11 adapter registered must be the hardened one: NoneBot's stock adapter (as
+    `nb run` without bot.py would register it) checks no QQ side's account, hostile payloads or
+    the token as this one does."""
+    for adapter in adapters:
+        if isinstance(adapter, Adapter) and not isinstance(adapter, HardenedAdapter):
+            return (
+                "the OneBot V11 adapter is NoneBot's stock one, not qq-twin's hardened adapter: "
+                "start the bot with `python bot.py` or `twin serve`"
+            )
+    return None
+
+
 def startup_problem() -> str | None:
-    """`transport_problem` for the running NoneBot's settings."""
+    """`adapter_problem` and `transport_problem` for the running NoneBot."""
+    problem = adapter_problem(get_adapters().values())
+    if problem:
+        return problem
     onebot = get_plugin_config(OneBotConfig)
     return transport_problem(
         str(get_driver().config.host),

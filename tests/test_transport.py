@@ -8,6 +8,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,10 @@ from bot.transport import (
     settings_layers,
     transport_problem,
 )
+from deploy.onebot_client import free_port
 
 TOKEN = "correct-horse-battery-staple-42"
+REPO = Path(__file__).resolve().parents[1]
 SECRET = "hmac-secret-for-posts"
 SELF_ID = "10000"
 
@@ -350,3 +354,42 @@ def test_an_account_that_is_its_own_superuser_is_refused(make_adapter) -> None:
         logger.remove(sink)
     assert not adapter.bots
     assert out.getvalue().count("SUPERUSERS contains the bot's own account 42: refusing the connection") == 2
+
+
+def test_only_the_hardened_adapter_may_carry_the_twin() -> None:
+    from nonebot.adapters.onebot.v11 import Adapter
+
+    stock, hardened = object.__new__(Adapter), object.__new__(HardenedAdapter)
+    problem = transport.adapter_problem([stock])
+    assert problem is not None and "stock" in problem and "python bot.py" in problem
+    assert transport.adapter_problem([hardened]) is None
+    assert transport.adapter_problem([]) is None
+
+
+def test_an_entry_point_with_the_stock_adapter_refuses_to_start(tmp_path: Path) -> None:
+    """What `nb run` without bot.py does: NoneBot's own adapter, then the plugin. It must not serve."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import nonebot\n"
+        "from nonebot.adapters.onebot.v11 import Adapter\n"
+        "nonebot.init()\n"
+        "nonebot.get_driver().register_adapter(Adapter)\n"
+        f"nonebot.load_from_toml({str(REPO / 'pyproject.toml')!r})\n"
+        "nonebot.run()\n",
+        encoding="utf-8",
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("TWIN_", "ONEBOT_"))},
+        "DRIVER": "~fastapi+~websockets",
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "ONEBOT_ACCESS_TOKEN": TOKEN,
+        "TWIN_DB": str(tmp_path / "bot.db"),
+    }
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "NoneBot's stock one, not qq-twin's hardened adapter" in done.stderr + done.stdout
