@@ -28,14 +28,23 @@ def is_secret_setting(name: str) -> bool:
     return name.upper().endswith(SECRET_NAME_SUFFIXES)
 
 
+# The password of a URL with credentials (`scheme://user:password@host`), in any setting's value.
+_URL_PASSWORD_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s/@:\"',\]]*:([^\s/@\"',\]]+)@")
+
+
 def secret_values(settings: Mapping[str, object]) -> set[str]:
-    """The values of the secret settings among `settings` (names in any case), placeholders left out."""
+    """The values of the secret settings among `settings` (names in any case), placeholders left
+    out; and the password inside any setting's URL (`TWIN_OPENAI_BASE_URL=http://u:pw@host/v1`)."""
     values = set()
     for name, value in settings.items():
         if isinstance(value, str) and is_secret_setting(name):
             value = value.strip()
             if len(value) >= MIN_MASKED_LENGTH and value not in PLACEHOLDER_VALUES:
                 values.add(value)
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        for password in _URL_PASSWORD_RE.findall(text):
+            if len(password) >= MIN_MASKED_LENGTH:
+                values.add(password)
     return values
 
 

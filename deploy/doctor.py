@@ -559,6 +559,9 @@ async def probe_websocket(url: str, token: str | None, timeout: float) -> Check:
     from websockets.asyncio.client import connect
     from websockets.exceptions import InvalidStatus, InvalidURI, WebSocketException
 
+    from bot.backends import shown_url
+
+    shown = shown_url(url)  # a password in the URL never reaches the report
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     token_fix = "give the QQ side's WebSocket server the bot's token (ONEBOT_ACCESS_TOKEN or the kept file)"
     try:
@@ -567,23 +570,23 @@ async def probe_websocket(url: str, token: str | None, timeout: float) -> Check:
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status in (401, 403):
-            return fail("napcat", f"{url}: reachable, but it rejected the token (HTTP {status})", token_fix)
+            return fail("napcat", f"{shown}: reachable, but it rejected the token (HTTP {status})", token_fix)
         return fail(
-            "napcat", f"{url}: answered HTTP {status}, not a WebSocket", "check the port in ONEBOT_WS_URLS"
+            "napcat", f"{shown}: answered HTTP {status}, not a WebSocket", "check the port in ONEBOT_WS_URLS"
         )
     except InvalidURI:
-        return fail("napcat", f"{url}: not a ws:// URL", 'ONEBOT_WS_URLS=["ws://127.0.0.1:3001"]')
+        return fail("napcat", f"{shown}: not a ws:// URL", 'ONEBOT_WS_URLS=["ws://127.0.0.1:3001"]')
     except ConnectionRefusedError:
         return fail(
             "napcat",
-            f"{url}: connection refused",
+            f"{shown}: connection refused",
             "start NapCat and enable its WebSocket server on that address, or fix ONEBOT_WS_URLS",
         )
     except (OSError, TimeoutError, WebSocketException) as exc:
         return fail(
-            "napcat", f"{url}: unreachable ({exc or type(exc).__name__})", "check the address and firewall"
+            "napcat", f"{shown}: unreachable ({exc or type(exc).__name__})", "check the address and firewall"
         )
-    return ok("napcat", f"{url}: reachable, token accepted")
+    return ok("napcat", f"{shown}: reachable, token accepted")
 
 
 # ---------------------------------------------------------------- the whole setup
@@ -636,9 +639,10 @@ def run_checks(root: Path, environ: Mapping[str, str]) -> list[Check]:
 
     model = _under(root, Path(config.twin_model))
     if config.twin_backend == "openai":
-        checks.append(
-            ok("model", f"openai backend: {config.twin_openai_base_url} serves it (not checked here)")
-        )
+        from bot.backends import shown_url
+
+        server = shown_url(config.twin_openai_base_url)
+        checks.append(ok("model", f"openai backend: {server} serves it (not checked here)"))
     else:
         checks += check_model(model, config.twin_persona)
     checks.append(check_store(db, config.twin_db_key))

@@ -176,6 +176,18 @@ def test_the_secret_settings_are_found_by_name() -> None:
     assert secret_values({"TWIN_OPENAI_API_KEY": "EMPTY", "TWIN_DB_KEY": "", "X_TOKEN": "abc"}) == set()
 
 
+def test_a_password_inside_any_settings_url_is_a_secret_too() -> None:
+    settings = {
+        "TWIN_OPENAI_BASE_URL": "http://vllm:pw-GGGG7777@10.0.0.5:8000/v1",
+        "TWIN_OPENAI_FALLBACK_URLS": ["https://u:pw-HHHH8888@backup/v1", "http://plain:8000/v1"],
+        "ONEBOT_WS_URLS": '["ws://bot:pw-IIII9999@127.0.0.1:3001"]',
+        "TWIN_LLM_BASE_URL": "http://localhost:8000/v1",  # a port is not a password
+    }
+    assert secret_values(settings) == {"pw-GGGG7777", "pw-HHHH8888", "pw-IIII9999"}
+    line = SecretMask(secret_values(settings))(f"asking {settings['TWIN_OPENAI_BASE_URL']}")
+    assert line == "asking http://vllm:***@10.0.0.5:8000/v1"
+
+
 def test_every_secret_is_masked_as_is_and_inside_a_dict_repr_or_json() -> None:
     mask = SecretMask(secret_values(SECRET_SETTINGS))
     tricky = 'pa"ss\\wörd<x>'  # needs escaping in a repr and in JSON
