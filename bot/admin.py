@@ -32,6 +32,7 @@ class AdminRequest:
     user: str  # the superuser who sent it
     quoted: str | None  # the message id it quotes, if any
     report: Callable[[str], Awaitable[None]]  # tells the superusers later (a retrain's outcome)
+    quoted_chat: ChatKey | None = None  # the chat the quoted message is in (ids repeat across chats)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +142,7 @@ async def _retrain(request: AdminRequest) -> str:
 async def _approve_or_unapprove(request: AdminRequest) -> str:
     if request.quoted is None:
         return f"quote one of the twin's replies with /{COMMAND} {request.verb}"
-    changed = await request.twin.approve(request.quoted, request.verb == "approve")
+    changed = await request.twin.approve(request.quoted, request.verb == "approve", request.quoted_chat)
     return f"{request.verb}d for retraining" if changed else "that is not one of the twin's replies"
 
 
@@ -150,7 +151,7 @@ async def _exclude(request: AdminRequest) -> str:
         return f"quote a message with /{COMMAND} exclude"
     from bot.store import EXCLUDED_OPERATOR  # here: the table must import without the store
 
-    if await request.twin.exclude(request.quoted, EXCLUDED_OPERATOR):
+    if await request.twin.exclude(request.quoted, EXCLUDED_OPERATOR, request.quoted_chat):
         return "excluded from prompts and training"
     rows = await _quoted_rows(request)
     if not rows:
@@ -161,7 +162,7 @@ async def _exclude(request: AdminRequest) -> str:
 async def _include(request: AdminRequest) -> str:
     if request.quoted is None:
         return f"quote a message with /{COMMAND} include"
-    if await request.twin.include(request.quoted):
+    if await request.twin.include(request.quoted, request.quoted_chat):
         return "included again in prompts and training"
     rows = await _quoted_rows(request)
     if not rows:
@@ -174,7 +175,7 @@ async def _include(request: AdminRequest) -> str:
 
 async def _quoted_rows(request: AdminRequest) -> list[StoredMessage]:
     assert request.twin.store is not None and request.quoted is not None
-    return await request.twin.store.by_msg_id(request.quoted)
+    return await request.twin.store.by_msg_id(request.quoted, request.quoted_chat)
 
 
 def _reasons(rows: list[StoredMessage]) -> str:
@@ -281,10 +282,12 @@ async def run_admin(
     user: str,
     quoted: str | None,
     report: Callable[[str], Awaitable[None]],
+    quoted_chat: ChatKey | None = None,
 ) -> str:
-    """Carry out one admin command (`words` after `/twin`); returns the answer to send."""
+    """Carry out one admin command (`words` after `/twin`); returns the answer to send. A quoted
+    message is looked up in `quoted_chat` (where a reply in QQ can only point)."""
     name, arguments = (words[0].lower(), words[1:]) if words else (DEFAULT_VERB, [])
     verb = _BY_NAME.get(name)
     if verb is None:
         return ADMIN_HELP
-    return await verb.run(AdminRequest(twin, name, arguments, chat, user, quoted, report))
+    return await verb.run(AdminRequest(twin, name, arguments, chat, user, quoted, report, quoted_chat))

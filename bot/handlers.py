@@ -484,8 +484,10 @@ async def _owner_wrote(
 async def handle_recall(
     event: FriendRecallNoticeEvent | GroupRecallNoticeEvent, twin: Twin = RunningTwin
 ) -> None:
-    """A recalled message is never trained on nor shown to the model again."""
-    await twin.exclude(str(event.message_id), EXCLUDED_RECALLED)
+    """A recalled message is never trained on nor shown to the model again (a group's recall names
+    its group; a friend's may come from either side of the chat, so it is not narrowed)."""
+    chat = (GROUP, str(event.group_id)) if isinstance(event, GroupRecallNoticeEvent) else None
+    await twin.exclude(str(event.message_id), EXCLUDED_RECALLED, chat)
 
 
 # ------------------------------------------------------------------------------- admin
@@ -558,6 +560,7 @@ async def handle_admin(
         user=str(event.user_id),
         quoted=None if quoted is None else str(quoted),
         report=superuser_reporter(account),
+        quoted_chat=chat_key(event),  # a reply in QQ quotes a message of its own chat
     )
     if isinstance(event, GroupMessageEvent):
         try:

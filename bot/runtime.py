@@ -455,10 +455,10 @@ class Twin:
         """The market stickers a reply may send now, by name (`TWIN_STICKERS`)."""
         return sendable(self.stickers.values(), self.config.twin_stickers)
 
-    async def exclude(self, msg_id: str, reason: str) -> int:
+    async def exclude(self, msg_id: str, reason: str, chat: ChatKey | None = None) -> int:
         """Keep a message (by its OneBot id) out of prompts, training and examples from now on."""
         assert self.store is not None
-        changed = await self.store.exclude(msg_id, reason)
+        changed = await self.store.exclude(msg_id, reason, chat)
         self._forget_example(msg_id)  # after the commit: a build reading from now on leaves it out
         return changed
 
@@ -469,23 +469,23 @@ class Twin:
         if self._indexer is not None and not self._indexer.done():
             self._forgotten_meanwhile.add(msg_id)  # the build may have read it already
 
-    async def approve(self, msg_id: str, approved: bool = True) -> int:
+    async def approve(self, msg_id: str, approved: bool = True, chat: ChatKey | None = None) -> int:
         """Approve (or unapprove) the twin's bubble with this OneBot id for training; returns rows
         matched. An approved reply is an example too: the index is built again in the background
         (an unapproved one leaves it at once)."""
         assert self.store is not None
-        changed = await self.store.approve_sent(msg_id, approved)
+        changed = await self.store.approve_sent(msg_id, approved, chat)
         if changed:
             if not approved:
                 self._forget_example(msg_id)
             self.reindex()
         return changed
 
-    async def include(self, msg_id: str) -> int:
+    async def include(self, msg_id: str, chat: ChatKey | None = None) -> int:
         """Undo an operator's exclusion (only that reason); the examples index is built again in
         the background, since the message's pairs were cut when it was excluded."""
         assert self.store is not None
-        changed = await self.store.include(msg_id)
+        changed = await self.store.include(msg_id, chat)
         if changed:
             self.reindex()
         return changed

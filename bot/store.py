@@ -412,23 +412,26 @@ class Store:
         await self._conn.commit()
         return True
 
-    async def exclude(self, msg_id: str, reason: str) -> int:
-        """Keep the messages with this OneBot id out of prompts and training; returns rows changed.
+    async def exclude(self, msg_id: str, reason: str, chat: tuple[str, str] | None = None) -> int:
+        """Keep the messages with this OneBot id (in `chat`, when given) out of prompts and training;
+        returns rows changed.
 
         An operator's exclusion never replaces another reason: `include` could then undo a recall."""
+        where, params = _in_chat(chat)
         cursor = await self._conn.execute(
-            "UPDATE messages SET excluded = ? WHERE msg_id = ? AND (? != ? OR excluded IS NULL)",
-            (reason, str(msg_id), reason, EXCLUDED_OPERATOR),
+            f"UPDATE messages SET excluded = ? WHERE msg_id = ? AND (? != ? OR excluded IS NULL){where}",
+            (reason, str(msg_id), reason, EXCLUDED_OPERATOR, *params),
         )
         await self._conn.commit()
         return cursor.rowcount
 
-    async def include(self, msg_id: str) -> int:
-        """Undo an operator's exclusion of the messages with this OneBot id (a recalled message or
-        a command line stays excluded); returns rows changed."""
+    async def include(self, msg_id: str, chat: tuple[str, str] | None = None) -> int:
+        """Undo an operator's exclusion of the messages with this OneBot id (in `chat`, when given;
+        a recalled message or a command line stays excluded); returns rows changed."""
+        where, params = _in_chat(chat)
         cursor = await self._conn.execute(
-            "UPDATE messages SET excluded = NULL WHERE msg_id = ? AND excluded = ?",
-            (str(msg_id), EXCLUDED_OPERATOR),
+            f"UPDATE messages SET excluded = NULL WHERE msg_id = ? AND excluded = ?{where}",
+            (str(msg_id), EXCLUDED_OPERATOR, *params),
         )
         await self._conn.commit()
         return cursor.rowcount
@@ -440,10 +443,11 @@ class Store:
         )
         return _row_to_message(tuple(rows[0])) if rows else None
 
-    async def by_msg_id(self, msg_id: str) -> list[StoredMessage]:
-        """The rows with this OneBot message id (ids are not unique across chats)."""
+    async def by_msg_id(self, msg_id: str, chat: tuple[str, str] | None = None) -> list[StoredMessage]:
+        """The rows with this OneBot message id (ids are not unique across chats: `chat` narrows)."""
+        where, params = _in_chat(chat)
         rows = await self._conn.execute_fetchall(
-            f"SELECT {_COLUMNS} FROM messages WHERE msg_id = ? ORDER BY id", (str(msg_id),)
+            f"SELECT {_COLUMNS} FROM messages WHERE msg_id = ?{where} ORDER BY id", (str(msg_id), *params)
         )
         return [_row_to_message(tuple(r)) for r in rows]
 
@@ -577,10 +581,15 @@ class Store:
         )
         await self._conn.commit()
 
-    async def approve_sent(self, msg_id: str, approved: bool = True) -> int:
-        """Approve the twin's bubble with this OneBot message id; returns how many rows changed."""
+    async def approve_sent(
+        self, msg_id: str, approved: bool = True, chat: tuple[str, str] | None = None
+    ) -> int:
+        """Approve the twin's bubble with this OneBot message id (in `chat`, when given); returns how
+        many rows matched."""
+        where, params = _in_chat(chat)
         cursor = await self._conn.execute(
-            "UPDATE messages SET approved = ? WHERE msg_id = ? AND origin = 'twin'", (int(approved), msg_id)
+            f"UPDATE messages SET approved = ? WHERE msg_id = ? AND origin = 'twin'{where}",
+            (int(approved), str(msg_id), *params),
         )
         await self._conn.commit()
         return cursor.rowcount
@@ -787,6 +796,12 @@ def read_messages_since(
 # What the owner's past replies are indexed from: what retraining learns from (friends' and the
 # owner's words, twin replies an operator approved), never an excluded row.
 _EXAMPLE_ROWS = "excluded IS NULL AND (origin IN ('incoming', 'owner') OR (origin = 'twin' AND approved = 1))"
+
+
+def _in_chat(chat: tuple[str, str] | None) -> tuple[str, tuple[str, ...]]:
+    """The SQL condition (and its values) narrowing a message-id lookup to one chat, if given:
+    QQ sides whose ids restart (or collide) would otherwise touch another chat's row."""
+    return ("", ()) if chat is None else (" AND chat_type = ? AND chat = ?", (chat[0], chat[1]))
 
 
 def read_example_rows(db_path: str | Path, *, key: str = "") -> Iterator[StoredMessage]:

@@ -4,6 +4,7 @@ and it sends like a careful person (no NoneBot here; the handlers are tested ove
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -330,3 +331,40 @@ async def test_a_group_members_daily_cap_survives_a_restart(tmp_path: Path) -> N
     await again.answer(group, other, send, self_id=SELF, sender="20078")
     await again.close()
     assert sent == ["一", "二", "三", "三", "四"]
+
+
+async def test_a_quoted_message_id_reaches_only_the_row_of_its_own_chat(tmp_path: Path) -> None:
+    """QQ sides whose message ids restart (or collide) give two chats' rows one id: approving or
+    excluding by quoting touches the row in the chat the quote was made in, never the other."""
+    from bot.admin import run_admin
+
+    twin = await make_twin(tmp_path)
+    assert twin.store is not None
+    here, there = ("group", "300"), ("group", "301")
+    for chat in (here, there):
+        await twin.record(StoredMessage(*chat, "20001", "incoming", "在吗", int(time.time()), msg_id="7"))
+        await twin.store.add(
+            StoredMessage(*chat, SELF, "twin", "在的", int(time.time()), msg_id="8", send_state="sent")
+        )
+
+    async def admin(line: str, quoted: str) -> str:
+        async def report(_: str) -> None:
+            return None
+
+        words = line.split()
+        return await run_admin(
+            twin, words, chat=here, user="42", quoted=quoted, report=report, quoted_chat=here
+        )
+
+    assert await admin("approve", "8") == "approved for retraining"
+    assert await admin("exclude", "7") == "excluded from prompts and training"
+    sql = "SELECT chat, msg_id, approved, excluded FROM messages ORDER BY chat, msg_id"
+    with sqlite3.connect(tmp_path / "bot.db") as conn:
+        assert conn.execute(sql).fetchall() == [
+            ("300", "7", 0, "operator"),
+            ("300", "8", 1, None),
+            ("301", "7", 0, None),
+            ("301", "8", 0, None),
+        ]
+    assert await admin("include", "7") == "included again in prompts and training"
+    await twin.close()

@@ -225,7 +225,9 @@ class View:
         query = f"?{self.request.url.query}" if self.request.url.query else ""
         return f"{self.request.url.path}{query}"
 
-    async def admin(self, *words: str, quoted: str | None = None) -> str:
+    async def admin(
+        self, *words: str, quoted: str | None = None, quoted_chat: tuple[str, str] | None = None
+    ) -> str:
         """Run `/twin <words…>` for this account exactly as a superuser in chat would."""
         return await run_admin(
             self.twin,
@@ -234,6 +236,7 @@ class View:
             user="console",
             quoted=quoted,
             report=self.console.source.report(self.account),
+            quoted_chat=quoted_chat,
         )
 
 

@@ -97,7 +97,7 @@ async def _quoting(view: View, form: Form, *words: str) -> str:
         return f"no message #{wanted} in this account's store / 没有这条消息"
     if message.msg_id is None:
         return f"message #{wanted} has no QQ message id: nothing quotes it, and it never trains"
-    return await view.admin(*words, quoted=message.msg_id)
+    return await view.admin(*words, quoted=message.msg_id, quoted_chat=(message.chat_type, message.chat))
 
 
 @action("/approve")
