@@ -133,6 +133,12 @@ def follows_registry(config: Config) -> bool:
     return config.twin_backend == "llama_cpp" or config.twin_openai_lora
 
 
+def example_source(chat_type: str, chat: str, msg_id: str | None) -> str:
+    """How the examples index names a stored message (`ReplyIndex.forget`): by chat and id, since
+    QQ message ids repeat across chats; "" for a row without an id."""
+    return f"{chat_type}:{chat}:{msg_id}" if msg_id else ""
+
+
 def serving_adapter(config: Config) -> model_registry.LoraModule:
     """The serving version's adapter for TWIN_OPENAI_LORA; FileNotFoundError / ValueError naming the cause."""
     registry = registry_of(config.twin_model)
@@ -396,7 +402,8 @@ class Twin:
         return index, last
 
     def _index_row(self, row: StoredMessage, index: ReplyIndex, pairs: PairBuilder | None = None) -> None:
-        pair = (pairs or self._pairs).add((row.chat_type, row.chat), row, source=row.msg_id or "")
+        source = example_source(row.chat_type, row.chat, row.msg_id)
+        pair = (pairs or self._pairs).add((row.chat_type, row.chat), row, source=source)
         if pair is not None:
             index.add(pair)
 
@@ -459,15 +466,20 @@ class Twin:
         """Keep a message (by its OneBot id) out of prompts, training and examples from now on."""
         assert self.store is not None
         changed = await self.store.exclude(msg_id, reason, chat)
-        self._forget_example(msg_id)  # after the commit: a build reading from now on leaves it out
+        await self._forget_example(msg_id, chat)  # after the commit: a build from now on leaves it out
         return changed
 
-    def _forget_example(self, msg_id: str) -> None:
-        """A message stops being an example now, in the index that answers and in one being built."""
-        if self.replies is not None:
-            self.replies.forget(msg_id)
-        if self._indexer is not None and not self._indexer.done():
-            self._forgotten_meanwhile.add(msg_id)  # the build may have read it already
+    async def _forget_example(self, msg_id: str, chat: ChatKey | None) -> None:
+        """A message stops being an example now, in the index that answers and in one being built
+        (each of its rows by its own chat: ids repeat across chats)."""
+        if self.store is None or (self.replies is None and self._indexer is None):
+            return
+        for row in await self.store.by_msg_id(msg_id, chat):
+            source = example_source(row.chat_type, row.chat, row.msg_id)
+            if self.replies is not None:
+                self.replies.forget(source)
+            if self._indexer is not None and not self._indexer.done():
+                self._forgotten_meanwhile.add(source)  # the build may have read it already
 
     async def approve(self, msg_id: str, approved: bool = True, chat: ChatKey | None = None) -> int:
         """Approve (or unapprove) the twin's bubble with this OneBot id for training; returns rows
@@ -477,7 +489,7 @@ class Twin:
         changed = await self.store.approve_sent(msg_id, approved, chat)
         if changed:
             if not approved:
-                self._forget_example(msg_id)
+                await self._forget_example(msg_id, chat)
             self.reindex()
         return changed
 

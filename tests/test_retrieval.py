@@ -226,6 +226,20 @@ async def test_an_included_reply_is_an_example_again_without_a_restart(tmp_path:
     assert prompt.endswith(f"{EXAMPLES_HEADING}\n- 九点")
 
 
+async def test_excluding_a_reply_in_one_chat_keeps_the_same_id_in_another_an_example(tmp_path: Path) -> None:
+    twin = await started_twin(tmp_path, ScriptedBackend(), twin_examples=2)
+    past = int(time.time() - 600)
+    for chat, reply in ((A, "九点"), (B, "十点")):  # a QQ side whose ids restart: both replies are "o1"
+        await twin.record(StoredMessage(*chat, chat[1], "incoming", "明天几点出发", past, msg_id="f1"))
+        await twin.record(StoredMessage(*chat, "10000", "owner", reply, past + 5, msg_id="o1"))
+        await twin.record(StoredMessage(*chat, chat[1], "incoming", "好", past + 60, msg_id="f2"))
+    await twin.exclude("o1", "operator", A)
+
+    in_a, in_b = await ask(twin, A, "明天几点出发"), await ask(twin, B, "明天几点出发")
+    await twin.close()
+    assert EXAMPLES_HEADING not in in_a and in_b.endswith(f"{EXAMPLES_HEADING}\n- 十点")
+
+
 async def wait_for_new_index(twin: Twin, old: object) -> None:
     for _ in range(200):  # rebuilt in the background; the old index answers meanwhile
         if twin.replies is not old and (twin._indexer is None or twin._indexer.done()):
