@@ -777,20 +777,43 @@ def read_messages_since(
     and an operator approved them (training on unreviewed output makes the model drift), and
     only bubbles that went out.
     """
+    return list(
+        iter_messages_since(
+            db_path, since_ts, key=key, include_approved_twin=include_approved_twin, before_ts=before_ts
+        )
+    )
+
+
+def iter_messages_since(
+    db_path: str | Path,
+    since_ts: int = 0,
+    *,
+    key: str = "",
+    include_approved_twin: bool = False,
+    before_ts: int | None = None,
+) -> Iterator[StoredMessage]:
+    """`read_messages_since`, streamed row by row (a long history never sits in memory whole)."""
     path = Path(db_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such conversation store")
-    conn = _connector(path, key or "")()
+    return _stream_rows(path, key or "", since_ts, include_approved_twin, before_ts)
+
+
+def _stream_rows(
+    path: Path, key: str, since_ts: int, include_approved_twin: bool, before_ts: int | None
+) -> Iterator[StoredMessage]:
+    conn = _connector(path, key)()
     try:
         until, params = ("", (since_ts,)) if before_ts is None else (" AND time < ?", (since_ts, before_ts))
-        rows = conn.execute(
+        cursor = conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE {retrain_rows(include_approved_twin)}{until} "
             "ORDER BY time, id",
             params,
-        ).fetchall()
+        )
+        for row in cursor:
+            yield _row_to_message(tuple(row))
     finally:
         conn.close()
-    return [_row_to_message(tuple(r)) for r in rows]
 
 
 # What the owner's past replies are indexed from: what retraining learns from (friends' and the

@@ -265,8 +265,28 @@ def context_history(settings: Config, before: int) -> Iterator[Message]:
 
     imported = settings.twin_examples_messages
     older = iter_messages(imported) if imported is not None and imported.is_file() else iter(())
-    stored = collect_messages(settings, 0, before=before)
-    return heapq.merge((m for m in older if m.time < before), stored, key=lambda m: m.time)
+    return heapq.merge(
+        (m for m in older if m.time < before), _stored_before(settings, before), key=lambda m: m.time
+    )
+
+
+def _stored_before(settings: Config, before: int) -> Iterator[Message]:
+    """The store's rows before `before`, streamed (a long history never sits in memory whole)."""
+    from bot.store import iter_messages_since
+
+    try:
+        for stored in iter_messages_since(
+            settings.twin_db,
+            0,
+            key=settings.twin_db_key or "",
+            include_approved_twin=settings.twin_retrain_include_approved,
+            before_ts=before,
+        ):
+            yield to_record(stored)
+    except Exception as exc:  # sqlite3/sqlcipher errors: wrong key, not a database
+        raise InputError(
+            settings.twin_db, f"cannot read the conversation store ({exc}); check TWIN_DB_KEY"
+        ) from None
 
 
 def to_record(stored) -> Message:
