@@ -367,8 +367,8 @@ class Twin:
                 for row in rows:
                     self._index_row(row, index, pairs)
                 up_to = rows[-1].id or up_to
-            for msg_id in self._forgotten_meanwhile:  # the thread may have read it before
-                index.forget(msg_id)
+            for source in self._forgotten_meanwhile:  # the thread may have read it before
+                index.forget(source)
             # no await since the last read: nothing recorded is missed
             self._pairs, self.replies, self._indexed = pairs, index, up_to
             log.info(

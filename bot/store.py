@@ -768,20 +768,14 @@ def read_messages_since(
     *,
     key: str = "",
     include_approved_twin: bool = False,
-    before_ts: int | None = None,
 ) -> list[StoredMessage]:
-    """Messages at or after `since_ts` (and before `before_ts`, when given), oldest first, for
-    retraining (synchronous, read-only use).
+    """Messages at or after `since_ts`, oldest first, for retraining (synchronous, read-only use).
 
     Incoming and owner messages always; the twin's own replies only when `include_approved_twin`
     and an operator approved them (training on unreviewed output makes the model drift), and
     only bubbles that went out.
     """
-    return list(
-        iter_messages_since(
-            db_path, since_ts, key=key, include_approved_twin=include_approved_twin, before_ts=before_ts
-        )
-    )
+    return list(iter_messages_since(db_path, since_ts, key=key, include_approved_twin=include_approved_twin))
 
 
 def iter_messages_since(
@@ -792,7 +786,8 @@ def iter_messages_since(
     include_approved_twin: bool = False,
     before_ts: int | None = None,
 ) -> Iterator[StoredMessage]:
-    """`read_messages_since`, streamed row by row (a long history never sits in memory whole)."""
+    """`read_messages_since` (and before `before_ts`, when given), streamed row by row: a long
+    history never sits in memory whole."""
     path = Path(db_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such conversation store")

@@ -235,26 +235,32 @@ class StatusFile:
 # ---------------------------------------------------------------- stages (I/O)
 
 
-def collect_messages(settings: Config, since: int, before: int | None = None) -> list[Message]:
-    """The store's messages at or after `since` (and before `before`) as records: everyone's,
-    the owner's own, and the twin's replies only where an operator approved them."""
-    from bot.store import read_messages_since
+def collect_messages(settings: Config, since: int) -> list[Message]:
+    """The store's messages at or after `since` as records: everyone's, the owner's own, and
+    the twin's replies only where an operator approved them."""
+    return list(stream_messages(settings, since))
+
+
+def stream_messages(settings: Config, since: int, before: int | None = None) -> Iterator[Message]:
+    """`collect_messages` (and before `before`, when given), streamed: a long history never sits
+    in memory whole."""
+    from bot.store import iter_messages_since
 
     if not settings.twin_db.is_file():
         raise InputError(settings.twin_db, "no conversation store here (TWIN_DB); has the bot run yet?")
     try:
-        stored = read_messages_since(
+        for stored in iter_messages_since(
             settings.twin_db,
             since,
             key=settings.twin_db_key or "",
             include_approved_twin=settings.twin_retrain_include_approved,
             before_ts=before,
-        )
+        ):
+            yield to_record(stored)
     except Exception as exc:  # sqlite3/sqlcipher errors: wrong key, not a database
         raise InputError(
             settings.twin_db, f"cannot read the conversation store ({exc}); check TWIN_DB_KEY"
         ) from None
-    return [to_record(m) for m in stored]
 
 
 def context_history(settings: Config, before: int) -> Iterator[Message]:
@@ -265,28 +271,8 @@ def context_history(settings: Config, before: int) -> Iterator[Message]:
 
     imported = settings.twin_examples_messages
     older = iter_messages(imported) if imported is not None and imported.is_file() else iter(())
-    return heapq.merge(
-        (m for m in older if m.time < before), _stored_before(settings, before), key=lambda m: m.time
-    )
-
-
-def _stored_before(settings: Config, before: int) -> Iterator[Message]:
-    """The store's rows before `before`, streamed (a long history never sits in memory whole)."""
-    from bot.store import iter_messages_since
-
-    try:
-        for stored in iter_messages_since(
-            settings.twin_db,
-            0,
-            key=settings.twin_db_key or "",
-            include_approved_twin=settings.twin_retrain_include_approved,
-            before_ts=before,
-        ):
-            yield to_record(stored)
-    except Exception as exc:  # sqlite3/sqlcipher errors: wrong key, not a database
-        raise InputError(
-            settings.twin_db, f"cannot read the conversation store ({exc}); check TWIN_DB_KEY"
-        ) from None
+    stored = stream_messages(settings, 0, before=before)
+    return heapq.merge((m for m in older if m.time < before), stored, key=lambda m: m.time)
 
 
 def to_record(stored) -> Message:
